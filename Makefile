@@ -1,0 +1,34 @@
+# Two commands for a new user: `make demo` and `make test`. Each creates or reuses .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench bench-quick lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# the CPU build of torch first, pinned: an unpinned torch pulls several GB of CUDA packages
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick
+
+lint: $(STAMP)
+	$(PY) -m ruff check lightning_stability tests benchmarks examples
+	$(PY) -m mypy lightning_stability
+
+clean:
+	rm -rf $(VENV) runs lightning_logs .pytest_cache

@@ -1,0 +1,20 @@
+"""lightning_stability: Lightning callbacks and plugins that keep neural-network training stable.
+
+``import lightning_stability`` stays light: it never imports Transformer Engine, bitsandbytes or
+TensorBoard; those load only when a component that needs them is used.
+"""
+
+from lightning_stability.callbacks.spike_guard import GradientSpikeGuard, TrainingHalted
+from lightning_stability.events import EventLog, StabilityEvent, get_event_log, read_events
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EventLog",
+    "GradientSpikeGuard",
+    "StabilityEvent",
+    "TrainingHalted",
+    "__version__",
+    "get_event_log",
+    "read_events",
+]

@@ -1,0 +1,66 @@
+"""What every stability callback shares: the trainer's event log, its stream and its checkpointing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_stability.events import EventLog, get_event_log
+
+EVENTS_CHECKPOINT_KEY = "lightning_stability_events"
+
+
+class StabilityCallback(Callback):
+    """Base class: streams the event log on rank zero and saves it with every checkpoint.
+
+    Several stability callbacks may be attached; each saves and restores the same shared log, so the
+    result does not depend on which of them is present.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"{type(self).__name__}(name={name!r}): expected a non-empty str or None")
+        self.name = name
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name) if self.name else type(self).__qualname__
+
+    @property
+    def source(self) -> str:
+        return f"{type(self).__name__}[{self.name}]" if self.name else type(self).__name__
+
+    def event_log(self, trainer: pl.Trainer) -> EventLog:
+        return get_event_log(trainer)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        keys = [cb.state_key for cb in trainer.callbacks if isinstance(cb, type(self))]
+        if keys.count(self.state_key) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: {keys.count(self.state_key)} instances share state_key {self.state_key!r};"
+                " give each a distinct name=... so their checkpointed states do not collide"
+            )
+        if stage == "fit" and trainer.is_global_zero and trainer.log_dir:
+            self.event_log(trainer).stream_to(trainer.log_dir)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.event_log(trainer).close_stream()
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[EVENTS_CHECKPOINT_KEY] = self.event_log(trainer).state_dict()
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if EVENTS_CHECKPOINT_KEY in checkpoint:
+            self.event_log(trainer).load_state_dict(checkpoint[EVENTS_CHECKPOINT_KEY])

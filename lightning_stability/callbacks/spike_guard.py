@@ -1,0 +1,517 @@
+"""GradientSpikeGuard: detect non-finite values and gradient/loss spikes, and act on what was detected."""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_stability.callbacks._base import StabilityCallback
+from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
+from lightning_stability.ops.optim_state import moment_family, reset_moments_, second_moments, unwrap_optimizer
+from lightning_stability.ops.robust import Baseline, RollingWindow
+from lightning_stability.ops.spikes import clip_element_spikes_, count_element_spikes, global_grad_norm
+
+DEFAULT_LADDER = ACTIONS
+_SEVERITY = {"nonfinite": "critical", "grad_spike": "warning", "loss_spike": "warning", "element_spike": "warning"}
+
+
+class TrainingHalted(RuntimeError):
+    """Raised by :class:`GradientSpikeGuard` with ``on_halt="raise"`` when its ladder reaches ``halt``."""
+
+
+class _OptimizerTrack:
+    """Everything the guard remembers about one optimizer."""
+
+    def __init__(self, guard: GradientSpikeGuard) -> None:
+        self.grad_window = RollingWindow(guard.window)
+        self.loss_window = RollingWindow(guard.window)
+        self.ladder = EscalationLadder(guard.ladder, guard.patience, guard.cooldown)
+        self.armed = False
+        self.backoff_until = -1  # global step (exclusive) until which the LR is backed off
+        self.warmup_from = -1  # first global step of the update warm-up after a moment reset
+        self.warmup_groups: list[int] = []
+        self.actions: dict[str, int] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "grad_window": self.grad_window.state_dict(),
+            "loss_window": self.loss_window.state_dict(),
+            "ladder": self.ladder.state_dict(),
+            "armed": self.armed,
+            "backoff_until": self.backoff_until,
+            "warmup_from": self.warmup_from,
+            "warmup_groups": list(self.warmup_groups),
+            "actions": dict(self.actions),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.grad_window.load_state_dict(state.get("grad_window", {}))
+        self.loss_window.load_state_dict(state.get("loss_window", {}))
+        self.ladder.load_state_dict(state.get("ladder", {}))
+        self.armed = bool(state.get("armed", False))
+        self.backoff_until = int(state.get("backoff_until", -1))
+        self.warmup_from = int(state.get("warmup_from", -1))
+        self.warmup_groups = [int(i) for i in state.get("warmup_groups", [])]
+        self.actions = {str(k): int(v) for k, v in dict(state.get("actions", {})).items()}
+
+
+class GradientSpikeGuard(StabilityCallback):
+    r"""Detects non-finite values and gradient/loss spikes every optimizer step and intervenes.
+
+    Runs in ``on_before_optimizer_step``: once per optimizer step (not per micro-batch), after AMP
+    unscaling and before Lightning's gradient clipping. Four detectors:
+
+    1. **non-finite** loss or gradients (on any rank);
+    2. **global gradient-norm spikes**: robust z-score ``(norm - median) / (1.4826 MAD)`` at least
+       ``grad_zscore`` *and* ``norm / median`` at least ``grad_ratio``, against a rolling window of
+       the last ``window`` accepted steps;
+    3. **per-element spikes** (SPAM): ``g^2 > theta * v`` with ``v`` the optimizer's second moment
+       (torch Adam/AdamW, bitsandbytes Adam-family in 8 and 32 bits); norm-only for other optimizers;
+    4. **loss spikes**: the same robust rule on the loss (averaged over micro-batches and ranks).
+
+    Flagged and non-finite values never enter the baselines. Detection is armed once ``warmup``
+    healthy steps are in the window.
+
+    Each detection is answered by a rung of ``ladder`` (default: clip, skip, reset_moments,
+    lr_backoff, rollback, halt). A detection starts at the first rung that can repair it (``clip``
+    is not used for non-finite values or loss spikes), and climbs one rung every ``patience``
+    detections until ``cooldown`` healthy steps have passed. The rungs:
+
+    ========================  ================================================================
+    action                    effect on the step
+    ========================  ================================================================
+    ``clip``                  clamp spiking elements to ``sign(g) sqrt(theta v)`` and rescale the
+                              global norm to the baseline median
+    ``skip``                  every ``.grad`` set to ``None``: weights and moments unchanged,
+                              the LR schedule moves on
+    ``reset_moments``         skip, zero first and second moments, then ramp updates back in
+                              over ``reset_warmup`` steps (cosine from 0.01)
+    ``lr_backoff``            skip, then scale the LR by ``lr_backoff_factor`` for
+                              ``lr_backoff_steps`` steps (via optimizer step hooks)
+    ``rollback``              skip and ask ``InMemoryRollback`` (if attached) to restore a snapshot
+    ``halt``                  skip, save a checkpoint and stop the fit with a report
+    ========================  ================================================================
+
+    Non-finite gradients are never applied, whatever the ladder says.
+
+    Logged metrics (every step, written at the logger's cadence):
+
+    ================================  ==============================================================
+    key                               meaning
+    ================================  ==============================================================
+    ``stability/grad/norm``           global L2 norm of the gradients (before any clipping)
+    ``stability/grad/norm_zscore``    robust z-score of the norm against the baseline
+    ``stability/grad/spike_fraction`` share of elements with ``g^2 > theta v``
+    ``stability/loss/zscore``         robust z-score of the loss against the baseline
+    ``stability/events/<kind>``       cumulative count of this guard's events of each kind
+    ================================  ==============================================================
+
+    With several optimizers, optimizer ``i > 0`` logs under ``.../opt{i}`` suffixes.
+
+    Example::
+
+        from lightning_stability import GradientSpikeGuard
+        trainer = pl.Trainer(callbacks=[GradientSpikeGuard()])
+
+    Manual optimization works the same: the check runs inside each ``optimizer.step()`` call, and the
+    loss is the sum of the losses passed to ``manual_backward`` since that optimizer's previous step.
+    With several optimizers, each has its own baselines and ladder.
+
+    Args:
+        window: number of accepted steps in the rolling baselines (>= 2).
+        warmup: healthy steps needed before spike detection is armed (1..window).
+        grad_zscore, grad_ratio: both must be reached for a gradient-norm spike.
+        loss_zscore, loss_ratio: both must be reached for a loss spike (the ratio is ignored
+            when the loss baseline is not positive).
+        theta: SPAM's element spike threshold; ``None`` turns per-element detection off.
+        ladder: ordered actions from ``ACTIONS``; each may appear once.
+        patience: detections per rung before climbing (>= 1).
+        cooldown: healthy steps that end an incident and reset the ladder (>= 1).
+        reset_warmup: steps of update warm-up after a moment reset (>= 1).
+        lr_backoff_factor: LR multiplier during a back-off, in (0, 1).
+        lr_backoff_steps: length of a back-off in optimizer steps (>= 1).
+        on_halt: ``"stop"`` (set ``trainer.should_stop``) or ``"raise"`` (raise :class:`TrainingHalted`).
+        name: distinguishes several guards in one trainer (their checkpoint ``state_key``).
+    """
+
+    def __init__(
+        self,
+        window: int = 128,
+        warmup: int = 32,
+        grad_zscore: float = 6.0,
+        grad_ratio: float = 2.5,
+        loss_zscore: float = 6.0,
+        loss_ratio: float = 1.25,
+        theta: float | None = 5000.0,
+        ladder: Sequence[str] = DEFAULT_LADDER,
+        patience: int = 3,
+        cooldown: int = 50,
+        reset_warmup: int = 20,
+        lr_backoff_factor: float = 0.5,
+        lr_backoff_steps: int = 100,
+        on_halt: Literal["stop", "raise"] = "stop",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name)
+        cls = type(self).__name__
+        self.window = _check_int(cls, "window", window, 2)
+        self.warmup = _check_int(cls, "warmup", warmup, 1)
+        if self.warmup > self.window:
+            raise ValueError(f"{cls}(warmup={warmup!r}): expected at most window={window}")
+        self.grad_zscore = _check_positive(cls, "grad_zscore", grad_zscore)
+        self.grad_ratio = _check_positive(cls, "grad_ratio", grad_ratio, above=1.0)
+        self.loss_zscore = _check_positive(cls, "loss_zscore", loss_zscore)
+        self.loss_ratio = _check_positive(cls, "loss_ratio", loss_ratio, above=1.0)
+        self.theta = None if theta is None else _check_positive(cls, "theta", theta)
+        self.ladder = validate_ladder(ladder, f"{cls}(ladder)")
+        self.patience = _check_int(cls, "patience", patience, 1)
+        self.cooldown = _check_int(cls, "cooldown", cooldown, 1)
+        self.reset_warmup = _check_int(cls, "reset_warmup", reset_warmup, 1)
+        if isinstance(lr_backoff_factor, bool) or not isinstance(lr_backoff_factor, (int, float)):
+            raise TypeError(f"{cls}(lr_backoff_factor={lr_backoff_factor!r}): expected a float in (0, 1)")
+        if not 0.0 < lr_backoff_factor < 1.0:
+            raise ValueError(f"{cls}(lr_backoff_factor={lr_backoff_factor!r}): expected a float in (0, 1)")
+        self.lr_backoff_factor = float(lr_backoff_factor)
+        self.lr_backoff_steps = _check_int(cls, "lr_backoff_steps", lr_backoff_steps, 1)
+        if on_halt not in ("stop", "raise"):
+            raise ValueError(f"{cls}(on_halt={on_halt!r}): expected 'stop' or 'raise'")
+        self.on_halt = on_halt
+
+        self._tracks: dict[int, _OptimizerTrack] = {}
+        self._pending_loss: Tensor | None = None
+        self._halt_report: str | None = None
+        self.halt_report: str | None = None
+        self._hooks: list[Any] = []
+        self._warned_norm_only: set[str] = set()
+        self._trainer_ref: Any = None
+        self._counts: dict[str, int] = {}
+
+    # -- state -----------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "tracks": {i: t.state_dict() for i, t in self._tracks.items()},
+            "halt_report": self.halt_report,
+            "counts": dict(self._counts),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._tracks = {}
+        for i, track_state in dict(state_dict.get("tracks", {})).items():
+            track = _OptimizerTrack(self)
+            track.load_state_dict(track_state)
+            self._tracks[int(i)] = track
+        self.halt_report = state_dict.get("halt_report")
+        self._counts = {str(k): int(v) for k, v in dict(state_dict.get("counts", {})).items()}
+
+    def _track(self, index: int) -> _OptimizerTrack:
+        if index not in self._tracks:
+            self._tracks[index] = _OptimizerTrack(self)
+        return self._tracks[index]
+
+    # -- hooks -----------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        self._trainer_ref = weakref.ref(trainer)
+        self._pending_loss = None
+        self._halt_report = None
+        for index, optimizer in enumerate(trainer.optimizers):
+            opt = unwrap_optimizer(optimizer)
+            self._hooks.append(opt.register_step_pre_hook(self._make_lr_pre_hook(index)))
+            self._hooks.append(opt.register_step_post_hook(self._make_lr_post_hook()))
+            if self.theta is not None and moment_family(opt) is None:
+                name = type(opt).__name__
+                if name not in self._warned_norm_only:
+                    self._warned_norm_only.add(name)
+                    rank_zero_warn(
+                        f"{type(self).__name__}: {name} keeps no second moment this guard can read; "
+                        "per-element (SPAM) spike detection is off for it, norm and loss detection stay on."
+                    )
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        value = loss.detach().float()
+        if value.numel() != 1:
+            value = value.mean()
+        self._pending_loss = value if self._pending_loss is None else self._pending_loss + value
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        opt = unwrap_optimizer(optimizer)
+        index = _optimizer_index(trainer, opt)
+        track = self._track(index)
+        step = trainer.global_step
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        loss, self._pending_loss = self._pending_loss, None
+        if not grads:
+            return
+
+        norm = global_grad_norm(grads)
+        device = norm.device
+        use_elements = self.theta is not None and track.armed and not self._in_reset_warmup(track, step)
+        moments = second_moments(opt, params) if use_elements and moment_family(opt) else None
+        if moments is not None:
+            spikes, checked = count_element_spikes(grads, moments, self.theta)  # type: ignore[arg-type]
+        else:
+            spikes, checked = torch.zeros((), device=device), 0
+        loss_part = torch.stack(
+            [loss.to(device) if loss is not None else torch.zeros((), device=device),
+             torch.ones((), device=device) if loss is not None else torch.zeros((), device=device)]
+        )
+        if trainer.world_size > 1:
+            # The only collective of the guard: gradients are identical on every rank after DDP's
+            # all-reduce, the loss is not. Summing (loss, count) lets every rank see the same mean,
+            # and a NaN/Inf loss on any rank makes the sum non-finite everywhere.
+            loss_part = trainer.strategy.reduce(loss_part, reduce_op="sum")
+        # One device-to-host transfer per step: the decision needs these scalars on the host.
+        grad_norm, spike_count, loss_sum, loss_count = torch.cat(
+            [norm.reshape(1).float(), spikes.reshape(1).float(), loss_part.float()]
+        ).tolist()
+        loss_value = loss_sum / loss_count if loss_count > 0 else None
+        if loss_value is not None:
+            loss_value /= _loss_scale(trainer)
+
+        gb = track.grad_window.baseline()
+        lb = track.loss_window.baseline()
+        stats = {
+            "grad_norm": grad_norm,
+            "grad_baseline": gb.median,
+            "grad_zscore": gb.zscore(grad_norm),
+            "grad_ratio": gb.ratio(grad_norm),
+            "spike_count": spike_count,
+            "spike_fraction": spike_count / checked if checked else 0.0,
+        }
+        if loss_value is not None:
+            stats.update(loss=loss_value, loss_baseline=lb.median, loss_zscore=lb.zscore(loss_value),
+                         loss_ratio=lb.ratio(loss_value))
+
+        detection = self._detect(track, stats, loss_value)
+        log = self.event_log(trainer)
+        if detection is None:
+            track.grad_window.push(grad_norm)
+            if loss_value is not None:
+                track.loss_window.push(loss_value)
+            if not track.armed and len(track.grad_window) >= self.warmup:
+                track.armed = True
+                self._emit(trainer, "armed", "info", {"window": float(len(track.grad_window))}, None)
+            if track.ladder.healthy():
+                self._emit(trainer, "recovered", "info", {"healthy_steps": float(self.cooldown)}, None)
+        else:
+            unavailable = set() if log.has_responder("rollback") else {"rollback"}
+            action = track.ladder.decide(detection, unavailable)
+            if detection == "nonfinite" and action == "clip":  # unreachable by start_rung; kept as a guard
+                action = "skip"
+            self._apply(trainer, opt, index, track, action, detection, stats, params, grads, moments, gb)
+            track.actions[action] = track.actions.get(action, 0) + 1
+            severity = "critical" if action in ("rollback", "halt") else _SEVERITY[detection]
+            self._emit(trainer, detection, severity, stats, action)
+
+        self._log_metrics(pl_module, index, stats)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._halt_report is None:
+            return
+        report, self._halt_report = self._halt_report, None
+        ckpt_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
+        path = os.path.join(ckpt_dir, f"stability-halt-step={trainer.global_step}.ckpt")
+        trainer.save_checkpoint(path)
+        report += f" A checkpoint of the state before the halted step is at {path}."
+        self.halt_report = report
+        self._emit(trainer, "halt", "critical", {}, "halt")
+        trainer.should_stop = True
+        if self.on_halt == "raise":
+            raise TrainingHalted(report)
+        rank_zero_warn(report)
+
+    # -- detection and actions -------------------------------------------------------------------
+    def _detect(
+        self, track: _OptimizerTrack, stats: dict[str, float], loss: float | None
+    ) -> str | None:
+        """The detection that decides the step: of all that fired, the one needing the strongest rung.
+
+        A corrupted batch shows as a loss spike *and* a gradient spike; the loss spike asks for a skip,
+        which beats clipping the batch's gradient and applying it anyway.
+        """
+        if not math.isfinite(stats["grad_norm"]) or (loss is not None and not math.isfinite(loss)):
+            return "nonfinite"
+        if not track.armed:
+            return None
+        fired = []
+        if stats["grad_zscore"] >= self.grad_zscore and stats["grad_ratio"] >= self.grad_ratio:
+            fired.append("grad_spike")
+        if loss is not None and stats["loss_zscore"] >= self.loss_zscore:
+            ratio = stats["loss_ratio"]
+            if math.isnan(ratio) or ratio >= self.loss_ratio:
+                fired.append("loss_spike")
+        if stats["spike_count"] > 0:
+            fired.append("element_spike")
+        if not fired:
+            return None
+        for kind in fired:
+            stats[kind] = 1.0
+        return max(fired, key=lambda kind: (track.ladder.start_rung(kind), -fired.index(kind)))
+
+    def _apply(
+        self,
+        trainer: pl.Trainer,
+        opt: torch.optim.Optimizer,
+        index: int,
+        track: _OptimizerTrack,
+        action: str,
+        detection: str,
+        stats: dict[str, float],
+        params: list[Tensor],
+        grads: list[Tensor],
+        moments: list[Tensor | None] | None,
+        gb: Baseline,
+    ) -> None:
+        step = trainer.global_step
+        if action == "clip":
+            if moments is not None and stats["spike_count"] > 0:
+                clip_element_spikes_(grads, moments, self.theta)  # type: ignore[arg-type]
+            if detection == "grad_spike" and math.isfinite(gb.median) and gb.median > 0:
+                # rescale the global norm to the baseline (after the element clip, if any)
+                factor = torch.clamp(gb.median / global_grad_norm(grads).clamp_min(1e-12), max=1.0)
+                torch._foreach_mul_(grads, factor.to(grads[0].device))
+            return
+        for p in params:  # every rung above clip skips the step
+            p.grad = None
+        if action == "reset_moments":
+            reset_moments_(opt, params)
+            track.warmup_from = step + 1
+            ids = {id(p) for p in params}
+            track.warmup_groups = [i for i, g in enumerate(opt.param_groups) if any(id(p) in ids for p in g["params"])]
+        elif action == "lr_backoff":
+            track.backoff_until = step + 1 + self.lr_backoff_steps
+        elif action == "halt" and self._halt_report is None:
+            self._halt_report = self._describe_halt(step, index, detection, stats, track)
+
+    def _describe_halt(
+        self, step: int, index: int, detection: str, stats: dict[str, float], track: _OptimizerTrack
+    ) -> str:
+        if detection in ("loss_spike",):
+            statistic = f"loss {stats.get('loss', math.nan):.6g} against a baseline median of {stats.get('loss_baseline', math.nan):.6g}"
+        else:
+            statistic = (
+                f"gradient norm {stats['grad_norm']:.6g} against a baseline median of {stats['grad_baseline']:.6g}"
+                f" (robust z-score {stats['grad_zscore']:.3g}), {int(stats['spike_count'])} spiking elements"
+            )
+        tried = ", ".join(f"{a} x{n}" for a, n in track.actions.items()) or "nothing yet"
+        return (
+            f"{type(self).__name__} halted training at optimizer step {step} (optimizer {index}): {detection} with "
+            f"{statistic}. Interventions tried in this run: {tried}. The halted step was skipped."
+        )
+
+    def _in_reset_warmup(self, track: _OptimizerTrack, step: int) -> bool:
+        # SPAM: after a reset the second moment is not meaningful yet; do not test elements against it.
+        return track.warmup_from >= 0 and step < track.warmup_from + self.reset_warmup
+
+    def _make_lr_pre_hook(self, index: int) -> Any:
+        def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            trainer = self._trainer_ref() if self._trainer_ref is not None else None
+            track = self._tracks.get(index)
+            if trainer is None or track is None:
+                return
+            step = trainer.global_step
+            backoff = self.lr_backoff_factor if step < track.backoff_until else 1.0
+            warm = cosine_ramp(step - track.warmup_from, self.reset_warmup) if track.warmup_from >= 0 else 1.0
+            if backoff == 1.0 and warm == 1.0:
+                return
+            saved = []
+            for i, group in enumerate(optimizer.param_groups):
+                factor = backoff * (warm if i in track.warmup_groups else 1.0)
+                saved.append(group["lr"])
+                group["lr"] = group["lr"] * factor
+            optimizer.__dict__["_stability_saved_lr"] = saved
+
+        return pre_hook
+
+    @staticmethod
+    def _make_lr_post_hook() -> Any:
+        def post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            saved = optimizer.__dict__.pop("_stability_saved_lr", None)
+            if saved is not None:
+                for group, lr in zip(optimizer.param_groups, saved):
+                    group["lr"] = lr
+
+        return post_hook
+
+    def _log_metrics(self, pl_module: pl.LightningModule, index: int, stats: dict[str, float]) -> None:
+        suffix = f"/opt{index}" if index > 0 else ""
+        metrics = {
+            f"stability/grad/norm{suffix}": stats["grad_norm"],
+            f"stability/grad/spike_fraction{suffix}": stats["spike_fraction"],
+        }
+        if math.isfinite(stats["grad_zscore"]):
+            metrics[f"stability/grad/norm_zscore{suffix}"] = stats["grad_zscore"]
+        if math.isfinite(stats.get("loss_zscore", math.nan)):
+            metrics[f"stability/loss/zscore{suffix}"] = stats["loss_zscore"]
+        for kind, n in self._counts.items():
+            metrics[f"stability/events/{kind}"] = float(n)
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None) -> None:
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action)
+
+
+def _optimizer_index(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> int:
+    for i, candidate in enumerate(trainer.optimizers):
+        if unwrap_optimizer(candidate) is opt:
+            return i
+    return 0
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    # Under fp16 AMP Lightning scales the loss before on_before_backward sees it.
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return 1.0
+    scale = float(scaler.get_scale())
+    return scale if scale > 0 else 1.0
+
+
+def _check_int(owner: str, name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}({name}={value!r}): expected an int >= {minimum}")
+    if value < minimum:
+        raise ValueError(f"{owner}({name}={value!r}): expected an int >= {minimum}")
+    return value
+
+
+def _check_positive(owner: str, name: str, value: Any, above: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}({name}={value!r}): expected a finite float > {above}")
+    if not math.isfinite(value) or value <= above:
+        raise ValueError(f"{owner}({name}={value!r}): expected a finite float > {above}")
+    return float(value)

@@ -1,0 +1,1 @@
+"""Pure torch math behind the callbacks: no Lightning import here."""

@@ -1,0 +1,1 @@
+"""Precision plugins (FP8, low-bit optimizers) and the flag resolver."""
