@@ -39,12 +39,6 @@ class StabilityCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        keys = [cb.state_key for cb in trainer.callbacks if isinstance(cb, type(self))]
-        if keys.count(self.state_key) > 1:
-            raise ValueError(
-                f"{type(self).__name__}: {keys.count(self.state_key)} instances share state_key {self.state_key!r};"
-                " give each a distinct name=... so their checkpointed states do not collide"
-            )
         if stage == "fit" and trainer.is_global_zero and trainer.log_dir:
             self.event_log(trainer).stream_to(trainer.log_dir)
 

@@ -1,0 +1,412 @@
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lightning_stability import GradientSpikeGuard, TrainingHalted, get_event_log, read_events
+from lightning_stability.demos import FaultInjector
+from lightning_stability.ops.optim_state import dequantize_blockwise_8bit, second_moment
+from lightning_stability.ops.spikes import global_grad_norm
+from tests.conftest import make_trainer, tiny_gpt
+
+
+def detections(trainer: pl.Trainer) -> list:
+    return [e for e in get_event_log(trainer) if e.severity != "info"]
+
+
+def opt_state_snapshot(opt: torch.optim.Optimizer) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+            for g in opt.param_groups for p in g["params"]]
+
+
+class Probe(pl.Callback):
+    """Records what happens at one optimizer step; attach it after the guard."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.weights_before: list[torch.Tensor] = []
+        self.state_before: list[dict[str, torch.Tensor]] = []
+        self.weights_after: list[torch.Tensor] = []
+        self.state_after: list[dict[str, torch.Tensor]] = []
+        self.grad_norm_after_guard: float | None = None
+        self.grads_after_guard: list[torch.Tensor | None] = []
+        self.lrs: dict[int, list[float]] = {}
+        self._handle: Any = None
+
+    def on_train_start(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+
+        def record(optimizer, args, kwargs):  # registered after the guard's hook: sees the applied LR
+            self.lrs[trainer.global_step] = [g["lr"] for g in optimizer.param_groups]
+
+        self._handle = opt.register_step_pre_hook(record)
+
+    def on_train_end(self, trainer, pl_module):
+        self._handle.remove()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.weights_before = [p.detach().clone() for p in pl_module.parameters()]
+            self.state_before = opt_state_snapshot(trainer.optimizers[0])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            self.grads_after_guard = [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()]
+            present = [g for g in self.grads_after_guard if g is not None]
+            self.grad_norm_after_guard = float(global_grad_norm(present)) if present else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step + 1 and not self.weights_after:
+            self.weights_after = [p.detach().clone() for p in pl_module.parameters()]
+            self.state_after = opt_state_snapshot(trainer.optimizers[0])
+
+
+def fit(tmp_path, steps, faults=None, guard=None, optimizer="adamw", extra=(), seed=0, **trainer_kw):
+    model, loader = tiny_gpt(steps, optimizer=optimizer, seed=seed)
+    guard = guard or GradientSpikeGuard()
+    trainer = make_trainer(tmp_path, steps, [FaultInjector(faults or {}), guard, *extra], **trainer_kw)
+    trainer.fit(model, loader)
+    return trainer, model, guard
+
+
+# -- detection -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clean_run_raises_no_warning_events(tmp_path, optimizer, seed):
+    trainer, _, _ = fit(tmp_path, 250, optimizer=optimizer, seed=seed)
+    assert detections(trainer) == []
+    kinds = [e.kind for e in get_event_log(trainer)]
+    assert kinds[0] == "armed"  # the guard did run and arm itself
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind"),
+    [
+        (("grad_scale", 10.0), "grad_spike"),
+        (("grad_scale", 1000.0), "grad_spike"),
+        (("grad_sparse", 100.0), "grad_spike"),
+        (("grad_nan", None), "nonfinite"),
+        (("loss_nan", None), "nonfinite"),
+    ],
+)
+def test_fault_detected_at_its_step(tmp_path, fault, kind):
+    trainer, model, _ = fit(tmp_path, 70, {55: fault})
+    found = detections(trainer)
+    assert [(e.step, e.kind) for e in found] == [(55, kind)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sparse_element_spike_without_norm_spike_is_clipped_spam_style(tmp_path):
+    """One element at 200x its RMS history: invisible in the global norm, caught by SPAM's rule."""
+    step = 60
+    target: dict[str, Any] = {}
+
+    class OneElement(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step != step:
+                return
+            p = pl_module.blocks[0].mlp[0].weight
+            v = second_moment(optimizer, p)
+            i = int(torch.argmax(v))
+            p.grad.view(-1)[i] = 200.0 * float(v.view(-1)[i].sqrt())
+            target.update(index=i, v=float(v.view(-1)[i]), param=p)
+
+    probe = Probe(step)
+    model, loader = tiny_gpt(80)
+    trainer = make_trainer(tmp_path, 80, [OneElement(), GradientSpikeGuard(), probe])
+    trainer.fit(model, loader)
+    found = detections(trainer)
+    assert [(e.step, e.kind, e.action) for e in found] == [(step, "element_spike", "clip")]
+    assert found[0].metrics["spike_count"] >= 1
+    names = [n for n, _ in model.named_parameters()]
+    g = probe.grads_after_guard[names.index("blocks.0.mlp.0.weight")]
+    assert_close(float(g.view(-1)[target["index"]]), math.sqrt(5000.0 * target["v"]), rtol=1e-5, atol=0.0)
+
+
+def test_corrupted_batch_is_a_loss_spike_and_is_skipped_not_clipped(tmp_path):
+    # early on the model is near its unigram loss and random targets look ordinary: corrupt later
+    probe = Probe(150)
+    trainer, _, _ = fit(tmp_path, 152, {150: ("labels_shuffle", None)}, extra=[probe])
+    (event,) = detections(trainer)
+    assert (event.step, event.kind, event.action) == (150, "loss_spike", "skip")
+    assert event.metrics["loss_ratio"] > 1.25
+    assert all(g is None for g in probe.grads_after_guard)
+
+
+# -- interventions ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_skip_leaves_weights_and_optimizer_state_unchanged(tmp_path, optimizer):
+    probe = Probe(50)
+    guard = GradientSpikeGuard(ladder=("skip",))
+    fit(tmp_path, 52, {50: ("grad_scale", 1000.0)}, guard=guard, optimizer=optimizer, extra=[probe])
+    for before, after in zip(probe.weights_before, probe.weights_after):
+        assert torch.equal(before, after)
+    for before, after in zip(probe.state_before, probe.state_after):
+        assert before.keys() == after.keys()
+        for key in before:
+            assert torch.equal(before[key], after[key]), key
+
+
+def test_nan_never_reaches_the_weights_even_with_a_clip_only_ladder(tmp_path):
+    guard = GradientSpikeGuard(ladder=("clip",))
+    faults = {3: ("grad_nan", None), 20: ("loss_nan", None), 45: ("grad_nan", None)}  # before and after arming
+    trainer, model, _ = fit(tmp_path, 50, faults, guard=guard)
+    assert [(e.step, e.kind, e.action) for e in detections(trainer)] == [
+        (3, "nonfinite", "skip"), (20, "nonfinite", "skip"), (45, "nonfinite", "skip")]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = trainer.optimizers[0].state
+    assert all(torch.isfinite(t).all() for s in state.values() for t in s.values() if isinstance(t, torch.Tensor))
+
+
+def test_clip_rescales_the_global_norm_to_the_baseline(tmp_path):
+    probe = Probe(50)
+    trainer, _, _ = fit(tmp_path, 51, {50: ("grad_scale", 1000.0)}, guard=GradientSpikeGuard(ladder=("clip",)),
+                        extra=[probe])
+    (event,) = detections(trainer)
+    assert event.action == "clip"
+    assert event.metrics["grad_ratio"] > 100
+    assert probe.grad_norm_after_guard == pytest.approx(event.metrics["grad_baseline"], rel=1e-4)
+
+
+def test_reset_moments_on_bnb_8bit_decodes_to_exact_zero_then_warms_up(tmp_path):
+    step = 50
+    probe = Probe(step)
+    guard = GradientSpikeGuard(ladder=("reset_moments",), reset_warmup=8)
+    trainer, model, _ = fit(tmp_path, 62, {step: ("grad_nan", None)}, guard=guard, optimizer="adamw8bit",
+                            extra=[probe])
+    assert [(e.step, e.action) for e in detections(trainer)] == [(step, "reset_moments")]
+    before = {i: s for i, s in enumerate(probe.state_before)}
+    eight_bit = 0
+    for i, st in enumerate(probe.state_after):
+        if st["state1"].dtype == torch.uint8:
+            eight_bit += 1
+            for key, qkey, amax in (("state1", "qmap1", "absmax1"), ("state2", "qmap2", "absmax2")):
+                decoded = dequantize_blockwise_8bit(st[key], st[qkey], st[amax])
+                assert torch.count_nonzero(decoded) == 0
+                assert torch.equal(st[qkey], before[i][qkey])  # shared code tables untouched
+        else:
+            assert torch.count_nonzero(st["state1"]) == 0 and torch.count_nonzero(st["state2"]) == 0
+    assert eight_bit >= 1
+    # the update warm-up: the applied LR ramps from 1% of the schedule's back to 100%
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    base = sched.base_lrs[0]
+    lam = sched.lr_lambdas[0]
+    ratios = [probe.lrs[s][0] / (base * lam(s)) for s in range(step + 1, step + 10)]
+    assert ratios[0] == pytest.approx(0.01)
+    assert all(a < b for a, b in zip(ratios[:7], ratios[1:8]))
+    assert ratios[8] == pytest.approx(1.0)
+
+
+def test_lr_backoff_scales_then_restores_without_fighting_the_scheduler(tmp_path):
+    step = 40
+    probe = Probe(step)
+    guard = GradientSpikeGuard(ladder=("lr_backoff",), lr_backoff_steps=5, lr_backoff_factor=0.25)
+    with pytest.warns(UserWarning, match="no second moment"):
+        trainer, _, _ = fit(tmp_path, 50, {step: ("grad_scale", 1000.0)}, guard=guard, optimizer="sgd",
+                            extra=[probe])
+    assert [(e.step, e.action) for e in detections(trainer)] == [(step, "lr_backoff")]
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    base, lam = sched.base_lrs[0], sched.lr_lambdas[0]
+    applied = {s: probe.lrs[s][0] / (base * lam(s)) for s in range(step - 1, step + 8)}
+    assert applied[step - 1] == pytest.approx(1.0)
+    assert [applied[s] for s in range(step + 1, step + 6)] == pytest.approx([0.25] * 5)
+    assert applied[step + 6] == pytest.approx(1.0)
+    # outside the step the group holds the schedule's own LR
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(base * lam(trainer.global_step))
+
+
+def test_escalation_climbs_with_repetition(tmp_path):
+    guard = GradientSpikeGuard(patience=2, lr_backoff_steps=2)
+    faults = {s: ("grad_nan", None) for s in (40, 41, 42, 43, 44, 45)}
+    trainer, _, _ = fit(tmp_path, 50, faults, guard=guard)
+    assert [e.action for e in detections(trainer)] == [
+        "skip", "skip", "reset_moments", "reset_moments", "lr_backoff", "lr_backoff"]
+
+
+def test_halt_saves_a_checkpoint_and_stops_with_a_report(tmp_path):
+    guard = GradientSpikeGuard(ladder=("halt",))
+    trainer, _, _ = fit(tmp_path, 80, {40: ("grad_scale", 1000.0)}, guard=guard)
+    assert trainer.global_step == 41  # the halted step ran (skipped), nothing after it
+    report = guard.halt_report
+    assert "step 40" in report and "gradient norm" in report and "baseline median" in report
+    path = os.path.join(tmp_path, "checkpoints", "stability-halt-step=41.ckpt")
+    assert os.path.isfile(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["global_step"] == 41
+    assert [e.kind for e in get_event_log(trainer)][-1] == "halt"
+
+
+def test_halt_can_raise(tmp_path):
+    guard = GradientSpikeGuard(ladder=("halt",), on_halt="raise")
+    with pytest.raises(TrainingHalted, match="nonfinite"):
+        fit(tmp_path, 80, {40: ("grad_nan", None)}, guard=guard)
+
+
+def test_rollback_is_requested_through_the_event_log_when_someone_listens(tmp_path):
+    class Responder(pl.Callback):
+        def __init__(self):
+            self.requests = []
+
+        def setup(self, trainer, pl_module, stage):
+            log = get_event_log(trainer)
+            log.register_responder("rollback", "test")
+            log.subscribe(lambda e: self.requests.append(e.step) if e.action == "rollback" else None)
+
+    responder = Responder()
+    trainer, _, _ = fit(tmp_path, 45, {40: ("grad_nan", None)}, guard=GradientSpikeGuard(ladder=("rollback", "halt")),
+                        extra=[responder])
+    assert responder.requests == [40]
+    assert detections(trainer)[0].severity == "critical"
+
+
+def test_rollback_without_responder_falls_to_next_rung(tmp_path):
+    guard = GradientSpikeGuard(ladder=("rollback", "halt"))
+    trainer, _, _ = fit(tmp_path, 80, {40: ("grad_nan", None)}, guard=guard)
+    assert detections(trainer)[0].action == "halt"
+    assert trainer.global_step == 41
+
+
+# -- Lightning integration -------------------------------------------------------------------------
+def test_runs_once_per_optimizer_step_under_gradient_accumulation(tmp_path):
+    raw: list[float] = []
+    model, loader = tiny_gpt(80)
+    original = model.training_step
+
+    def training_step(batch, batch_idx):
+        loss = original(batch, batch_idx)
+        raw.append(float(loss.detach()))
+        return loss
+
+    model.training_step = training_step
+    guard = GradientSpikeGuard(window=64)
+    trainer = make_trainer(tmp_path, 30, [guard], accumulate_grad_batches=2)
+    trainer.fit(model, loader)
+    window = guard._tracks[0].loss_window.values().tolist()
+    assert len(window) == 30
+    expected = [(raw[2 * k] + raw[2 * k + 1]) / 2 for k in range(30)]
+    assert window == pytest.approx(expected, rel=1e-5)
+
+
+def test_logs_metrics_and_streams_events(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    trainer, _, _ = fit(tmp_path, 60, {50: ("grad_scale", 100.0)}, logger=CSVLogger(tmp_path), log_every_n_steps=5)
+    metrics = trainer.callback_metrics
+    for key in ("stability/grad/norm", "stability/grad/norm_zscore", "stability/grad/spike_fraction",
+                "stability/loss/zscore", "stability/events/grad_spike", "stability/events/armed"):
+        assert key in metrics, key
+    assert float(metrics["stability/events/grad_spike"]) == 1.0
+    streamed = read_events(trainer.log_dir)
+    assert [(e.step, e.kind) for e in streamed] == [(e.step, e.kind) for e in get_event_log(trainer)]
+
+
+def test_multiple_optimizers_under_manual_optimization(tmp_path):
+    class TwoOpt(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.a = torch.nn.Linear(8, 8)
+            self.b = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            opt_a, opt_b = self.optimizers()
+            x = batch[0]
+            for opt, loss in ((opt_a, self.a(x).pow(2).mean()), (opt_b, self.b(x).pow(2).mean())):
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if opt is opt_b and self.global_step == 2 * 40 + 1:
+                    self.b.weight.grad[0, 0] = float("nan")
+                opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.a.parameters(), 1e-3), torch.optim.Adam(self.b.parameters(), 1e-3)
+
+    data = torch.utils.data.TensorDataset(torch.randn(64, 8))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    guard = GradientSpikeGuard(warmup=8)
+    trainer = make_trainer(tmp_path, 100, [guard])
+    trainer.fit(TwoOpt(), loader)
+    assert set(guard._tracks) == {0, 1}
+    assert [(e.step, e.kind) for e in detections(trainer)] == [(81, "nonfinite")]
+    assert guard._tracks[1].actions == {"skip": 1} and guard._tracks[0].actions == {}
+    assert "stability/grad/norm/opt1" in trainer.callback_metrics
+
+
+# -- state -----------------------------------------------------------------------------------------
+def test_resume_takes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    faults = {45: ("grad_scale", 50.0), 68: ("grad_nan", None), 70: ("loss_nan", None), 71: ("grad_nan", None),
+              90: ("grad_scale", 50.0)}
+
+    def run(root, ckpt=None):
+        model, loader = tiny_gpt(100, batches=36)  # step 72 is an epoch boundary: the data resumes exactly
+        guard = GradientSpikeGuard(patience=1, lr_backoff_steps=15, cooldown=10)
+        saver = ModelCheckpoint(dirpath=root, every_n_train_steps=72, save_top_k=-1)
+        trainer = make_trainer(root, 100, [FaultInjector(faults), guard, saver], enable_checkpointing=True)
+        trainer.fit(model, loader, ckpt_path=ckpt)
+        return trainer, model, guard
+
+    full, full_model, full_guard = run(tmp_path / "full")
+    # the checkpoint at step 72 lies inside an incident, during an LR back-off and an update warm-up
+    ckpt = str(tmp_path / "full" / "epoch=1-step=72.ckpt")
+    resumed, resumed_model, resumed_guard = run(tmp_path / "resumed", ckpt)
+
+    key = lambda t: [(e.step, e.kind, e.action) for e in get_event_log(t)]  # noqa: E731
+    assert [e.action for e in detections(full)] == ["clip", "skip", "reset_moments", "lr_backoff", "clip"]
+    assert key(resumed) == key(full)
+    assert resumed_guard.state_dict() == full_guard.state_dict()
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    # and a guard that forgot its state after the restore would decide differently
+    assert torch.load(ckpt, weights_only=False)["callbacks"]["GradientSpikeGuard"]["tracks"][0]["backoff_until"] == 87
+
+
+def test_state_really_comes_back(tmp_path):
+    trainer, _, guard = fit(tmp_path, 60, {50: ("grad_scale", 100.0)})
+    state = guard.state_dict()
+    fresh = GradientSpikeGuard()
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert len(fresh._tracks[0].grad_window) == len(guard._tracks[0].grad_window) > 0
+    assert fresh._tracks[0].ladder.strikes == 1
+    # older states without newer keys still load
+    GradientSpikeGuard().load_state_dict({"tracks": {0: {"grad_window": {"values": [1.0, 2.0]}}}})
+
+
+def test_several_guards_need_distinct_names(tmp_path):
+    with pytest.raises(RuntimeError, match="state_key"):  # Lightning refuses colliding checkpoint keys
+        make_trainer(tmp_path, 5, [GradientSpikeGuard(), GradientSpikeGuard()])
+    a, b = GradientSpikeGuard(name="strict", grad_ratio=1.5), GradientSpikeGuard(name="loose")
+    assert a.state_key != b.state_key
+    fit(tmp_path / "ok", 10, extra=[b], guard=a)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"window": 1}, ValueError, r"window=1\): expected an int >= 2"),
+        ({"window": 8.0}, TypeError, "window=8.0"),
+        ({"warmup": 200}, ValueError, "at most window=128"),
+        ({"grad_zscore": -1.0}, ValueError, "grad_zscore=-1.0"),
+        ({"grad_ratio": 1.0}, ValueError, "grad_ratio=1.0"),
+        ({"loss_ratio": float("nan")}, ValueError, "loss_ratio=nan"),
+        ({"theta": 0}, ValueError, "theta=0"),
+        ({"ladder": ("clip", "pray")}, ValueError, "unknown action 'pray'"),
+        ({"ladder": "skip"}, TypeError, "sequence"),
+        ({"patience": 0}, ValueError, "patience=0"),
+        ({"lr_backoff_factor": 1.5}, ValueError, r"lr_backoff_factor=1.5\): expected a float in \(0, 1\)"),
+        ({"lr_backoff_factor": "half"}, TypeError, "lr_backoff_factor='half'"),
+        ({"on_halt": "explode"}, ValueError, "on_halt='explode'"),
+        ({"name": ""}, ValueError, "name=''"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GradientSpikeGuard(**kwargs)

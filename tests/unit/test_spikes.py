@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.testing import assert_close
+
+from lightning_stability.ops.spikes import (
+    any_nonfinite,
+    clip_element_spikes_,
+    count_element_spikes,
+    element_spike_mask,
+    global_grad_norm,
+    scale_grads_,
+)
+
+
+def test_global_norm_known_answer():
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]]), torch.tensor([12.0], dtype=torch.bfloat16)]
+    assert float(global_grad_norm(grads)) == 13.0
+
+
+def test_global_norm_propagates_nonfinite():
+    assert math.isnan(float(global_grad_norm([torch.ones(3), torch.tensor([float("nan")])])))
+    assert math.isinf(float(global_grad_norm([torch.tensor([float("inf"), 1.0])])))
+
+
+def test_spam_mask_rule_and_empty_history():
+    g = torch.tensor([1.0, 100.0, -100.0, 5.0, 3.0])
+    v = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.001])
+    # theta = 5000: |g| > sqrt(5000 v) -> 70.7 for v = 1, 2.24 for v = 0.001; v == 0 is never a spike
+    assert element_spike_mask(g, v, 5000.0).tolist() == [False, True, True, False, True]
+
+
+def test_count_and_clip_keep_sign_and_magnitude():
+    g = [torch.tensor([1.0, 100.0, -100.0]), torch.tensor([0.5, 0.5])]
+    v = [torch.tensor([1.0, 1.0, 1.5]), None]
+    count, checked = count_element_spikes(g, v, 5000.0)
+    assert int(count) == 2 and checked == 3
+    clip_element_spikes_(g, v, 5000.0)
+    assert_close(g[0], torch.tensor([1.0, math.sqrt(5000.0), -math.sqrt(7500.0)]))
+    assert_close(g[1], torch.tensor([0.5, 0.5]))  # no moment: untouched
+
+
+def test_clip_is_idempotent_below_threshold():
+    g = [torch.randn(100)]
+    v = [g[0].square() * 2]  # every element far below theta * v
+    before = g[0].clone()
+    clip_element_spikes_(g, v, 5000.0)
+    assert torch.equal(g[0], before)
+
+
+def test_scale_and_nonfinite():
+    g = [torch.ones(2), torch.full((3,), 2.0)]
+    scale_grads_(g, 0.5)
+    assert g[0].tolist() == [0.5, 0.5] and g[1].tolist() == [1.0, 1.0, 1.0]
+    assert not bool(any_nonfinite(g))
+    g[1][0] = float("inf")
+    assert bool(any_nonfinite(g))
