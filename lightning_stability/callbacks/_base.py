@@ -39,8 +39,11 @@ class StabilityCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero and trainer.log_dir:
-            self.event_log(trainer).stream_to(trainer.log_dir)
+        if stage != "fit":
+            return
+        log_dir = trainer.log_dir  # a collective under DDP (a broadcast): every rank must ask
+        if trainer.is_global_zero and log_dir:
+            self.event_log(trainer).stream_to(log_dir)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

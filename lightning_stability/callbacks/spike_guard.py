@@ -281,19 +281,32 @@ class GradientSpikeGuard(StabilityCallback):
             spikes, checked = count_element_spikes(grads, moments, self.theta)  # type: ignore[arg-type]
         else:
             spikes, checked = torch.zeros((), device=device), 0
-        loss_part = torch.stack(
-            [loss.to(device) if loss is not None else torch.zeros((), device=device),
-             torch.ones((), device=device) if loss is not None else torch.zeros((), device=device)]
-        )
+        zero = torch.zeros((), device=device)
+        local = torch.stack([
+            norm.float().reshape(()),
+            spikes.float().reshape(()),
+            loss.to(device).float().reshape(()) if loss is not None else zero,
+            zero + (1.0 if loss is not None else 0.0),
+        ])
         if trainer.world_size > 1:
-            # The only collective of the guard: gradients are identical on every rank after DDP's
-            # all-reduce, the loss is not. Summing (loss, count) lets every rank see the same mean,
-            # and a NaN/Inf loss on any rank makes the sum non-finite everywhere.
-            loss_part = trainer.strategy.reduce(loss_part, reduce_op="sum")
+            # The guard's only collective: one all-gather of these four numbers, so every rank computes
+            # the same statistics from the same inputs and takes the same decision. After DDP's
+            # all-reduce the gradients agree; the loss does not, and a NaN loss on any one rank must
+            # make every rank skip. A gradient norm that differs between ranks means a rank's
+            # gradients were corrupted after the reduction: then only skipping keeps replicas equal.
+            gathered = trainer.strategy.all_gather(local).reshape(-1, 4)
+            stats_t = torch.stack([
+                gathered[:, 0].max(),  # max propagates NaN
+                gathered[:, 1].max(),
+                gathered[:, 2].sum(),
+                gathered[:, 3].sum(),
+                gathered[:, 0].min(),
+            ])
+        else:
+            stats_t = torch.cat([local, local[:1]])
         # One device-to-host transfer per step: the decision needs these scalars on the host.
-        grad_norm, spike_count, loss_sum, loss_count = torch.cat(
-            [norm.reshape(1).float(), spikes.reshape(1).float(), loss_part.float()]
-        ).tolist()
+        grad_norm, spike_count, loss_sum, loss_count, min_norm = stats_t.tolist()
+        ranks_disagree = grad_norm != min_norm and math.isfinite(grad_norm)
         loss_value = loss_sum / loss_count if loss_count > 0 else None
         if loss_value is not None:
             loss_value /= _loss_scale(trainer)
@@ -326,8 +339,8 @@ class GradientSpikeGuard(StabilityCallback):
         else:
             unavailable = set() if log.has_responder("rollback") else {"rollback"}
             action = track.ladder.decide(detection, unavailable)
-            if detection == "nonfinite" and action == "clip":  # unreachable by start_rung; kept as a guard
-                action = "skip"
+            if action == "clip" and (detection == "nonfinite" or ranks_disagree):
+                action = "skip"  # a NaN cannot be clipped; ranks with different gradients cannot clip alike
             self._apply(trainer, opt, index, track, action, detection, stats, params, grads, moments, gb)
             track.actions[action] = track.actions.get(action, 0) + 1
             severity = "critical" if action in ("rollback", "halt") else _SEVERITY[detection]

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def test_every_rank_takes_the_same_decision_in_the_same_step(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "ddp_guard_script.py")
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert ranks[0]["events"] == ranks[1]["events"]
+    detections = [tuple(e) for e in ranks[0]["events"] if e[1] != "armed"]
+    # a NaN loss on rank 1 only: every rank skips; a gradient corrupted on rank 1 after the
+    # all-reduce: the ranks disagree on the norm, so clipping alike is impossible and both skip
+    assert detections == [(40, "nonfinite", "skip"), (50, "grad_spike", "skip")]
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # replicas still bit-identical
+    assert ranks[0]["finite"] and ranks[1]["finite"]
