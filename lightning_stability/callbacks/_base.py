@@ -16,6 +16,8 @@ EVENTS_CHECKPOINT_KEY = "lightning_stability_events"
 class StabilityCallback(Callback):
     """Base class: streams the event log on rank zero and saves it with every checkpoint.
 
+    The stream goes to ``<trainer.log_dir>/stability_events.jsonl`` when the trainer has a logger.
+
     Several stability callbacks may be attached; each saves and restores the same shared log, so the
     result does not depend on which of them is present.
     """
@@ -39,8 +41,8 @@ class StabilityCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage != "fit" or not trainer.loggers:
+            return  # without a logger there is no run directory to write into; the log stays in memory
         log_dir = trainer.log_dir  # a collective under DDP (a broadcast): every rank must ask
         if trainer.is_global_zero and log_dir:
             self.event_log(trainer).stream_to(log_dir)
