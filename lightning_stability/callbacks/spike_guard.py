@@ -16,7 +16,12 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._base import StabilityCallback
 from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
-from lightning_stability.ops.optim_state import moment_family, reset_moments_, second_moments, unwrap_optimizer
+from lightning_stability.ops.optim_state import (
+    moment_family,
+    reset_moments_,
+    second_moments,
+    unwrap_optimizer,
+)
 from lightning_stability.ops.robust import Baseline, RollingWindow
 from lightning_stability.ops.spikes import clip_element_spikes_, count_element_spikes, global_grad_norm
 

@@ -17,7 +17,7 @@ def test_every_rank_takes_the_same_decision_in_the_same_step(tmp_path):
     proc = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["events"] == ranks[1]["events"]
     detections = [tuple(e) for e in ranks[0]["events"] if e[1] != "armed"]
     # a NaN loss on rank 1 only: every rank skips; a gradient corrupted on rank 1 after the
