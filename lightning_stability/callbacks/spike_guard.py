@@ -332,7 +332,11 @@ class GradientSpikeGuard(StabilityCallback):
 
         detection = self._detect(track, stats, loss_value)
         log = self.event_log(trainer)
-        if detection is None:
+        if detection == "nonfinite" and _grad_scaler(trainer) is not None and _finite(loss_value):
+            # fp16 AMP: overflowing gradients with a finite loss are the loss scaler's business. It
+            # skips this step and lowers its scale; not a detection, and no strike on the ladder.
+            self._emit(trainer, "amp_overflow", "info", stats, "skip")
+        elif detection is None:
             track.grad_window.push(grad_norm)
             if loss_value is not None:
                 track.loss_window.push(loss_value)
@@ -510,13 +514,25 @@ def _optimizer_index(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> int:
     return 0
 
 
-def _loss_scale(trainer: pl.Trainer) -> float:
-    # Under fp16 AMP Lightning scales the loss before on_before_backward sees it.
+def _grad_scaler(trainer: pl.Trainer) -> Any:
+    """The enabled AMP gradient scaler of the trainer's precision plugin, or ``None``."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    return scaler
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    # Under fp16 AMP Lightning scales the loss before on_before_backward sees it.
+    scaler = _grad_scaler(trainer)
+    if scaler is None:
         return 1.0
     scale = float(scaler.get_scale())
     return scale if scale > 0 else 1.0
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def _check_int(owner: str, name: str, value: Any, minimum: int) -> int:

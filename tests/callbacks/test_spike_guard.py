@@ -410,3 +410,21 @@ def test_several_guards_need_distinct_names(tmp_path):
 def test_bad_arguments_are_refused_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         GradientSpikeGuard(**kwargs)
+
+
+def test_fp16_loss_scaler_overflows_are_not_detections(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    # an absurd initial scale: the first ~20 steps overflow until the scaler has backed off
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**40))
+    model, loader = tiny_gpt(60)
+    guard = GradientSpikeGuard()
+    trainer = make_trainer(tmp_path, 60, [guard], plugins=[plugin])
+    trainer.fit(model, loader)
+    overflows = get_event_log(trainer).filter(kind="amp_overflow")
+    assert len(overflows) >= 10 and all(e.severity == "info" for e in overflows)
+    assert detections(trainer) == []
+    assert guard._tracks[0].ladder.strikes == 0
+    # the loss baseline holds unscaled losses (a character model starts near log(vocab) ~ 3.5)
+    losses = guard._tracks[0].loss_window.values()
+    assert 0.5 < float(losses.max()) < 5.0
