@@ -19,13 +19,22 @@ from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ram
 from lightning_stability.ops.optim_state import (
     moment_family,
     reset_moments_,
+    second_moment,
     second_moments,
     unwrap_optimizer,
 )
 from lightning_stability.ops.robust import Baseline, RollingWindow
-from lightning_stability.ops.spikes import clip_element_spikes_, count_element_spikes, global_grad_norm
+from lightning_stability.ops.spikes import (
+    chunk_by_numel,
+    clip_element_spikes_,
+    count_element_spikes,
+    global_grad_norm,
+)
 
 DEFAULT_LADDER = ACTIONS
+# Element checks run over chunks of at most this many elements: the temporaries stay bounded
+# (two float32 copies of a chunk) on large models, and small models need a single chunk.
+CHUNK_NUMEL = 1 << 26
 _SEVERITY = {"nonfinite": "critical", "grad_spike": "warning", "loss_spike": "warning", "element_spike": "warning"}
 
 
@@ -281,11 +290,13 @@ class GradientSpikeGuard(StabilityCallback):
         norm = global_grad_norm(grads)
         device = norm.device
         use_elements = self.theta is not None and track.armed and not self._in_reset_warmup(track, step)
-        moments = second_moments(opt, params) if use_elements and moment_family(opt) else None
-        if moments is not None:
-            spikes, checked = count_element_spikes(grads, moments, self.theta)  # type: ignore[arg-type]
-        else:
-            spikes, checked = torch.zeros((), device=device), 0
+        spikes, checked = torch.zeros((), device=device), 0
+        if use_elements and moment_family(opt) is not None:
+            for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
+                n, c = count_element_spikes(
+                    [grads[i] for i in chunk], second_moments(opt, [params[i] for i in chunk]), self.theta
+                )
+                spikes, checked = spikes + n, checked + c
         zero = torch.zeros((), device=device)
         local = torch.stack([
             norm.float().reshape(()),
@@ -350,12 +361,13 @@ class GradientSpikeGuard(StabilityCallback):
             action = track.ladder.decide(detection, unavailable)
             if action == "clip" and (detection == "nonfinite" or ranks_disagree):
                 action = "skip"  # a NaN cannot be clipped; ranks with different gradients cannot clip alike
-            self._apply(trainer, opt, index, track, action, detection, stats, params, grads, moments, gb)
+            self._apply(trainer, opt, index, track, action, detection, stats, params, grads, gb)
             track.actions[action] = track.actions.get(action, 0) + 1
             severity = "critical" if action in ("rollback", "halt") else _SEVERITY[detection]
             self._emit(trainer, detection, severity, stats, action)
 
-        self._log_metrics(pl_module, index, stats)
+        if detection is not None or _is_logging_step(trainer):
+            self._log_metrics(pl_module, index, stats)
 
     @override
     def on_train_batch_end(
@@ -414,13 +426,13 @@ class GradientSpikeGuard(StabilityCallback):
         stats: dict[str, float],
         params: list[Tensor],
         grads: list[Tensor],
-        moments: list[Tensor | None] | None,
         gb: Baseline,
     ) -> None:
         step = trainer.global_step
         if action == "clip":
-            if moments is not None and stats["spike_count"] > 0:
-                clip_element_spikes_(grads, moments, self.theta)  # type: ignore[arg-type]
+            if stats["spike_count"] > 0 and self.theta is not None:
+                for p, g in zip(params, grads):  # a rare path: decode the moments again, one at a time
+                    clip_element_spikes_([g], [second_moment(opt, p)], self.theta)
             if detection == "grad_spike" and math.isfinite(gb.median) and gb.median > 0:
                 # rescale the global norm to the baseline (after the element clip, if any)
                 factor = torch.clamp(gb.median / global_grad_norm(grads).clamp_min(1e-12), max=1.0)
@@ -505,6 +517,13 @@ class GradientSpikeGuard(StabilityCallback):
     def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None) -> None:
         self._counts[kind] = self._counts.get(kind, 0) + 1
         self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action)
+
+
+def _is_logging_step(trainer: pl.Trainer) -> bool:
+    # LightningModule.log costs ~0.1 ms a key; call it only where the logger will write, as
+    # Lightning decides it (its logger connector), and on steps with a detection.
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(connector.should_update_logs) if connector is not None else True
 
 
 def _optimizer_index(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> int:

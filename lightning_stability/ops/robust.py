@@ -10,7 +10,8 @@ flagged), so a spike never enters it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,16 +21,25 @@ import torch
 MAD_TO_STD = 1.4826
 
 
-@torch.no_grad()
-def median_mad(values: torch.Tensor) -> tuple[float, float]:
-    """Median and MAD of the finite entries of a 1-D tensor; ``(nan, nan)`` if there are none."""
-    x = values.detach().reshape(-1).to(torch.float64)
-    x = x[torch.isfinite(x)]
-    if x.numel() == 0:
+def median_mad(values: torch.Tensor | Sequence[float]) -> tuple[float, float]:
+    """Median and MAD of the finite entries; ``(nan, nan)`` if there are none.
+
+    Runs on the host in float64 (the windows hold at most a few hundred values: sorting them in
+    Python is faster than launching tensor kernels).
+    """
+    if isinstance(values, torch.Tensor):
+        values = values.detach().reshape(-1).to(torch.float64).tolist()
+    x = sorted(v for v in values if math.isfinite(v))
+    if not x:
         return math.nan, math.nan
-    med = torch.quantile(x, 0.5)
-    mad = torch.quantile((x - med).abs(), 0.5)
-    return float(med), float(mad)
+    med = _sorted_median(x)
+    return med, _sorted_median(sorted(abs(v - med) for v in x))
+
+
+def _sorted_median(x: list[float]) -> float:
+    n = len(x)
+    mid = n // 2
+    return x[mid] if n % 2 else 0.5 * (x[mid - 1] + x[mid])
 
 
 def robust_zscore(value: float, median: float, mad: float, rel_floor: float = 1e-2) -> float:
@@ -69,47 +79,44 @@ class Baseline:
 
 
 class RollingWindow:
-    """The last ``capacity`` accepted values, kept on the host in float64.
+    """The last ``capacity`` accepted values, kept on the host as Python floats.
 
     Non-finite values are refused (``push`` returns ``False``) so they can never enter the baseline.
+    The baseline is computed once per push, not once per query.
     """
 
     def __init__(self, capacity: int) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 2:
             raise ValueError(f"RollingWindow(capacity={capacity!r}): expected an int >= 2")
         self.capacity = capacity
-        self._buf = torch.zeros(capacity, dtype=torch.float64)
-        self._next = 0
-        self._count = 0
+        self._values: deque[float] = deque(maxlen=capacity)
+        self._baseline: Baseline | None = None
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._values)
 
     def push(self, value: float) -> bool:
         if not math.isfinite(value):
             return False
-        self._buf[self._next] = value
-        self._next = (self._next + 1) % self.capacity
-        self._count = min(self._count + 1, self.capacity)
+        self._values.append(float(value))
+        self._baseline = None
         return True
 
     def values(self) -> torch.Tensor:
         """The accepted values, oldest first."""
-        if self._count < self.capacity:
-            return self._buf[: self._count].clone()
-        return torch.cat([self._buf[self._next :], self._buf[: self._next]])
+        return torch.tensor(list(self._values), dtype=torch.float64)
 
     def baseline(self) -> Baseline:
-        med, mad = median_mad(self._buf[: self._count])
-        return Baseline(med, mad, self._count)
+        if self._baseline is None:
+            med, mad = median_mad(list(self._values))
+            self._baseline = Baseline(med, mad, len(self._values))
+        return self._baseline
 
     def state_dict(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "values": self.values().tolist()}
+        return {"capacity": self.capacity, "values": list(self._values)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        values = list(state.get("values", []))[-self.capacity :]
-        self._buf.zero_()
-        self._next = 0
-        self._count = 0
-        for v in values:
+        self._values.clear()
+        self._baseline = None
+        for v in list(state.get("values", []))[-self.capacity :]:
             self.push(float(v))

@@ -47,18 +47,44 @@ def element_spike_mask(grad: Tensor, second_moment: Tensor, theta: float = DEFAU
 def count_element_spikes(
     grads: Sequence[Tensor], second_moments: Sequence[Tensor | None], theta: float = DEFAULT_THETA
 ) -> tuple[Tensor, int]:
-    """The number of spiking elements (a device tensor) and the number of elements checked."""
-    total = None
-    checked = 0
-    for g, v in zip(grads, second_moments):
-        if v is None:
-            continue
-        n = element_spike_mask(g, v, theta).sum()
-        total = n if total is None else total + n.to(total.device)
-        checked += g.numel()
-    if total is None:
-        total = torch.zeros((), dtype=torch.int64, device=grads[0].device if grads else None)
-    return total, checked
+    """The number of spiking elements (a device tensor) and the number of elements checked.
+
+    Same rule as :func:`element_spike_mask`, computed with a fixed number of foreach kernels whatever
+    the number of tensors (a per-tensor loop costs several kernel launches per parameter). Callers
+    bound the temporary memory (two float32 copies of the gradients passed) by passing chunks.
+    """
+    pairs = [(g, v) for g, v in zip(grads, second_moments) if v is not None]
+    if not pairs:
+        device = grads[0].device if grads else None
+        return torch.zeros((), dtype=torch.float32, device=device), 0
+    gs = [g.float() for g, _ in pairs]
+    vs = [v.float() for _, v in pairs]
+    excess = torch._foreach_mul(gs, gs)  # g^2
+    torch._foreach_mul_(excess, 1.0 / theta)
+    torch._foreach_sub_(excess, vs)  # g^2 / theta - v: positive where g^2 > theta v
+    torch._foreach_mul_(excess, torch._foreach_sign(vs))  # v == 0 -> 0: never a spike
+    torch._foreach_sign_(excess)
+    torch._foreach_clamp_min_(excess, 0.0)  # 1 where spiking, else 0
+    counts = torch._foreach_norm(excess, 1)
+    device = pairs[0][0].device
+    total = torch.stack([c.to(device) for c in counts]).sum()
+    return total, sum(g.numel() for g, _ in pairs)
+
+
+def chunk_by_numel(items: Sequence[Tensor], budget: int) -> list[list[int]]:
+    """Indices of ``items`` in consecutive chunks of at most ``budget`` elements (one item may exceed it)."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i, t in enumerate(items):
+        if current and size + t.numel() > budget:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += t.numel()
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 @torch.no_grad()

@@ -57,3 +57,21 @@ def test_scale_and_nonfinite():
     assert not bool(any_nonfinite(g))
     g[1][0] = float("inf")
     assert bool(any_nonfinite(g))
+
+
+def test_foreach_count_matches_the_elementwise_rule():
+    from lightning_stability.ops.spikes import chunk_by_numel
+
+    torch.manual_seed(0)
+    grads = [torch.randn(40, 30), torch.randn(7), torch.randn(3, 3, 3).to(torch.bfloat16)]
+    moments = [g.float().square() * torch.rand(g.shape).pow(8) for g in grads]  # some tiny v: spikes
+    moments[1][:3] = 0.0  # no history: never a spike
+    grads[1][:3] = 5.0
+    expected = sum(int(element_spike_mask(g, v, 50.0).sum()) for g, v in zip(grads, moments))
+    count, checked = count_element_spikes(grads, moments, 50.0)
+    assert expected > 0
+    assert int(count) == expected and checked == 1200 + 7 + 27
+    chunks = chunk_by_numel(grads, 1000)
+    assert chunks == [[0], [1, 2]]
+    total = sum(int(count_element_spikes([grads[i] for i in c], [moments[i] for i in c], 50.0)[0]) for c in chunks)
+    assert total == expected
