@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._base import StabilityCallback
 from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
+from lightning_stability.ops.lr import restore_lr, scale_lr_for_step
 from lightning_stability.ops.optim_state import (
     moment_family,
     reset_moments_,
@@ -243,7 +244,7 @@ class GradientSpikeGuard(StabilityCallback):
         for index, optimizer in enumerate(trainer.optimizers):
             opt = unwrap_optimizer(optimizer)
             self._hooks.append(opt.register_step_pre_hook(self._make_lr_pre_hook(index)))
-            self._hooks.append(opt.register_step_post_hook(self._make_lr_post_hook()))
+            self._hooks.append(opt.register_step_post_hook(lambda optimizer, args, kwargs: restore_lr(optimizer)))
             if self.theta is not None and moment_family(opt) is None:
                 name = type(opt).__name__
                 if name not in self._warned_norm_only:
@@ -481,24 +482,10 @@ class GradientSpikeGuard(StabilityCallback):
             warm = cosine_ramp(step - track.warmup_from, self.reset_warmup) if track.warmup_from >= 0 else 1.0
             if backoff == 1.0 and warm == 1.0:
                 return
-            saved = []
-            for i, group in enumerate(optimizer.param_groups):
-                factor = backoff * (warm if i in track.warmup_groups else 1.0)
-                saved.append(group["lr"])
-                group["lr"] = group["lr"] * factor
-            optimizer.__dict__["_stability_saved_lr"] = saved
+            factors = [backoff * (warm if i in track.warmup_groups else 1.0) for i in range(len(optimizer.param_groups))]
+            scale_lr_for_step(optimizer, factors)
 
         return pre_hook
-
-    @staticmethod
-    def _make_lr_post_hook() -> Any:
-        def post_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            saved = optimizer.__dict__.pop("_stability_saved_lr", None)
-            if saved is not None:
-                for group, lr in zip(optimizer.param_groups, saved):
-                    group["lr"] = lr
-
-        return post_hook
 
     def _log_metrics(self, pl_module: pl.LightningModule, index: int, stats: dict[str, float]) -> None:
         suffix = f"/opt{index}" if index > 0 else ""
