@@ -30,6 +30,7 @@ from lightning_stability.ops.spikes import (
     clip_element_spikes_,
     count_element_spikes,
     global_grad_norm,
+    max_spike_excess,
 )
 
 DEFAULT_LADDER = ACTIONS
@@ -291,17 +292,20 @@ class GradientSpikeGuard(StabilityCallback):
         norm = global_grad_norm(grads)
         device = norm.device
         use_elements = self.theta is not None and track.armed and not self._in_reset_warmup(track, step)
-        spikes, checked = torch.zeros((), device=device), 0
-        if use_elements and moment_family(opt) is not None:
+        # Fast path: the largest g^2 - theta v over all elements (three foreach passes). Only where it
+        # is positive can an element spike; then the exact count follows (see _count_spikes).
+        element_checks = use_elements and moment_family(opt) is not None
+        excess = torch.full((), -math.inf, device=device)
+        checked = 0
+        if element_checks:
             for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
-                n, c = count_element_spikes(
-                    [grads[i] for i in chunk], second_moments(opt, [params[i] for i in chunk]), self.theta
-                )
-                spikes, checked = spikes + n, checked + c
+                moments = second_moments(opt, [params[i] for i in chunk])
+                excess = torch.maximum(excess, max_spike_excess([grads[i] for i in chunk], moments, self.theta))  # type: ignore[arg-type]
+                checked += sum(grads[i].numel() for i, v in zip(chunk, moments) if v is not None)
         zero = torch.zeros((), device=device)
         local = torch.stack([
             norm.float().reshape(()),
-            spikes.float().reshape(()),
+            excess.float().reshape(()),
             loss.to(device).float().reshape(()) if loss is not None else zero,
             zero + (1.0 if loss is not None else 0.0),
         ])
@@ -322,8 +326,9 @@ class GradientSpikeGuard(StabilityCallback):
         else:
             stats_t = torch.cat([local, local[:1]])
         # One device-to-host transfer per step: the decision needs these scalars on the host.
-        grad_norm, spike_count, loss_sum, loss_count, min_norm = stats_t.tolist()
+        grad_norm, max_excess, loss_sum, loss_count, min_norm = stats_t.tolist()
         ranks_disagree = grad_norm != min_norm and math.isfinite(grad_norm)
+        spike_count = self._count_spikes(trainer, opt, params, grads) if max_excess > 0 else 0.0
         loss_value = loss_sum / loss_count if loss_count > 0 else None
         if loss_value is not None:
             loss_value /= _loss_scale(trainer)
@@ -389,6 +394,21 @@ class GradientSpikeGuard(StabilityCallback):
         rank_zero_warn(report)
 
     # -- detection and actions -------------------------------------------------------------------
+    def _count_spikes(
+        self, trainer: pl.Trainer, opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]
+    ) -> float:
+        """Exact SPAM spike count (elements with no history excluded), on steps that may have spikes."""
+        count = torch.zeros((), device=grads[0].device)
+        for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
+            n, _ = count_element_spikes(
+                [grads[i] for i in chunk], second_moments(opt, [params[i] for i in chunk]), self.theta  # type: ignore[arg-type]
+            )
+            count = count + n
+        if trainer.world_size > 1:
+            # a second small collective, only on such steps: every rank must use the same count
+            count = trainer.strategy.all_gather(count.float().reshape(1)).max()
+        return float(count)
+
     def _detect(
         self, track: _OptimizerTrack, stats: dict[str, float], loss: float | None
     ) -> str | None:

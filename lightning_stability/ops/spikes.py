@@ -6,6 +6,7 @@ scalars it needs to the host once per step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -69,6 +70,24 @@ def count_element_spikes(
     device = pairs[0][0].device
     total = torch.stack([c.to(device) for c in counts]).sum()
     return total, sum(g.numel() for g, _ in pairs)
+
+
+@torch.no_grad()
+def max_spike_excess(grads: Sequence[Tensor], second_moments: Sequence[Tensor | None], theta: float = DEFAULT_THETA) -> Tensor:
+    """``max(g^2 - theta * v)`` over every element with a moment (``-inf`` if none), as a device scalar.
+
+    A cheap screen for :func:`count_element_spikes`: no element can spike where this is ``<= 0``.
+    It may be positive without a spike (an element with ``v == 0`` and ``g != 0``); the exact
+    count then decides. Non-finite gradients give a non-finite result.
+    """
+    pairs = [(g, v) for g, v in zip(grads, second_moments) if v is not None]
+    if not pairs:
+        return torch.full((), -math.inf, device=grads[0].device if grads else None)
+    gs = [g.float() for g, _ in pairs]
+    excess = torch._foreach_mul(gs, gs)
+    torch._foreach_add_(excess, [v.float() for _, v in pairs], alpha=-theta)
+    device = pairs[0][0].device
+    return torch.stack([m.to(device) for m in torch._foreach_max(excess)]).max()
 
 
 def chunk_by_numel(items: Sequence[Tensor], budget: int) -> list[list[int]]:

@@ -75,3 +75,15 @@ def test_foreach_count_matches_the_elementwise_rule():
     assert chunks == [[0], [1, 2]]
     total = sum(int(count_element_spikes([grads[i] for i in c], [moments[i] for i in c], 50.0)[0]) for c in chunks)
     assert total == expected
+
+
+def test_max_spike_excess_screens_exactly_where_spikes_can_be():
+    from lightning_stability.ops.spikes import max_spike_excess
+
+    g = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    v = [torch.tensor([1.0, 1.0]), None]
+    assert float(max_spike_excess(g, v, 2.0)) == 4.0 - 2.0  # element 2: 4 - 2 * 1
+    assert float(max_spike_excess(g, v, 10.0)) == 4.0 - 10.0
+    assert float(max_spike_excess(g, [None, None], 10.0)) == -math.inf
+    g[0][0] = float("nan")
+    assert math.isnan(float(max_spike_excess(g, v, 2.0)))
