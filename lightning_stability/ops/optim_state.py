@@ -62,27 +62,30 @@ def dequantize_blockwise_8bit(codes: Tensor, qmap: Tensor, absmax: Tensor, block
 
 @torch.no_grad()
 def second_moment(optimizer: torch.optim.Optimizer, param: Tensor) -> Tensor | None:
-    """The optimizer's current second moment ``v`` of ``param`` (float32), or ``None`` if it has none yet."""
-    state = optimizer.state.get(param)
-    if not state:
-        return None
-    family = moment_family(optimizer)
-    if family == "torch_adam":
-        v = state.get("exp_avg_sq")
-        return None if v is None else v.float()
-    if family == "bnb_adam":
-        v = state.get("state2")
-        if v is None:
-            return None
-        if v.dtype == torch.uint8:
-            return dequantize_blockwise_8bit(v, state["qmap2"], state["absmax2"])
-        return v.float()
-    return None
+    """The optimizer's current second moment ``v`` of ``param`` (8-bit states decoded to float32), or ``None``."""
+    return second_moments(optimizer, [param])[0]
 
 
 @torch.no_grad()
 def second_moments(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor | None]:
-    return [second_moment(optimizer, p) for p in params]
+    """:func:`second_moment` of each parameter (the optimizer's family is looked up once)."""
+    family = moment_family(optimizer)
+    if family is None:
+        return [None] * len(params)
+    states = optimizer.state
+    out: list[Tensor | None] = []
+    for p in params:
+        state = states.get(p)
+        if not state:
+            out.append(None)
+        elif family == "torch_adam":
+            out.append(state.get("exp_avg_sq"))
+        else:
+            v = state.get("state2")
+            if v is not None and v.dtype == torch.uint8:
+                v = dequantize_blockwise_8bit(v, state["qmap2"], state["absmax2"])
+            out.append(v)
+    return out
 
 
 @torch.no_grad()

@@ -20,14 +20,16 @@ def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
     """The L2 norm of all gradients together, in float32 (non-finite if any element is)."""
     if len(grads) == 0:
         return torch.zeros((), dtype=torch.float32)
+    device = grads[0].device
+    if all(g.device == device for g in grads):
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
-    device = grads[0].device
-    partial = []
-    for dev_grads in by_device.values():
-        norms = torch._foreach_norm(dev_grads, 2, dtype=torch.float32)
-        partial.append(torch.linalg.vector_norm(torch.stack(norms)).to(device))
+    partial = [
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float32))).to(device)
+        for gs in by_device.values()
+    ]
     return torch.linalg.vector_norm(torch.stack(partial))
 
 
