@@ -22,7 +22,7 @@ def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
         return torch.zeros((), dtype=torch.float32)
     device = grads[0].device
     if all(g.device == device for g in grads):
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads), 2, dtype=torch.float32)))
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
