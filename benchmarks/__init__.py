@@ -1,0 +1,1 @@
+"""Benchmarks for lightning_stability: ``python -m benchmarks`` (see docs/benchmarks.md)."""
