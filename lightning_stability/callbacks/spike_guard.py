@@ -282,56 +282,15 @@ class GradientSpikeGuard(StabilityCallback):
         opt = unwrap_optimizer(optimizer)
         index = _optimizer_index(trainer, opt)
         track = self._track(index)
-        step = trainer.global_step
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         loss, self._pending_loss = self._pending_loss, None
         if not grads:
             return
 
-        norm = global_grad_norm(grads)
-        device = norm.device
-        use_elements = self.theta is not None and track.armed and not self._in_reset_warmup(track, step)
-        # Fast path: the largest g^2 - theta v over all elements (three foreach passes). Only where it
-        # is positive can an element spike; then the exact count follows (see _count_spikes).
-        element_checks = use_elements and moment_family(opt) is not None
-        excess = torch.full((), -math.inf, device=device)
-        checked = 0
-        if element_checks:
-            for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
-                moments = second_moments(opt, [params[i] for i in chunk])
-                excess = torch.maximum(excess, max_spike_excess([grads[i] for i in chunk], moments, self.theta))  # type: ignore[arg-type]
-                checked += sum(grads[i].numel() for i, v in zip(chunk, moments) if v is not None)
-        zero = torch.zeros((), device=device)
-        local = torch.stack([
-            norm.float().reshape(()),
-            excess.float().reshape(()),
-            loss.to(device).float().reshape(()) if loss is not None else zero,
-            zero + (1.0 if loss is not None else 0.0),
-        ])
-        if trainer.world_size > 1:
-            # The guard's only collective: one all-gather of these four numbers, so every rank computes
-            # the same statistics from the same inputs and takes the same decision. After DDP's
-            # all-reduce the gradients agree; the loss does not, and a NaN loss on any one rank must
-            # make every rank skip. A gradient norm that differs between ranks means a rank's
-            # gradients were corrupted after the reduction: then only skipping keeps replicas equal.
-            gathered = trainer.strategy.all_gather(local).reshape(-1, 4)
-            stats_t = torch.stack([
-                gathered[:, 0].max(),  # max propagates NaN
-                gathered[:, 1].max(),
-                gathered[:, 2].sum(),
-                gathered[:, 3].sum(),
-                gathered[:, 0].min(),
-            ])
-        else:
-            stats_t = torch.cat([local, local[:1]])
-        # One device-to-host transfer per step: the decision needs these scalars on the host.
-        grad_norm, max_excess, loss_sum, loss_count, min_norm = stats_t.tolist()
-        ranks_disagree = grad_norm != min_norm and math.isfinite(grad_norm)
-        spike_count = self._count_spikes(trainer, opt, params, grads) if max_excess > 0 else 0.0
-        loss_value = loss_sum / loss_count if loss_count > 0 else None
-        if loss_value is not None:
-            loss_value /= _loss_scale(trainer)
+        grad_norm, spike_count, checked, loss_value, ranks_disagree = self._measure(
+            trainer, opt, track, params, grads, loss
+        )
 
         gb = track.grad_window.baseline()
         lb = track.loss_window.baseline()
@@ -394,6 +353,67 @@ class GradientSpikeGuard(StabilityCallback):
         rank_zero_warn(report)
 
     # -- detection and actions -------------------------------------------------------------------
+    def _measure(
+        self,
+        trainer: pl.Trainer,
+        opt: torch.optim.Optimizer,
+        track: _OptimizerTrack,
+        params: list[Tensor],
+        grads: list[Tensor],
+        loss: Tensor | None,
+    ) -> tuple[float, float, int, float | None, bool]:
+        """The step's statistics on the host, the same on every rank.
+
+        Returns the gradient norm, the spiking-element count, the number of elements checked, the
+        (unscaled, rank-averaged) loss or ``None``, and whether the ranks' gradient norms differ.
+        """
+        step = trainer.global_step
+        norm = global_grad_norm(grads)
+        device = norm.device
+        use_elements = self.theta is not None and track.armed and not self._in_reset_warmup(track, step)
+        # Fast path: the largest g^2 - theta v over all elements (three foreach passes). Only where it
+        # is positive can an element spike; then the exact count follows (see _count_spikes).
+        element_checks = use_elements and moment_family(opt) is not None
+        excess = torch.full((), -math.inf, device=device)
+        checked = 0
+        if element_checks:
+            for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
+                moments = second_moments(opt, [params[i] for i in chunk])
+                excess = torch.maximum(excess, max_spike_excess([grads[i] for i in chunk], moments, self.theta))  # type: ignore[arg-type]
+                checked += sum(grads[i].numel() for i, v in zip(chunk, moments) if v is not None)
+        zero = torch.zeros((), device=device)
+        local = torch.stack([
+            norm.float().reshape(()),
+            excess.float().reshape(()),
+            loss.to(device).float().reshape(()) if loss is not None else zero,
+            zero + (1.0 if loss is not None else 0.0),
+        ])
+        if trainer.world_size > 1:
+            # The guard's only collective: one all-gather of these four numbers, so every rank computes
+            # the same statistics from the same inputs and takes the same decision. After DDP's
+            # all-reduce the gradients agree; the loss does not, and a NaN loss on any one rank must
+            # make every rank skip. A gradient norm that differs between ranks means a rank's
+            # gradients were corrupted after the reduction: then only skipping keeps replicas equal.
+            gathered = trainer.strategy.all_gather(local).reshape(-1, 4)
+            stats_t = torch.stack([
+                gathered[:, 0].max(),  # max propagates NaN
+                gathered[:, 1].max(),
+                gathered[:, 2].sum(),
+                gathered[:, 3].sum(),
+                gathered[:, 0].min(),
+            ])
+        else:
+            stats_t = torch.cat([local, local[:1]])
+        # One device-to-host transfer per step: the decision needs these scalars on the host.
+        grad_norm, max_excess, loss_sum, loss_count, min_norm = stats_t.tolist()
+        ranks_disagree = grad_norm != min_norm and math.isfinite(grad_norm)
+        spike_count = self._count_spikes(trainer, opt, params, grads) if max_excess > 0 else 0.0
+        loss_value = loss_sum / loss_count if loss_count > 0 else None
+        if loss_value is not None:
+            loss_value /= _loss_scale(trainer)
+
+        return grad_norm, spike_count, checked, loss_value, ranks_disagree
+
     def _count_spikes(
         self, trainer: pl.Trainer, opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]
     ) -> float:
