@@ -428,3 +428,25 @@ def test_fp16_loss_scaler_overflows_are_not_detections(tmp_path):
     # the loss baseline holds unscaled losses (a character model starts near log(vocab) ~ 3.5)
     losses = guard._tracks[0].loss_window.values()
     assert 0.5 < float(losses.max()) < 5.0
+
+
+def test_incident_ends_with_a_recovered_event_after_cooldown(tmp_path):
+    trainer, _, guard = fit(tmp_path, 50, {40: ("grad_nan", None)}, guard=GradientSpikeGuard(cooldown=5))
+    events = [(e.step, e.kind, e.severity) for e in get_event_log(trainer) if e.kind != "armed"]
+    assert events == [(40, "nonfinite", "critical"), (45, "recovered", "info")]
+    assert guard._tracks[0].ladder.strikes == 0
+
+
+def test_theta_none_turns_element_checks_off(tmp_path):
+    class OneElement(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 45:
+                p = pl_module.blocks[0].mlp[0].weight
+                i = int(torch.argmax(second_moment(optimizer, p)))
+                p.grad.view(-1)[i] *= 300.0
+
+    for theta, expected in ((5000.0, ["element_spike"]), (None, [])):
+        model, loader = tiny_gpt(50)
+        trainer = make_trainer(tmp_path / str(theta), 50, [OneElement(), GradientSpikeGuard(theta=theta)])
+        trainer.fit(model, loader)
+        assert [e.kind for e in detections(trainer)] == expected
