@@ -37,6 +37,10 @@ DEFAULT_LADDER = ACTIONS
 # Element checks run over chunks of at most this many elements: the temporaries stay bounded
 # (two float32 copies of a chunk) on large models, and small models need a single chunk.
 CHUNK_NUMEL = 1 << 26
+# Before arming, a gradient norm this many times the median of the (at least this many) healthy
+# steps seen so far is a spike.
+PRE_ARM_RATIO = 100.0
+PRE_ARM_MIN_SAMPLES = 4
 _SEVERITY = {"nonfinite": "critical", "grad_spike": "warning", "loss_spike": "warning", "element_spike": "warning"}
 
 
@@ -95,7 +99,8 @@ class GradientSpikeGuard(StabilityCallback):
     4. **loss spikes**: the same robust rule on the loss (averaged over micro-batches and ranks).
 
     Flagged and non-finite values never enter the baselines. Detection is armed once ``warmup``
-    healthy steps are in the window.
+    healthy steps are in the window; before that, only a gradient norm 100 times the median of the
+    (at least 4) steps seen so far is a spike.
 
     Each detection is answered by a rung of ``ladder`` (default: clip, skip, reset_moments,
     lr_backoff, rollback, halt). A detection starts at the first rung that can repair it (``clip``
@@ -440,7 +445,12 @@ class GradientSpikeGuard(StabilityCallback):
         if not math.isfinite(stats["grad_norm"]) or (loss is not None and not math.isfinite(loss)):
             return "nonfinite"
         if not track.armed:
-            return None
+            # Before the baselines are trustworthy only a wild outlier is called a spike, so even the
+            # first steps never apply a gradient hundreds of times larger than any seen so far.
+            wild = len(track.grad_window) >= PRE_ARM_MIN_SAMPLES and stats["grad_ratio"] >= PRE_ARM_RATIO
+            if wild:
+                stats["grad_spike"] = 1.0
+            return "grad_spike" if wild else None
         fired = []
         if stats["grad_zscore"] >= self.grad_zscore and stats["grad_ratio"] >= self.grad_ratio:
             fired.append("grad_spike")

@@ -450,3 +450,10 @@ def test_theta_none_turns_element_checks_off(tmp_path):
         trainer = make_trainer(tmp_path / str(theta), 50, [OneElement(), GradientSpikeGuard(theta=theta)])
         trainer.fit(model, loader)
         assert [e.kind for e in detections(trainer)] == expected
+
+
+@pytest.mark.parametrize(("factor", "expected"), [(1000.0, [(10, "grad_spike", "clip")]), (10.0, [])])
+def test_before_arming_only_a_wild_gradient_is_a_spike(tmp_path, factor, expected):
+    trainer, model, guard = fit(tmp_path, 15, {10: ("grad_scale", factor)})
+    assert not guard._tracks[0].armed
+    assert [(e.step, e.kind, e.action) for e in detections(trainer)] == expected
