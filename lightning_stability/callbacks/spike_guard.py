@@ -122,7 +122,8 @@ class GradientSpikeGuard(StabilityCallback):
     ``halt``                  skip, save a checkpoint and stop the fit with a report
     ========================  ================================================================
 
-    Non-finite gradients are never applied, whatever the ladder says.
+    Non-finite gradients are never applied, whatever the ladder says. Under fp16 AMP, gradients that
+    overflow while the loss is finite are left to the loss scaler (an ``info`` event ``amp_overflow``).
 
     Logged metrics (every step, written at the logger's cadence):
 
