@@ -145,7 +145,8 @@ class GradientSpikeGuard(StabilityCallback):
         trainer = pl.Trainer(callbacks=[GradientSpikeGuard()])
 
     Manual optimization works the same: the check runs inside each ``optimizer.step()`` call, and the
-    loss is the sum of the losses passed to ``manual_backward`` since that optimizer's previous step.
+    loss is the sum of the losses passed to ``manual_backward`` since the previous step of any
+    optimizer (step each optimizer right after its own backward).
     With several optimizers, each has its own baselines and ladder.
 
     Args:
@@ -211,6 +212,7 @@ class GradientSpikeGuard(StabilityCallback):
         self._tracks: dict[int, _OptimizerTrack] = {}
         self._pending_loss: Tensor | None = None
         self._halt_report: str | None = None
+        self._halted = False
         self.halt_report: str | None = None
         self._hooks: list[Any] = []
         self._warned_norm_only: set[str] = set()
@@ -243,11 +245,22 @@ class GradientSpikeGuard(StabilityCallback):
 
     # -- hooks -----------------------------------------------------------------------------------
     @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            # A new fit starts from a clean slate (a checkpoint, if any, is restored after setup):
+            # baselines, back-offs and warm-ups of an earlier fit belong to another run.
+            self._tracks = {}
+            self._counts = {}
+            self.halt_report = None
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
+        self._remove_hooks(trainer)
         self._trainer_ref = weakref.ref(trainer)
         self._pending_loss = None
         self._halt_report = None
+        self._halted = False
         for index, optimizer in enumerate(trainer.optimizers):
             opt = unwrap_optimizer(optimizer)
             self._hooks.append(opt.register_step_pre_hook(self._make_lr_pre_hook(index)))
@@ -263,16 +276,19 @@ class GradientSpikeGuard(StabilityCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks()
+        self._remove_hooks(trainer)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks()
+        self._remove_hooks(trainer)
 
-    def _remove_hooks(self) -> None:
+    def _remove_hooks(self, trainer: pl.Trainer) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        # An exception inside optimizer.step(closure) skips the post-hook: put the scheduler's LR back.
+        for optimizer in trainer.optimizers:
+            restore_lr(unwrap_optimizer(optimizer))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -292,6 +308,12 @@ class GradientSpikeGuard(StabilityCallback):
         grads = [p.grad for p in params]
         loss, self._pending_loss = self._pending_loss, None
         if not grads:
+            return
+        if self._halted:
+            # Lightning keeps going until min_steps/min_epochs are met; nothing more is applied.
+            for p in params:
+                p.grad = None
+            trainer.should_stop = True
             return
 
         grad_norm, spike_count, checked, loss_value, ranks_disagree = self._measure(
@@ -314,7 +336,7 @@ class GradientSpikeGuard(StabilityCallback):
 
         detection = self._detect(track, stats, loss_value)
         log = self.event_log(trainer)
-        if detection == "nonfinite" and _grad_scaler(trainer) is not None and _finite(loss_value):
+        if detection == "nonfinite" and _finite(loss_value) and _scaler_skips(trainer, opt):
             # fp16 AMP: overflowing gradients with a finite loss are the loss scaler's business. It
             # skips this step and lowers its scale; not a detection, and no strike on the ladder.
             self._emit(trainer, "amp_overflow", "info", stats, "skip")
@@ -350,8 +372,9 @@ class GradientSpikeGuard(StabilityCallback):
         ckpt_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
         path = os.path.join(ckpt_dir, f"stability-halt-step={trainer.global_step}.ckpt")
         trainer.save_checkpoint(path)
-        report += f" A checkpoint of the state before the halted step is at {path}."
+        report += f" A checkpoint of the state after the skipped step is at {path}."
         self.halt_report = report
+        self._halted = True
         self._emit(trainer, "halt", "critical", {}, "halt")
         trainer.should_stop = True
         if self.on_halt == "raise":
@@ -577,6 +600,20 @@ def _grad_scaler(trainer: pl.Trainer) -> Any:
     if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
         return None
     return scaler
+
+
+def _scaler_skips(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> bool:
+    """Has the AMP loss scaler found an inf for this optimizer, so that it will skip the step itself?
+
+    It decides in ``unscale_``, before ``on_before_optimizer_step``: a NaN that appears later, or a
+    finite gradient whose norm overflows float32, is not seen by it and must be handled here.
+    """
+    scaler = _grad_scaler(trainer)
+    if scaler is None:
+        return False
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {})
+    found = state.get("found_inf_per_device", {})
+    return any(float(t.sum()) > 0 for t in found.values())
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:

@@ -457,3 +457,55 @@ def test_before_arming_only_a_wild_gradient_is_a_spike(tmp_path, factor, expecte
     trainer, model, guard = fit(tmp_path, 15, {10: ("grad_scale", factor)})
     assert not guard._tracks[0].armed
     assert [(e.step, e.kind, e.action) for e in detections(trainer)] == expected
+
+
+def test_fp16_nan_appearing_after_the_scaler_looked_is_still_skipped(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    # the injector poisons the gradient after the scaler's unscale_: the scaler will not skip it
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    model, loader = tiny_gpt(45)
+    trainer = make_trainer(tmp_path, 45, [FaultInjector({40: ("grad_nan", None)}), GradientSpikeGuard()],
+                           plugins=[plugin])
+    trainer.fit(model, loader)
+    assert [(e.step, e.kind, e.action) for e in detections(trainer)] == [(40, "nonfinite", "skip")]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_exception_mid_step_leaves_the_schedulers_lr_behind(tmp_path):
+    model, loader = tiny_gpt(60)
+    original = model.training_step
+
+    def training_step(batch, batch_idx):
+        if model.global_step == 35:
+            raise RuntimeError("boom")
+        return original(batch, batch_idx)
+
+    model.training_step = training_step
+    guard = GradientSpikeGuard(ladder=("lr_backoff",), lr_backoff_factor=0.1)
+    trainer = make_trainer(tmp_path, 60, [FaultInjector({33: ("grad_scale", 1000.0)}), guard])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(model, loader)  # raised inside optimizer.step(closure), between pre- and post-hook
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(sched.get_last_lr()[0])
+
+
+def test_a_guard_reused_for_a_new_fit_starts_from_a_clean_slate(tmp_path):
+    guard = GradientSpikeGuard(ladder=("lr_backoff",), lr_backoff_steps=200)
+    fit(tmp_path / "a", 45, {40: ("grad_scale", 1000.0)}, guard=guard)
+    assert guard._tracks[0].backoff_until > 45
+    probe = Probe(0)
+    trainer, _, _ = fit(tmp_path / "b", 5, guard=guard, extra=[probe])
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert probe.lrs[0][0] == pytest.approx(sched.base_lrs[0] * sched.lr_lambdas[0](0))  # no back-off carried over
+    assert not guard._tracks[0].armed and detections(trainer) == []
+
+
+def test_halt_applies_nothing_more_even_when_min_steps_keeps_lightning_going(tmp_path):
+    guard = GradientSpikeGuard(ladder=("halt",))
+    trainer, model, _ = fit(tmp_path, 80, {40: ("grad_scale", 1000.0)}, guard=guard, min_steps=60)
+    ckpt = torch.load(os.path.join(tmp_path, "checkpoints", "stability-halt-step=41.ckpt"), weights_only=False)
+    assert trainer.global_step >= 60  # Lightning refused to stop before its minimums
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, ckpt["state_dict"][name]), name
+    assert len(get_event_log(trainer).filter(kind="halt")) == 1
