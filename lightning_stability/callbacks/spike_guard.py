@@ -403,38 +403,42 @@ class GradientSpikeGuard(StabilityCallback):
         # Fast path: the largest g^2 - theta v over all elements (three foreach passes). Only where it
         # is positive can an element spike; then the exact count follows (see _count_spikes).
         element_checks = use_elements and moment_family(opt) is not None
-        excess = torch.full((), -math.inf, device=device)
+        excesses: list[Tensor] = []
         checked = 0
         if element_checks:
             for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
                 moments = second_moments(opt, [params[i] for i in chunk])
-                excess = torch.maximum(excess, max_spike_excess([grads[i] for i in chunk], moments, self.theta))  # type: ignore[arg-type]
+                excesses.append(max_spike_excess([grads[i] for i in chunk], moments, self.theta))  # type: ignore[arg-type]
                 checked += sum(grads[i].numel() for i, v in zip(chunk, moments) if v is not None)
-        zero = torch.zeros((), device=device)
-        local = torch.stack([
-            norm.float().reshape(()),
-            excess.float().reshape(()),
-            loss.to(device).float().reshape(()) if loss is not None else zero,
-            zero + (1.0 if loss is not None else 0.0),
-        ])
+        excess = excesses[0] if len(excesses) == 1 else torch.stack(excesses).max() if excesses else None
         if trainer.world_size > 1:
-            # The guard's only collective: one all-gather of these four numbers, so every rank computes
-            # the same statistics from the same inputs and takes the same decision. After DDP's
-            # all-reduce the gradients agree; the loss does not, and a NaN loss on any one rank must
-            # make every rank skip. A gradient norm that differs between ranks means a rank's
-            # gradients were corrupted after the reduction: then only skipping keeps replicas equal.
+            # The guard's only collective: one all-gather of four numbers, so every rank computes the
+            # same statistics from the same inputs and takes the same decision. After DDP's all-reduce
+            # the gradients agree; the loss does not, and a NaN loss on any one rank must make every
+            # rank skip. A gradient norm that differs between ranks means a rank's gradients were
+            # corrupted after the reduction: then only skipping keeps replicas equal.
+            zero = torch.zeros((), device=device)
+            local = torch.stack([
+                norm,
+                excess.to(device) if excess is not None else zero - math.inf,
+                loss.to(device) if loss is not None else zero,
+                zero + (1.0 if loss is not None else 0.0),
+            ])
             gathered = trainer.strategy.all_gather(local).reshape(-1, 4)
-            stats_t = torch.stack([
+            grad_norm, max_excess, loss_sum, loss_count, min_norm = torch.stack([
                 gathered[:, 0].max(),  # max propagates NaN
                 gathered[:, 1].max(),
                 gathered[:, 2].sum(),
                 gathered[:, 3].sum(),
                 gathered[:, 0].min(),
-            ])
+            ]).tolist()
         else:
-            stats_t = torch.cat([local, local[:1]])
-        # One device-to-host transfer per step: the decision needs these scalars on the host.
-        grad_norm, max_excess, loss_sum, loss_count, min_norm = stats_t.tolist()
+            # One device-to-host transfer per step: the decision needs these scalars on the host.
+            # (A placeholder fills the slots that are absent; the host knows which they are.)
+            values = torch.stack([norm, norm if excess is None else excess, norm if loss is None else loss]).tolist()
+            grad_norm = min_norm = values[0]
+            max_excess = values[1] if excess is not None else -math.inf
+            loss_sum, loss_count = (values[2], 1.0) if loss is not None else (0.0, 0.0)
         ranks_disagree = grad_norm != min_norm and math.isfinite(grad_norm)
         spike_count = self._count_spikes(trainer, opt, params, grads) if max_excess > 0 else 0.0
         loss_value = loss_sum / loss_count if loss_count > 0 else None

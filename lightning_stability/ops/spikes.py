@@ -85,11 +85,14 @@ def max_spike_excess(grads: Sequence[Tensor], second_moments: Sequence[Tensor | 
     pairs = [(g, v) for g, v in zip(grads, second_moments) if v is not None]
     if not pairs:
         return torch.full((), -math.inf, device=grads[0].device if grads else None)
-    gs = [g.float() for g, _ in pairs]
+    gs = [g if g.dtype == torch.float32 else g.float() for g, _ in pairs]
     excess = torch._foreach_mul(gs, gs)
-    torch._foreach_add_(excess, [v.float() for _, v in pairs], alpha=-theta)
+    torch._foreach_add_(excess, [v if v.dtype == torch.float32 else v.float() for _, v in pairs], alpha=-theta)
+    maxima = list(torch._foreach_max(excess))
     device = pairs[0][0].device
-    return torch.stack([m.to(device) for m in torch._foreach_max(excess)]).max()
+    if any(m.device != device for m in maxima):
+        maxima = [m.to(device) for m in maxima]
+    return torch.stack(maxima).max()
 
 
 def chunk_by_numel(items: Sequence[Tensor], budget: int) -> list[list[int]]:
