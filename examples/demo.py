@@ -1,6 +1,6 @@
 """Train a tiny GPT on CPU with the stability callbacks, inject a few faults, and show what was done.
 
-    python examples/demo.py                 # about a minute on a laptop CPU
+    python examples/demo.py                 # about 15 seconds on a laptop CPU
     python examples/demo.py --no-faults     # a clean run: the guard should stay silent
     tensorboard --logdir runs/demo          # the curves
 
