@@ -31,6 +31,7 @@ from lightning_stability.ops.spikes import (
     count_element_spikes,
     global_grad_norm,
     max_spike_excess,
+    scale_grads_,
 )
 
 DEFAULT_LADDER = ACTIONS
@@ -515,7 +516,7 @@ class GradientSpikeGuard(StabilityCallback):
             if detection == "grad_spike" and math.isfinite(gb.median) and gb.median > 0:
                 # rescale the global norm to the baseline (after the element clip, if any)
                 factor = torch.clamp(gb.median / global_grad_norm(grads).clamp_min(1e-12), max=1.0)
-                torch._foreach_mul_(grads, factor.to(grads[0].device))
+                scale_grads_(grads, factor.to(grads[0].device))
             return
         for p in params:  # every rung above clip skips the step
             p.grad = None

@@ -21,8 +21,6 @@ def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
     if len(grads) == 0:
         return torch.zeros((), dtype=torch.float32)
     device = grads[0].device
-    if all(g.device == device for g in grads):
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads), 2, dtype=torch.float32)))
     by_device: dict[torch.device, list[Tensor]] = {}
     for g in grads:
         by_device.setdefault(g.device, []).append(g)
@@ -30,7 +28,7 @@ def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
         torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float32))).to(device)
         for gs in by_device.values()
     ]
-    return torch.linalg.vector_norm(torch.stack(partial))
+    return partial[0] if len(partial) == 1 else torch.linalg.vector_norm(torch.stack(partial))
 
 
 @torch.no_grad()
@@ -125,16 +123,7 @@ def clip_element_spikes_(
 
 
 @torch.no_grad()
-def scale_grads_(grads: Sequence[Tensor], factor: float) -> None:
-    """In place: multiply every gradient by ``factor``."""
+def scale_grads_(grads: Sequence[Tensor], factor: float | Tensor) -> None:
+    """In place: multiply every gradient by ``factor`` (a float, or a scalar tensor on their device)."""
     if grads:
         torch._foreach_mul_(list(grads), factor)
-
-
-@torch.no_grad()
-def any_nonfinite(values: Sequence[Tensor]) -> Tensor:
-    """A boolean device tensor: is any element of any tensor NaN or infinite?"""
-    flags = [~torch.isfinite(v).all() for v in values]
-    if not flags:
-        return torch.zeros((), dtype=torch.bool)
-    return torch.stack(flags).any()
