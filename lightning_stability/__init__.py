@@ -4,7 +4,12 @@
 TensorBoard; those load only when a component that needs them is used.
 """
 
-from lightning_stability.callbacks.spike_guard import GradientSpikeGuard, TrainingHalted
+from lightning_stability.callbacks import (
+    GradientSpikeGuard,
+    InMemoryRollback,
+    TrainingHalted,
+    read_quarantine,
+)
 from lightning_stability.events import EventLog, StabilityEvent, get_event_log, read_events
 
 __version__ = "0.1.0"
@@ -12,9 +17,11 @@ __version__ = "0.1.0"
 __all__ = [
     "EventLog",
     "GradientSpikeGuard",
+    "InMemoryRollback",
     "StabilityEvent",
     "TrainingHalted",
     "__version__",
     "get_event_log",
     "read_events",
+    "read_quarantine",
 ]

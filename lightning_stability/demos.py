@@ -169,13 +169,15 @@ class FaultInjector(pl.Callback):
     - ``("grad_sparse", factor)``: multiply 1% of the elements of every gradient by ``factor``;
     - ``("grad_nan", None)``: put a NaN into one gradient;
     - ``("loss_nan", None)``: make the batch produce a NaN loss (its inputs hit a NaN embedding row);
-    - ``("labels_shuffle", None)``: replace the batch's targets by random tokens (a corrupted batch).
+    - ``("labels_shuffle", None)``: replace the batch's targets by random tokens (a corrupted batch);
+    - ``("weight_nan", None)``: write a NaN into a weight before the step's forward (corrupted state:
+      every later loss is NaN until the weight is restored).
 
     Place it before the guard in ``callbacks`` so the guard sees the fault.
     """
 
     GRAD_KINDS = ("grad_scale", "grad_sparse", "grad_nan")
-    BATCH_KINDS = ("loss_nan", "labels_shuffle")
+    BATCH_KINDS = ("loss_nan", "labels_shuffle", "weight_nan")
 
     def __init__(self, faults: Mapping[int, tuple[str, float | None]], seed: int = 0) -> None:
         for step, (kind, _) in faults.items():
@@ -197,6 +199,9 @@ class FaultInjector(pl.Callback):
             g = torch.Generator().manual_seed(self.seed + trainer.global_step)
             vocab = int(batch["targets"].max()) + 1
             batch["targets"].copy_(torch.randint(0, vocab, batch["targets"].shape, generator=g))
+        elif fault[0] == "weight_nan":
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
         else:
             # a NaN loss for this batch only: the model's output is poisoned until the batch ends
             self._nan_hook = pl_module.register_forward_hook(lambda m, a, out: out + float("nan"))

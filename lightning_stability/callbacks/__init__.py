@@ -1,5 +1,7 @@
 """Lightning callbacks: thin adapters from Lightning hooks to the math in ``lightning_stability.ops``."""
 
-from lightning_stability.callbacks.spike_guard import GradientSpikeGuard, TrainingHalted
+from lightning_stability.callbacks._base import TrainingHalted
+from lightning_stability.callbacks.rollback import InMemoryRollback, read_quarantine
+from lightning_stability.callbacks.spike_guard import GradientSpikeGuard
 
-__all__ = ["GradientSpikeGuard", "TrainingHalted"]
+__all__ = ["GradientSpikeGuard", "InMemoryRollback", "TrainingHalted", "read_quarantine"]

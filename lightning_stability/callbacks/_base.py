@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +13,10 @@ from typing_extensions import override
 from lightning_stability.events import EventLog, get_event_log
 
 EVENTS_CHECKPOINT_KEY = "lightning_stability_events"
+
+
+class TrainingHalted(RuntimeError):
+    """Raised by a stability callback with ``on_halt="raise"`` when it stops training (after saving a checkpoint)."""
 
 
 class StabilityCallback(Callback):
@@ -63,3 +69,35 @@ class StabilityCallback(Callback):
     ) -> None:
         if EVENTS_CHECKPOINT_KEY in checkpoint:
             self.event_log(trainer).load_state_dict(checkpoint[EVENTS_CHECKPOINT_KEY])
+
+    # -- snapshots (InMemoryRollback) ------------------------------------------------------------
+    def snapshot_state(self) -> dict[str, Any]:
+        """What :class:`InMemoryRollback` keeps of this callback in a snapshot (a deep copy of its state)."""
+        return copy.deepcopy(self.state_dict())
+
+    def restore_snapshot_state(self, state: dict[str, Any]) -> None:
+        """Go back to a snapshot's state; override to keep records (counts, reports) that must not rewind."""
+        self.load_state_dict(copy.deepcopy(state))
+
+
+def is_logging_step(trainer: pl.Trainer) -> bool:
+    # LightningModule.log costs ~0.1 ms a key; call it only where the logger will write, as
+    # Lightning decides it (its logger connector), and on steps with a detection.
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(connector.should_update_logs) if connector is not None else True
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}({name}={value!r}): expected an int >= {minimum}")
+    if value < minimum:
+        raise ValueError(f"{owner}({name}={value!r}): expected an int >= {minimum}")
+    return value
+
+
+def check_positive(owner: str, name: str, value: Any, above: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}({name}={value!r}): expected a finite float > {above}")
+    if not math.isfinite(value) or value <= above:
+        raise ValueError(f"{owner}({name}={value!r}): expected a finite float > {above}")
+    return float(value)

@@ -14,7 +14,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_stability.callbacks._base import StabilityCallback
+from lightning_stability.callbacks._base import (
+    StabilityCallback,
+    TrainingHalted,
+    check_int,
+    check_positive,
+    is_logging_step,
+)
 from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
 from lightning_stability.ops.lr import restore_lr, scale_lr_for_step
 from lightning_stability.ops.optim_state import (
@@ -43,10 +49,6 @@ CHUNK_NUMEL = 1 << 26
 PRE_ARM_RATIO = 100.0
 PRE_ARM_MIN_SAMPLES = 4
 _SEVERITY = {"nonfinite": "critical", "grad_spike": "warning", "loss_spike": "warning", "element_spike": "warning"}
-
-
-class TrainingHalted(RuntimeError):
-    """Raised by :class:`GradientSpikeGuard` with ``on_halt="raise"`` when its ladder reaches ``halt``."""
 
 
 class _OptimizerTrack:
@@ -187,25 +189,25 @@ class GradientSpikeGuard(StabilityCallback):
     ) -> None:
         super().__init__(name)
         cls = type(self).__name__
-        self.window = _check_int(cls, "window", window, 2)
-        self.warmup = _check_int(cls, "warmup", warmup, 1)
+        self.window = check_int(cls, "window", window, 2)
+        self.warmup = check_int(cls, "warmup", warmup, 1)
         if self.warmup > self.window:
             raise ValueError(f"{cls}(warmup={warmup!r}): expected at most window={window}")
-        self.grad_zscore = _check_positive(cls, "grad_zscore", grad_zscore)
-        self.grad_ratio = _check_positive(cls, "grad_ratio", grad_ratio, above=1.0)
-        self.loss_zscore = _check_positive(cls, "loss_zscore", loss_zscore)
-        self.loss_ratio = _check_positive(cls, "loss_ratio", loss_ratio, above=1.0)
-        self.theta = None if theta is None else _check_positive(cls, "theta", theta)
+        self.grad_zscore = check_positive(cls, "grad_zscore", grad_zscore)
+        self.grad_ratio = check_positive(cls, "grad_ratio", grad_ratio, above=1.0)
+        self.loss_zscore = check_positive(cls, "loss_zscore", loss_zscore)
+        self.loss_ratio = check_positive(cls, "loss_ratio", loss_ratio, above=1.0)
+        self.theta = None if theta is None else check_positive(cls, "theta", theta)
         self.ladder = validate_ladder(ladder, f"{cls}(ladder)")
-        self.patience = _check_int(cls, "patience", patience, 1)
-        self.cooldown = _check_int(cls, "cooldown", cooldown, 1)
-        self.reset_warmup = _check_int(cls, "reset_warmup", reset_warmup, 1)
+        self.patience = check_int(cls, "patience", patience, 1)
+        self.cooldown = check_int(cls, "cooldown", cooldown, 1)
+        self.reset_warmup = check_int(cls, "reset_warmup", reset_warmup, 1)
         if isinstance(lr_backoff_factor, bool) or not isinstance(lr_backoff_factor, (int, float)):
             raise TypeError(f"{cls}(lr_backoff_factor={lr_backoff_factor!r}): expected a float in (0, 1)")
         if not 0.0 < lr_backoff_factor < 1.0:
             raise ValueError(f"{cls}(lr_backoff_factor={lr_backoff_factor!r}): expected a float in (0, 1)")
         self.lr_backoff_factor = float(lr_backoff_factor)
-        self.lr_backoff_steps = _check_int(cls, "lr_backoff_steps", lr_backoff_steps, 1)
+        self.lr_backoff_steps = check_int(cls, "lr_backoff_steps", lr_backoff_steps, 1)
         if on_halt not in ("stop", "raise"):
             raise ValueError(f"{cls}(on_halt={on_halt!r}): expected 'stop' or 'raise'")
         self.on_halt = on_halt
@@ -238,6 +240,13 @@ class GradientSpikeGuard(StabilityCallback):
             self._tracks[int(i)] = track
         self.halt_report = state_dict.get("halt_report")
         self._counts = {str(k): int(v) for k, v in dict(state_dict.get("counts", {})).items()}
+
+    @override
+    def restore_snapshot_state(self, state: dict[str, Any]) -> None:
+        # Baselines, ladders and back-offs go back with the model; the record of events does not.
+        counts, report = self._counts, self.halt_report
+        super().restore_snapshot_state(state)
+        self._counts, self.halt_report = counts, report
 
     def _track(self, index: int) -> _OptimizerTrack:
         if index not in self._tracks:
@@ -360,7 +369,7 @@ class GradientSpikeGuard(StabilityCallback):
             severity = "critical" if action in ("rollback", "halt") else _SEVERITY[detection]
             self._emit(trainer, detection, severity, stats, action)
 
-        if detection is not None or _is_logging_step(trainer):
+        if detection is not None or is_logging_step(trainer):
             self._log_metrics(pl_module, index, stats)
 
     @override
@@ -585,11 +594,6 @@ class GradientSpikeGuard(StabilityCallback):
         self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action)
 
 
-def _is_logging_step(trainer: pl.Trainer) -> bool:
-    # LightningModule.log costs ~0.1 ms a key; call it only where the logger will write, as
-    # Lightning decides it (its logger connector), and on steps with a detection.
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(connector.should_update_logs) if connector is not None else True
 
 
 def _optimizer_index(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> int:
@@ -632,19 +636,3 @@ def _loss_scale(trainer: pl.Trainer) -> float:
 
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
-
-
-def _check_int(owner: str, name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}({name}={value!r}): expected an int >= {minimum}")
-    if value < minimum:
-        raise ValueError(f"{owner}({name}={value!r}): expected an int >= {minimum}")
-    return value
-
-
-def _check_positive(owner: str, name: str, value: Any, above: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}({name}={value!r}): expected a finite float > {above}")
-    if not math.isfinite(value) or value <= above:
-        raise ValueError(f"{owner}({name}={value!r}): expected a finite float > {above}")
-    return float(value)

@@ -1,0 +1,381 @@
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_stability import (
+    GradientSpikeGuard,
+    InMemoryRollback,
+    TrainingHalted,
+    get_event_log,
+    read_quarantine,
+)
+from lightning_stability.demos import FaultInjector
+from tests.conftest import make_trainer, tiny_gpt
+
+
+def events(trainer: pl.Trainer, kind: str) -> list:
+    return [e for e in get_event_log(trainer) if e.kind == kind]
+
+
+def training_state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+    """A deep copy of everything a rollback must bring back, for bit-for-bit comparison."""
+    opt = trainer.optimizers[0]
+    return {
+        "weights": [p.detach().clone() for p in pl_module.parameters()],
+        "param_ids": [id(p) for p in pl_module.parameters()],
+        "opt_state": [
+            {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+            for g in opt.param_groups for p in g["params"]
+        ],
+        "opt_state_ids": [{k: id(v) for k, v in opt.state[p].items()} for g in opt.param_groups for p in g["params"]],
+        "lr": [g["lr"] for g in opt.param_groups],
+        "scheduler_epoch": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+        "torch_rng": torch.get_rng_state(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+        "python_rng": random.getstate(),
+    }
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert len(a["weights"]) == len(b["weights"])
+    for x, y in zip(a["weights"], b["weights"]):
+        assert torch.equal(x, y)
+    assert len(a["opt_state"]) == len(b["opt_state"])
+    for sa, sb in zip(a["opt_state"], b["opt_state"]):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if isinstance(sa[k], torch.Tensor):
+                assert torch.equal(sa[k], sb[k]), k
+            else:
+                assert sa[k] == sb[k], k
+    assert a["lr"] == b["lr"]
+    assert a["scheduler_epoch"] == b["scheduler_epoch"]
+    assert torch.equal(a["torch_rng"], b["torch_rng"])
+    assert np.array_equal(a["numpy_rng"], b["numpy_rng"])
+    assert a["python_rng"] == b["python_rng"]
+
+
+class StateProbe(pl.Callback):
+    """Records the training state at the end of chosen steps, and right after each rollback.
+
+    Attach it after ``InMemoryRollback``: its ``on_train_batch_end`` then sees the state the
+    rollback left behind.
+    """
+
+    def __init__(self, at_steps: tuple[int, ...] = ()) -> None:
+        self.at_steps = at_steps
+        self.states: dict[int, dict[str, Any]] = {}
+        self.after_rollback: list[dict[str, Any]] = []
+        self.losses: dict[int, float] = {}
+        self.batch_ids: dict[int, list[int]] = {}
+        self._seen = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batch_ids[trainer.global_step] = batch["index"].tolist()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"])
+        if trainer.global_step in self.at_steps:
+            self.states[trainer.global_step] = training_state(trainer, pl_module)
+        rollbacks = events(trainer, "rollback")
+        if len(rollbacks) > self._seen:
+            self._seen = len(rollbacks)
+            self.after_rollback.append(training_state(trainer, pl_module))
+
+
+def fit(tmp_path, steps, rollback, faults=None, guard=None, optimizer="adamw", probe=None, seed=0, **kw):
+    model, loader = tiny_gpt(steps, optimizer=optimizer, seed=seed)
+    callbacks = [FaultInjector(faults or {})]
+    if guard is not None:
+        callbacks.append(guard)
+    callbacks.append(rollback)
+    if probe is not None:
+        callbacks.append(probe)
+    trainer = make_trainer(tmp_path, steps, callbacks, **kw)
+    trainer.fit(model, loader)
+    return trainer, model
+
+
+# -- restoring -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_nan_weight_is_undone_bit_for_bit(tmp_path, optimizer):
+    probe = StateProbe(at_steps=(20,))
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    trainer, model = fit(tmp_path, 80, rollback, {25: ("weight_nan", None)}, optimizer=optimizer, probe=probe)
+
+    [record] = rollback.rollbacks
+    assert record["restored_step"] == 20 and record["step"] == 26 and record["reason"] == "nonfinite_loss"
+    [after] = probe.after_rollback
+    before = probe.states[20]
+    assert_same_state(before, after)
+    # in place: the optimizer, DDP and hooks keep their references
+    assert after["param_ids"] == before["param_ids"]
+    assert after["opt_state_ids"] == before["opt_state_ids"]
+    if optimizer == "adamw8bit":
+        assert any(s["state1"].dtype == torch.uint8 for s in after["opt_state"] if "state1" in s)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert trainer.global_step == 80
+
+
+def test_run_after_rollback_ends_close_to_a_clean_run(tmp_path):
+    clean_probe, probe = StateProbe(), StateProbe()
+    fit(tmp_path / "clean", 150, InMemoryRollback(every_n_steps=10, commit_after=3), probe=clean_probe)
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    fit(tmp_path / "fault", 150, rollback, {45: ("weight_nan", None)}, probe=probe)
+    assert len(rollback.rollbacks) == 1
+    tail = range(131, 151)
+    clean = np.mean([clean_probe.losses[s] for s in tail])
+    faulty = np.mean([probe.losses[s] for s in tail])
+    assert np.isfinite(faulty)
+    assert abs(faulty - clean) / clean < 0.05, (faulty, clean)
+    first = np.mean([clean_probe.losses[s] for s in range(1, 11)])
+    assert faulty < 0.9 * first  # it kept learning after the rollback
+
+
+def test_snapshot_taken_during_a_spike_is_never_used(tmp_path):
+    # Snapshots at 30 (committed at 33) and 40; gradient spikes at 41 and 42 fall in the probation of
+    # the snapshot at 40, so the NaN at 46 must go back to 30, not 40.
+    guard = GradientSpikeGuard(warmup=8, theta=None)
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=5)
+    probe = StateProbe(at_steps=(30, 40))
+    faults = {41: ("grad_scale", 1e4), 42: ("grad_scale", 1e4), 46: ("weight_nan", None)}
+    trainer, model = fit(tmp_path, 60, rollback, faults, guard=guard, probe=probe)
+
+    assert [e.metrics["snapshot_step"] for e in events(trainer, "snapshot_discarded")] == [40.0]
+    assert [r["restored_step"] for r in rollback.rollbacks] == [30]
+    assert_same_state(probe.states[30], probe.after_rollback[0])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_snapshot_is_postponed_while_a_step_is_in_trouble(tmp_path):
+    guard = GradientSpikeGuard(warmup=8, theta=None)
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    trainer, _ = fit(tmp_path, 45, rollback, {39: ("grad_scale", 1e4)}, guard=guard)
+    # the step ending at 40 had a spike: the snapshot waits for the next healthy step
+    assert [e.step for e in events(trainer, "snapshot")] == [0, 10, 20, 30, 41]
+
+
+def test_guard_ladder_asks_for_rollback(tmp_path):
+    guard = GradientSpikeGuard(warmup=8, theta=None, ladder=("rollback", "halt"))
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    probe = StateProbe(at_steps=(30,))
+    trainer, _ = fit(tmp_path, 45, rollback, {33: ("grad_scale", 1e4)}, guard=guard, probe=probe)
+    [detection] = [e for e in get_event_log(trainer) if e.source == "GradientSpikeGuard" and e.action]
+    assert detection.kind == "grad_spike" and detection.action == "rollback"
+    assert rollback.rollbacks[0]["restored_step"] == 30
+    assert rollback.rollbacks[0]["reason"].startswith("grad_spike")
+    assert_same_state(probe.states[30], probe.after_rollback[0])
+
+
+def test_without_a_rollback_responder_the_guard_skips_the_rung(tmp_path):
+    guard = GradientSpikeGuard(warmup=8, theta=None, ladder=("rollback", "skip"))
+    trainer, _ = fit(tmp_path, 40, InMemoryRollback(every_n_steps=10, commit_after=3), guard=guard)
+    assert get_event_log(trainer).has_responder("rollback") is False  # unregistered at teardown
+
+
+class Requester(pl.Callback):
+    """Any component can ask for a rollback through the event log."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            get_event_log(trainer).emit(trainer.global_step, "my_check", "MyMonitor", "critical", {}, "rollback")
+            for p in pl_module.parameters():
+                p.grad = None
+
+
+def test_any_component_can_request_a_rollback(tmp_path):
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    model, loader = tiny_gpt(30)
+    trainer = make_trainer(tmp_path, 30, [Requester(24), rollback])
+    trainer.fit(model, loader)
+    [record] = rollback.rollbacks
+    assert record == {"step": 25, "restored_step": 20, "reason": "my_check (from MyMonitor)", "lost_steps": 5,
+                      "quarantined": 5}
+
+
+def test_nonfinite_loss_without_a_good_snapshot_skips_the_step(tmp_path):
+    # a NaN loss at step 2: nothing is committed yet, but the step must still not reach the weights
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=5)
+    trainer, model = fit(tmp_path, 12, rollback, {2: ("loss_nan", None)})
+    assert [e.step for e in events(trainer, "rollback_unavailable")] == [3]
+    assert rollback.rollbacks == []
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -- quarantine ------------------------------------------------------------------------------------
+def test_quarantine_lists_the_discarded_batches(tmp_path):
+    probe = StateProbe()
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    trainer, _ = fit(tmp_path, 40, rollback, {27: ("weight_nan", None)}, probe=probe,
+                     logger=CSVLogger(tmp_path, name="run"))
+    run_dir = trainer.log_dir
+    with open(os.path.join(run_dir, "quarantine.json")) as f:
+        data = json.load(f)
+    [entry] = data["rollbacks"]
+    assert entry["restored_step"] == 20 and entry["step"] == 28
+    assert [b["step"] for b in entry["batches"]] == list(range(20, 28))
+    expected = {i for s in range(20, 28) for i in probe.batch_ids[s]}
+    assert read_quarantine(run_dir) == expected
+    assert set(data["sample_ids"]) == expected
+    assert len(events(trainer, "quarantine")) == 8
+    # the batches before the snapshot were kept
+    assert not expected & set(probe.batch_ids[19])
+
+
+# -- budget ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("on_halt", ["stop", "raise"])
+def test_exceeding_the_rollback_budget_halts_with_a_checkpoint(tmp_path, on_halt):
+    probe = StateProbe(at_steps=(20,))
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, max_rollbacks=2, on_halt=on_halt)
+    faults = {25: ("weight_nan", None), 27: ("weight_nan", None), 29: ("weight_nan", None)}
+    model, loader = tiny_gpt(60)
+    trainer = make_trainer(tmp_path, 60, [FaultInjector(faults), rollback, probe])
+    if on_halt == "raise":
+        with pytest.raises(TrainingHalted, match="max_rollbacks=2"):
+            trainer.fit(model, loader)
+    else:
+        trainer.fit(model, loader)
+        assert trainer.global_step == 30
+    assert [r["restored_step"] for r in rollback.rollbacks] == [20, 20, 20]
+    assert "exceed max_rollbacks=2" in rollback.halt_report
+    path = os.path.join(tmp_path, "checkpoints", "rollback-halt-step=30.ckpt")
+    assert os.path.exists(path)
+    saved = torch.load(path, weights_only=False)
+    for (name, _), before in zip(model.named_parameters(), probe.states[20]["weights"]):
+        assert torch.equal(saved["state_dict"][name], before)
+    assert [e.kind for e in get_event_log(trainer) if e.action == "halt"] == ["rollback_halt"]
+
+
+def test_rollbacks_outside_the_budget_window_do_not_count(tmp_path):
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, max_rollbacks=1, budget_window=10)
+    trainer, model = fit(tmp_path, 60, rollback, {25: ("weight_nan", None), 45: ("weight_nan", None)})
+    assert [r["restored_step"] for r in rollback.rollbacks] == [20, 40]
+    assert rollback.halt_report is None and trainer.global_step == 60
+
+
+# -- LR back-off and TOR ---------------------------------------------------------------------------
+class LrProbe(pl.Callback):
+    def __init__(self) -> None:
+        self.applied: dict[int, float] = {}
+        self.scheduled: dict[int, float] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        def record(optimizer, args, kwargs):  # registered after the rollback's hook: sees the applied LR
+            self.applied[trainer.global_step] = optimizer.param_groups[0]["lr"]
+            self.scheduled[trainer.global_step] = trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]
+
+        trainer.optimizers[0].register_step_pre_hook(record)
+
+
+def test_lr_backoff_after_a_rollback(tmp_path):
+    lr = LrProbe()
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, lr_backoff_factor=0.25, lr_backoff_steps=5)
+    fit(tmp_path, 40, rollback, {25: ("weight_nan", None)}, probe=lr)
+    for step in range(26, 31):
+        assert lr.applied[step] == pytest.approx(0.25 * lr.scheduled[step])
+    for step in (24, 31, 35):
+        assert lr.applied[step] == pytest.approx(lr.scheduled[step])
+
+
+def test_tor_counts_discarded_and_skipped_steps(tmp_path):
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    guard = GradientSpikeGuard(warmup=8, theta=None)
+    faults = {15: ("grad_nan", None), 25: ("weight_nan", None)}
+    trainer, _ = fit(tmp_path, 40, rollback, faults, guard=guard, logger=CSVLogger(tmp_path, name="run"),
+                     log_every_n_steps=1)
+    # step 15 skipped by the guard; steps 20..25 discarded by the rollback to 20 (25 itself skipped)
+    assert rollback.lost_steps == 1 + 6
+    summary = rollback.summary
+    assert 0 < summary["lost_seconds"] < summary["observed_seconds"]
+    expected = (summary["observed_seconds"] - summary["lost_seconds"] - summary["snapshot_seconds"]
+                - summary["restore_seconds"]) / summary["observed_seconds"]
+    assert summary["tor"] == pytest.approx(expected)
+    # about 7 of 40 steps were lost
+    assert 0.6 < summary["tor"] < 0.95
+    assert trainer.callback_metrics["stability/rollback/tor"] == pytest.approx(rollback.tor, rel=0.05)
+    assert trainer.callback_metrics["stability/rollback/count"] == 1
+    [tor_event] = events(trainer, "tor")
+    assert tor_event.metrics["tor"] == summary["tor"]
+
+
+# -- state, memory, arguments ----------------------------------------------------------------------
+def test_state_survives_save_and_resume(tmp_path):
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, lr_backoff_factor=0.5, lr_backoff_steps=50)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=True, save_top_k=-1)
+    model, loader = tiny_gpt(40, batches=20)
+    trainer = make_trainer(tmp_path, 40, [FaultInjector({25: ("weight_nan", None)}), rollback, ckpt],
+                           enable_checkpointing=True)
+    trainer.fit(model, loader)
+    path = str(tmp_path / "ckpt" / "epoch=1-step=40.ckpt")
+    saved = torch.load(path, weights_only=False)["callbacks"][rollback.state_key]
+    assert saved["rollbacks"] and saved["backoff_until"] == 76 and saved["ring"]
+
+    resumed = InMemoryRollback(every_n_steps=10, commit_after=3, lr_backoff_factor=0.5, lr_backoff_steps=50)
+    seen: dict[str, Any] = {}
+
+    class AtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.update(resumed.state_dict())
+
+    model, loader = tiny_gpt(60, batches=20)
+    trainer = make_trainer(tmp_path, 60, [AtStart(), resumed], enable_checkpointing=True)
+    trainer.fit(model, loader, ckpt_path=path)
+    assert seen == saved
+    # the resumed fit takes a snapshot at once: the saved ones lived in the old process's memory
+    snapshots = [e.step for e in events(trainer, "snapshot")]
+    assert snapshots[-4:] == [40, 40, 50, 60]  # the first 40 is the old fit's, from the restored event log
+    assert resumed.rollbacks == saved["rollbacks"]
+
+
+def test_refuses_snapshots_that_do_not_fit_in_host_memory(tmp_path):
+    model, loader = tiny_gpt(5)
+    trainer = make_trainer(tmp_path, 5, [InMemoryRollback(max_host_bytes=10_000)])
+    with pytest.raises(ValueError, match=r"InMemoryRollback\(keep=2\): keep=2 snapshots of .* KiB need .* KiB of host memory, more than the 9.8 KiB .*\(max_host_bytes=10000\)"):
+        trainer.fit(model, loader)
+
+
+def test_reports_the_bytes_it_holds(tmp_path):
+    rollback = InMemoryRollback(every_n_steps=5, commit_after=2)
+    trainer, model = fit(tmp_path, 12, rollback)
+    params = sum(p.numel() * 4 for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    # two slots: the step-0 snapshot (no Adam state yet) was overwritten; both now hold weights + 2 moments
+    expected_slot = params + buffers + 2 * params + 4 * len(list(model.parameters()))
+    assert rollback.summary["snapshot_bytes"] == 2 * expected_slot
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": 0}, r"every_n_steps=0\): expected an int >= 1"),
+        ({"keep": 1}, r"keep=1\): expected an int >= 2"),
+        ({"commit_after": 100}, r"commit_after=100\): expected less than every_n_steps \* \(keep - 1\) = 100"),
+        ({"max_rollbacks": 0}, r"max_rollbacks=0"),
+        ({"lr_backoff_factor": 1.5}, r"lr_backoff_factor=1.5\): expected a float in \(0, 1\) or None"),
+        ({"on_halt": "exit"}, r"on_halt='exit'\): expected 'stop' or 'raise'"),
+        ({"max_host_bytes": 0}, r"max_host_bytes=0\): expected an int >= 1"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        InMemoryRollback(**kwargs)
+
+
+def test_bad_argument_types_are_named():
+    with pytest.raises(TypeError, match=r"sample_ids=3\): expected a batch key"):
+        InMemoryRollback(sample_ids=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"rollback_on_nonfinite_loss='yes'"):
+        InMemoryRollback(rollback_on_nonfinite_loss="yes")  # type: ignore[arg-type]
