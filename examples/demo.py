@@ -1,10 +1,13 @@
 """Train a tiny GPT on CPU with the stability callbacks, inject a few faults, and show what was done.
 
     python examples/demo.py                 # about 15 seconds on a laptop CPU
-    python examples/demo.py --no-faults     # a clean run: the guard should stay silent
+    python examples/demo.py --no-faults     # a clean run: nothing to detect, nothing to undo
     tensorboard --logdir runs/demo          # the curves
 
-The run writes TensorBoard logs and ``stability_events.jsonl`` (the event log) under ``runs/demo``.
+Two callbacks watch the run: ``GradientSpikeGuard`` repairs or skips bad steps, ``InMemoryRollback``
+keeps snapshots in memory and goes back to the last good one when the state itself is corrupted.
+The run writes TensorBoard logs, ``stability_events.jsonl`` (the event log) and, after a rollback,
+``quarantine.json`` (the batches that were not replayed) under ``runs/demo``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import warnings
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_stability import GradientSpikeGuard, get_event_log
+from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log
 from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
 
 # The faults the demo injects, by optimizer step: what a bad node, a bad batch or a bad kernel does.
@@ -24,9 +27,12 @@ FAULTS = {
     150: ("grad_scale", 1000.0),  # a 1000x gradient spike on every element
     260: ("grad_sparse", 300.0),  # 1% of the elements spike 300x
     380: ("grad_nan", None),  # a NaN in one gradient
+    430: ("weight_nan", None),  # a NaN written into a weight: the state itself is corrupted
     470: ("labels_shuffle", None),  # a corrupted batch: random targets
     540: ("loss_nan", None),  # a batch whose loss is NaN
 }
+# Events that only say the callbacks are doing their routine work.
+ROUTINE = ("snapshot", "snapshot_committed", "quarantine", "tor")
 
 
 def main() -> None:
@@ -43,10 +49,11 @@ def main() -> None:
     model = TinyGPT(vocab_size=len(dataset.vocab), max_steps=args.steps)
     faults = {} if args.no_faults else {s: f for s, f in FAULTS.items() if s < args.steps}
     guard = GradientSpikeGuard()
+    rollback = InMemoryRollback(every_n_steps=50, commit_after=10)
     trainer = pl.Trainer(
         max_steps=args.steps,
         logger=TensorBoardLogger(args.logdir, name="demo"),
-        callbacks=[FaultInjector(faults), guard],  # the injector first, so the guard sees its faults
+        callbacks=[FaultInjector(faults), guard, rollback],  # the injector first, so the others see its faults
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -58,9 +65,11 @@ def main() -> None:
     log = get_event_log(trainer)
     print(f"\nTrained {trainer.global_step} steps in {elapsed:.1f} s; final loss {float(trainer.callback_metrics['train/loss']):.3f}")
     print(f"Injected faults: {', '.join(f'{k} at step {s}' for s, (k, _) in faults.items()) or 'none'}")
-    print("\nWhat the guard detected and did:")
-    print(f"  {'step':>5}  {'detected':<14} {'severity':<9} {'action':<14} details")
+    print("\nWhat the callbacks detected and did:")
+    print(f"  {'step':>5}  {'detected':<18} {'severity':<9} {'action':<14} details")
     for e in log:
+        if e.kind in ROUTINE:
+            continue
         m = e.metrics
         if e.kind == "armed":
             details = f"baselines ready after {int(m['window'])} healthy steps"
@@ -70,12 +79,19 @@ def main() -> None:
                 f"loss {m.get('loss', float('nan')):.3g} (baseline {m.get('loss_baseline', float('nan')):.3g}), "
                 f"spiking elements {int(m['spike_count'])}"
             )
+        elif e.kind == "rollback":
+            details = (
+                f"restored the snapshot of step {int(m['restored_step'])}: {int(m['lost_steps'])} steps undone, "
+                f"{int(m['quarantined_batches'])} batches quarantined"
+            )
         else:
             details = ", ".join(f"{k}={v:.3g}" for k, v in m.items())
-        print(f"  {e.step:>5}  {e.kind:<14} {e.severity:<9} {e.action or '-':<14} {details}")
-    detections = [e for e in log if e.severity != "info"]
-    print(f"\n{len(detections)} detections for {len(faults)} injected faults; no NaN reached the weights: "
-          f"{all(bool(p.isfinite().all()) for p in model.parameters())}")
+        print(f"  {e.step:>5}  {e.kind:<18} {e.severity:<9} {e.action or '-':<14} {details}")
+    detections = [e for e in log if e.severity != "info" and e.source == guard.source]
+    print(f"\n{len(detections)} detections for {len(faults)} injected faults; {len(rollback.rollbacks)} rollbacks; "
+          f"the weights are finite: {all(bool(p.isfinite().all()) for p in model.parameters())}")
+    print(f"Training Overhead Ratio {rollback.tor:.3f} ({rollback.lost_steps} steps lost of {trainer.global_step}); "
+          f"snapshots hold {rollback.summary['snapshot_bytes'] / 2**20:.1f} MiB of host memory")
     print(f"TensorBoard logs and the event log: {trainer.log_dir}  (tensorboard --logdir {args.logdir})")
 
 
