@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import lightning
 import torch
 
+from benchmarks import rollback
 from benchmarks.overhead import (
     BATCH_SIZE,
     BLOCK_SIZE,
     GOAL_RATIO,
+    MODEL_SIZES,
     SETUPS,
     format_table,
     goal_lines,
@@ -37,12 +39,15 @@ class Settings:
     warmup_steps: int
     timed_steps: int
     repeats: int
+    rollback_timed_steps: int  # two snapshots (every 100 steps) in the window
+    rollback_repeats: int
+    rollbacks: int  # rollbacks timed per model size
 
 
 # warmup_steps > GradientSpikeGuard's default warmup (32): its spike detectors are armed when timing starts.
 # timed_steps = Trainer's default log_every_n_steps (50): the window holds exactly one logging step.
-FULL = Settings(warmup_steps=40, timed_steps=50, repeats=8)
-QUICK = Settings(warmup_steps=2, timed_steps=3, repeats=1)
+FULL = Settings(warmup_steps=40, timed_steps=50, repeats=8, rollback_timed_steps=200, rollback_repeats=3, rollbacks=5)
+QUICK = Settings(warmup_steps=2, timed_steps=3, repeats=1, rollback_timed_steps=3, rollback_repeats=1, rollbacks=1)
 
 
 def cpu_model() -> str:
@@ -78,7 +83,14 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
 
-def render_doc(settings: Settings, machine: list[str], table: str, goals: list[str], minutes: float) -> str:
+def render_doc(
+    settings: Settings,
+    machine: list[str],
+    table: str,
+    goals: list[str],
+    minutes: float,
+    rollback_section: str,
+) -> str:
     setups = "\n".join(f"- **{s.name}**: {s.description}." for s in SETUPS)
     machine_lines = "\n".join(f"- {line}" for line in machine)
     goal_text = "\n".join(f"- {line}" for line in goals)
@@ -154,6 +166,49 @@ the batch sizes models are trained with.
   syncs, a barrier) runs in full. It watches the loss only; the guard also checks gradients.
 - The runs are clean: no fault is injected, and the guard must not intervene (the goal lines say so
   if it did).
+
+{rollback_section}"""
+
+
+def render_rollback_section(settings: Settings, table: str, goals: list[str], recovery_table: str) -> str:
+    goal_text = "\n".join(f"- {line}" for line in goals)
+    return f"""## InMemoryRollback
+
+What snapshots in host memory cost, next to Lightning's `ModelCheckpoint` writing to disk at the same
+interval, and how fast a rollback recovers next to reloading a checkpoint. The project's goal:
+snapshots every {rollback.EVERY} steps cost at most {round((rollback.GOAL_RATIO - 1) * 100)}% of step time.
+
+### Step-time overhead
+
+The same models and method as above, with these setups:
+
+{chr(10).join(f"- **{s.name}**: {s.description}." for s in rollback.SETUPS)}
+
+Each fit trains {settings.warmup_steps} untimed steps, then {settings.rollback_timed_steps} timed ones (so
+two snapshots or checkpoints, at steps 100 and 200, fall in the window); every (model, setup) pair is
+fitted {settings.rollback_repeats} times. The cost falls on one step in {rollback.EVERY}, so the figures are
+means over the timed steps: `mean ms/step` (median over repeats), and `in-callback ms/step`, the time
+inside the callback's hooks per step (for `InMemoryRollback`: the snapshots, the per-step bookkeeping
+and the loss check; for `ModelCheckpoint`: the writes). `in-callback share` divides it by the
+baseline's mean step: the direct estimate; `vs. no callbacks` is noisier, since one slow step moves a
+mean.
+
+{table}
+
+{goal_text}
+
+### Time to recover
+
+A fit with a NaN written into a weight {settings.rollbacks} times (snapshots every 10 steps) times each
+in-memory rollback: restore the snapshot in place, rewind the scheduler and the callbacks, record
+and write the quarantine. The same state is then saved with `trainer.save_checkpoint` and reloaded
+{settings.rollbacks} times: `reload from disk` is `torch.load` plus `load_state_dict` of the model, the
+optimizer and the scheduler (the file is in the page cache after the first read, so this is a lower
+bound); `restart from ckpt_path` is a new `Trainer` fitting from the checkpoint until its first batch
+starts. A real restart adds a new process, imports (seconds for torch and Lightning), a new data
+loader and, on a cluster, the time to be scheduled again. Medians over the repeats:
+
+{recovery_table}
 """
 
 
@@ -186,6 +241,15 @@ def main(argv: list[str] | None = None) -> int:
         settings.repeats,
         progress=lambda line: print(line, flush=True),
     )
+    rb_results = rollback.overhead(
+        settings.warmup_steps,
+        settings.rollback_timed_steps,
+        settings.rollback_repeats,
+        progress=lambda line: print(line, flush=True),
+    )
+    rb_table, rb_goals = rollback.overhead_table(rb_results)
+    recoveries = [rollback.recovery(size, settings.rollbacks, lambda line: print(line, flush=True)) for size in MODEL_SIZES]
+    rec_table = rollback.recovery_table(recoveries)
     minutes = (time.perf_counter() - start) / 60
     summaries = summarize(results)
     table = format_table(summaries)
@@ -196,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print()
     print("\n".join(goals))
+    print()
+    print(rb_table)
+    print()
+    print("\n".join(rb_goals))
+    print()
+    print(rec_table)
     if args.quick:
         print(
             "(--quick: too few steps for the figures to mean anything; this run only checks that nothing crashes)"
@@ -205,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            f.write(render_doc(settings, machine, table, goals, minutes))
+            section = render_rollback_section(settings, rb_table, rb_goals, rec_table)
+            f.write(render_doc(settings, machine, table, goals, minutes, section))
         print(f"wrote {args.out}")
     return 0
 

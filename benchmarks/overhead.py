@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import math
 import statistics
 import tempfile
 import time
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.callbacks.spike import SpikeDetection
 from typing_extensions import override
 
@@ -141,10 +142,11 @@ class Measurement:
     size: str
     setup: str
     repeat: int
-    step_ms: float
+    step_ms: float  # the run's median step
     hook_ms: float
     armed: bool | None  # stability callbacks only: were the spike detectors armed before the timed steps?
     interventions: int  # events with an action: a clean run should have none
+    step_mean_ms: float = math.nan  # the run's mean step: counts in full work done on some steps only
 
 
 def run_once(
@@ -178,7 +180,7 @@ def run_once(
             enable_progress_bar=False,
             enable_model_summary=False,
             logger=False,
-            enable_checkpointing=False,
+            enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in watched),
         )
         gc.collect()
         trainer.fit(model, loader)
@@ -193,7 +195,9 @@ def run_once(
             armed_step = next((e.step for e in events if e.kind == "armed"), None)
             armed = armed_step is not None and armed_step < warmup_steps
             interventions = sum(1 for e in events if e.action is not None)
-    return Measurement(size.name, setup.name, repeat, step_s * 1e3, hook_s * 1e3, armed, interventions)
+    return Measurement(
+        size.name, setup.name, repeat, step_s * 1e3, hook_s * 1e3, armed, interventions, statistics.fmean(steps) * 1e3
+    )
 
 
 def run_benchmark(

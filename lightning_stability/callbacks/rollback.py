@@ -282,7 +282,7 @@ class InMemoryRollback(StabilityCallback):
 
     @property
     def rollbacks(self) -> list[dict[str, Any]]:
-        """One record per rollback: ``step``, ``restored_step``, ``reason``, ``lost_steps``, ``quarantined``."""
+        """One record per rollback: ``step``, ``restored_step``, ``reason``, ``lost_steps``, ``quarantined``, ``seconds``."""
         return [dict(r) for r in self._rollbacks]
 
     # -- setup and teardown ----------------------------------------------------------------------
@@ -556,15 +556,17 @@ class InMemoryRollback(StabilityCallback):
         records = self._quarantine(trainer, step, good.step, reason, quarantined)
         if self.lr_backoff_factor is not None:
             self._backoff_until = step + self.lr_backoff_steps
+        seconds = time.perf_counter() - start
+        self._restore_s += seconds
         self._rollbacks.append(
             {"step": step, "restored_step": good.step, "reason": reason, "lost_steps": step - good.step,
-             "quarantined": len(records)}
+             "quarantined": len(records), "seconds": seconds}
         )
-        self._restore_s += time.perf_counter() - start
         self._emit(
             trainer, "rollback", "warning",
             {"restored_step": float(good.step), "lost_steps": float(step - good.step),
-             "quarantined_batches": float(len(records)), "rollbacks": float(len(self._rollbacks))},
+             "quarantined_batches": float(len(records)), "rollbacks": float(len(self._rollbacks)),
+             "seconds": seconds},
             "rollback",
         )
         if over_budget:
