@@ -25,3 +25,25 @@ def test_every_rank_takes_the_same_decision_in_the_same_step(tmp_path):
     assert detections == [(40, "nonfinite", "skip"), (50, "grad_spike", "skip")]
     assert ranks[0]["digest"] == ranks[1]["digest"]  # replicas still bit-identical
     assert ranks[0]["finite"] and ranks[1]["finite"]
+
+
+def test_every_rank_restores_the_same_snapshot_in_the_same_step(tmp_path):
+    script = os.path.join(os.path.dirname(__file__), "ddp_rollback_script.py")
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # the NaN loss was on rank 1 only, the request on rank 0 only: both ranks roll back, in the same
+    # step, to the same snapshot; each quarantines its own batches and the records are gathered
+    assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == [[26, 20, 12], [45, 40, 10]]
+    assert ranks[0]["events"] == ranks[1]["events"]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert ranks[0]["finite"] and ranks[1]["finite"]
+    with open(tmp_path / "quarantine.json") as f:
+        data = json.load(f)
+    first = data["rollbacks"][0]["batches"]
+    assert sorted({b["rank"] for b in first}) == [0, 1]
+    assert sorted(b["step"] for b in first if b["rank"] == 1) == list(range(20, 26))
+    ids = [set(b["sample_ids"]) for b in first]
+    assert len(set().union(*ids)) == sum(len(i) for i in ids)  # each rank's own samples

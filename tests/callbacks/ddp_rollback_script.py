@@ -1,0 +1,52 @@
+"""Run by test_ddp.py as its own program: Lightning's DDP launcher re-executes this file per rank."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_stability import InMemoryRollback, get_event_log
+from lightning_stability.demos import TinyGPT, make_dataloader
+from tests.callbacks.ddp_guard_script import OnOneRank
+
+
+class RequestOnOneRank(pl.Callback):
+    """Asks for a rollback through the event log on one rank only."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            get_event_log(trainer).emit(trainer.global_step, "my_check", "MyMonitor", "critical", {}, "rollback")
+
+
+def main(out: str) -> None:
+    warnings.filterwarnings("ignore")
+    pl.seed_everything(0, verbose=False)
+    loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 120, seed=0)
+    model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=60, warmup_steps=10)
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    # a NaN loss on rank 1 alone at step 25; a rollback request on rank 0 alone at step 44
+    callbacks = [OnOneRank(1, {25: ("loss_nan", None)}), RequestOnOneRank(0, 44), rollback]
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=60, callbacks=callbacks,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=out,
+    )
+    trainer.fit(model, loader)
+    digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+    rollbacks = [(r["step"], r["restored_step"], r["quarantined"]) for r in rollback.rollbacks]
+    events = [(e.step, e.kind) for e in get_event_log(trainer) if e.source == rollback.source]
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    with open(f"{out}/rank{trainer.global_rank}.json", "w") as fh:
+        json.dump({"digest": digest, "rollbacks": rollbacks, "events": events, "finite": finite}, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
