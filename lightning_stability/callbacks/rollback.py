@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -205,6 +206,8 @@ class InMemoryRollback(StabilityCallback):
         self._snapshot_s = 0.0
         self._restore_s = 0.0
         self._lost_steps = 0  # discarded by rollbacks
+        self._discarded_until = -1  # steps before this were already counted as discarded
+        self._unavailable: list[int] = []  # steps where a rollback was asked for with nothing to restore
         self._skipped_steps = 0  # skipped, outside the discarded ones
         self._snapshots_taken = 0
         self._quarantined = 0
@@ -215,6 +218,7 @@ class InMemoryRollback(StabilityCallback):
         self._skipped: set[int] = set()
         # within the current step
         self._loss: Tensor | None = None
+        self._nonfinite = False  # this batch's loss was not finite: every optimizer step of it is skipped
         self._request: str | None = None
         self._trouble = False
         self._snapshot_due = False
@@ -235,6 +239,8 @@ class InMemoryRollback(StabilityCallback):
             "snapshot_seconds": self._snapshot_s,
             "restore_seconds": self._restore_s,
             "lost_steps": self._lost_steps,
+            "discarded_until": self._discarded_until,
+            "unavailable": list(self._unavailable),
             "skipped_steps": self._skipped_steps,
             "snapshots_taken": self._snapshots_taken,
             "quarantined_batches": self._quarantined,
@@ -252,6 +258,8 @@ class InMemoryRollback(StabilityCallback):
         self._snapshot_s = float(state_dict.get("snapshot_seconds", 0.0))
         self._restore_s = float(state_dict.get("restore_seconds", 0.0))
         self._lost_steps = int(state_dict.get("lost_steps", 0))
+        self._discarded_until = int(state_dict.get("discarded_until", -1))
+        self._unavailable = [int(k) for k in state_dict.get("unavailable", [])]
         self._skipped_steps = int(state_dict.get("skipped_steps", 0))
         self._snapshots_taken = int(state_dict.get("snapshots_taken", 0))
         self._quarantined = int(state_dict.get("quarantined_batches", 0))
@@ -387,21 +395,25 @@ class InMemoryRollback(StabilityCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         loss, self._loss = self._loss, None
-        skip = self._halted
-        if self.rollback_on_nonfinite_loss and loss is not None:
-            # The step must be skipped before it runs, so this needs the host now; Lightning's progress
-            # bar reads the loss at this point of every step anyway. One all-reduce under DDP, so
-            # that every rank skips alike (gradients are all-reduced: a NaN on one rank is on all).
-            nonfinite = _any_rank(trainer, [not bool(torch.isfinite(loss))])[0]
-            if nonfinite and self._request is None:
-                self._request = "nonfinite_loss"
-                self._trouble = True
-                self._skipped.add(trainer.global_step)
-            skip = skip or nonfinite
-        if skip:
-            for group in unwrap_optimizer(optimizer).param_groups:
-                for p in group["params"]:
-                    p.grad = None
+        # The step must be skipped before it runs, so this needs the host now; Lightning's progress
+        # bar reads the loss at this point of every step anyway. One all-reduce under DDP, so
+        # that every rank skips alike (gradients are all-reduced: a NaN on one rank is on all).
+        if (
+            self.rollback_on_nonfinite_loss
+            and loss is not None
+            and _any_rank(trainer, [not bool(torch.isfinite(loss))])[0]
+        ):
+            self._nonfinite = True
+            self._request = self._request or "nonfinite_loss"
+            self._trouble = True
+        if self._nonfinite:
+            self._skipped.add(trainer.global_step)
+        if self._halted or self._nonfinite:
+            # every optimizer of the batch (manual optimization may step several after one backward)
+            for opt in trainer.optimizers:
+                for group in unwrap_optimizer(opt).param_groups:
+                    for p in group["params"]:
+                        p.grad = None
             if self._halted:
                 trainer.should_stop = True  # min_steps/min_epochs keep Lightning going; nothing is applied
 
@@ -420,7 +432,11 @@ class InMemoryRollback(StabilityCallback):
             self._lost_s += elapsed
             self._skipped_steps += 1
         self._last_step = step
+        self._nonfinite = False
         if self._halted:
+            # Lightning may go on (min_steps, min_epochs); those steps are skipped: lost time
+            self._lost_s += elapsed
+            self._skipped_steps += 1
             self._mark = time.perf_counter()
             return
 
@@ -449,24 +465,28 @@ class InMemoryRollback(StabilityCallback):
         per_snapshot = nbytes(module_tensors(pl_module)) + sum(
             estimate_optimizer_state_bytes(o) for o in self._optimizers(trainer)
         )
-        self._require(trainer, per_snapshot * self.keep, f"keep={self.keep} snapshots of {_mib(per_snapshot)}")
+        problem = self._memory_problem(trainer, per_snapshot * self.keep, f"keep={self.keep} snapshots of {_mib(per_snapshot)}")
+        # every rank refuses together (one may be short of memory, the others would wait for it)
+        if _any_rank(trainer, [problem is not None])[0]:
+            raise ValueError(problem or f"{type(self).__name__}(keep={self.keep}): another rank lacks host memory")
 
-    def _require(self, trainer: pl.Trainer, needed: int, what: str) -> None:
+    def _memory_problem(self, trainer: pl.Trainer, needed: int, what: str) -> str | None:
         if self.max_host_bytes is not None:
             limit, source = self.max_host_bytes, f"max_host_bytes={self.max_host_bytes}"
         else:
             available = available_host_memory()
             if available is None:
-                return
+                return None
             ranks = max(int(getattr(trainer, "num_devices", 1)), 1) if trainer.world_size > 1 else 1
             limit = available // ranks
             source = f"{_mib(available)} available on this machine" + (f", shared by {ranks} local ranks" if ranks > 1 else "")
-        if needed > limit:
-            raise ValueError(
-                f"{type(self).__name__}(keep={self.keep}): {what} need {_mib(needed)} of host memory, more than "
-                f"the {_mib(limit)} this process may use ({source}). Lower keep (>= 2), free host memory, "
-                "or set max_host_bytes if the limit is wrong."
-            )
+        if needed <= limit:
+            return None
+        return (
+            f"{type(self).__name__}(keep={self.keep}): {what} need {_mib(needed)} of host memory, more than "
+            f"the {_mib(limit)} this process may use ({source}). Lower keep (>= 2), free host memory, "
+            "or set max_host_bytes if the limit is wrong."
+        )
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
@@ -474,8 +494,14 @@ class InMemoryRollback(StabilityCallback):
         slot = self._free_slot()
         optimizers = self._optimizers(trainer)
         needed = slot.snapshot.bytes_needed(pl_module, optimizers)
-        if needed:
-            self._require(trainer, needed, "the new snapshot slot")
+        problem = self._memory_problem(trainer, needed, "the new snapshot slot") if needed else None
+        if _any_rank(trainer, [problem is not None])[0]:
+            # mid-fit: better to go on with the snapshots held than to stop the run
+            if slot.step < 0:
+                self._slots.remove(slot)
+            self._emit(trainer, "snapshot_skipped", "info", {"bytes": float(needed)}, None)
+            rank_zero_warn(f"{problem or 'another rank lacks host memory'}; this snapshot is skipped.")
+            return
         extra = {
             "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
             "callbacks": {cb.state_key: cb.snapshot_state() for cb in _rewindable(trainer)},
@@ -532,21 +558,27 @@ class InMemoryRollback(StabilityCallback):
         for slot in [s for s in self._slots if not s.committed]:
             self._slots.remove(slot)  # a snapshot still on probation is not trusted
         good = self._newest_good()
+        recent = [r["step"] for r in self._rollbacks] + self._unavailable
+        recent = [k for k in recent if k > step - self.budget_window]
+        over_budget = len(recent) >= self.max_rollbacks
         if good is None:
+            self._unavailable.append(step)
             self._emit(trainer, "rollback_unavailable", "critical", {}, None)
+            if over_budget:
+                self._halt(trainer, step, len(recent) + 1, None)
+                return
             rank_zero_warn(
                 f"{type(self).__name__}: rollback requested at step {step} ({reason}) but no snapshot has been "
                 f"committed yet (a snapshot needs {self.commit_after} healthy steps after it); training goes on."
             )
             return
-        recent = [r for r in self._rollbacks if r["step"] > step - self.budget_window]
-        over_budget = len(recent) >= self.max_rollbacks
 
         start = time.perf_counter()
         self._restore(trainer, pl_module, good)
         lost = [k for k in self._durations if k >= good.step]
         self._lost_s += sum(self._durations[k] for k in lost if k not in self._skipped)
-        self._lost_steps += step - good.step
+        self._lost_steps += step - max(good.step, self._discarded_until)  # a second rollback to the same snapshot
+        self._discarded_until = step
         self._skipped_steps -= len([k for k in self._skipped if k >= good.step])  # now counted as discarded
         quarantined = [b for b in self._batches if b.step >= good.step]
         self._batches = [b for b in self._batches if b.step < good.step]
@@ -570,7 +602,7 @@ class InMemoryRollback(StabilityCallback):
             "rollback",
         )
         if over_budget:
-            self._halt(trainer, step, len(recent) + 1)
+            self._halt(trainer, step, len(recent) + 1, good.step)
 
     @torch.no_grad()
     def _restore(self, trainer: pl.Trainer, pl_module: pl.LightningModule, slot: _Slot) -> None:
@@ -579,7 +611,7 @@ class InMemoryRollback(StabilityCallback):
             p.grad = None  # gradients of the discarded step must not leak into the next one
         snapshot.restore(pl_module, self._optimizers(trainer))
         for config, state in zip(trainer.lr_scheduler_configs, snapshot.extra["schedulers"]):
-            config.scheduler.load_state_dict(state)
+            config.scheduler.load_state_dict(copy.deepcopy(state))  # the slot may be restored again
         callbacks = snapshot.extra["callbacks"]
         for cb in _rewindable(trainer):
             if cb.state_key in callbacks:
@@ -612,26 +644,37 @@ class InMemoryRollback(StabilityCallback):
             data["rollbacks"].append({"step": step, "restored_step": restored, "reason": reason, "batches": records})
             ids = {i for rb in data["rollbacks"] for r in rb["batches"] for i in (r["sample_ids"] or [])}
             data["sample_ids"] = sorted(ids, key=lambda i: (isinstance(i, str), i))
-            os.makedirs(self._run_dir, exist_ok=True)
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(data, f, indent=1)
-            os.replace(tmp, path)  # a crash mid-write leaves the previous file whole
+            try:
+                os.makedirs(self._run_dir, exist_ok=True)
+                tmp = path + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(data, f, indent=1, default=str)
+                os.replace(tmp, path)  # a crash mid-write leaves the previous file whole
+            except OSError as err:  # the rollback itself is done; losing the file must not stop training
+                rank_zero_warn(f"{type(self).__name__}: could not write {path}: {err}")
         return records
 
-    def _halt(self, trainer: pl.Trainer, step: int, count: int) -> None:
+    def _halt(self, trainer: pl.Trainer, step: int, count: int, restored: int | None) -> None:
         path = os.path.join(self._run_dir, "checkpoints", f"rollback-halt-step={step}.ckpt")
-        history = "; ".join(f"step {r['step']} -> {r['restored_step']} ({r['reason']})" for r in self._rollbacks[-count:])
+        history = "; ".join(
+            [f"step {r['step']} -> {r['restored_step']} ({r['reason']})" for r in self._rollbacks]
+            + [f"step {k}: nothing to restore" for k in self._unavailable]
+        )
+        saved = (
+            f"The newest good snapshot (step {restored}) was restored and saved to {path}"
+            if restored is not None
+            else f"No snapshot was good to restore; the current state was saved to {path}"
+        )
         report = (
-            f"{type(self).__name__} halted training at optimizer step {step}: {count} rollbacks within "
-            f"{self.budget_window} steps exceed max_rollbacks={self.max_rollbacks} ({history}). The newest good "
-            f"snapshot (step {self._rollbacks[-1]['restored_step']}) was restored and saved to {path}; the "
+            f"{type(self).__name__} halted training at optimizer step {step}: {count} rollback requests within "
+            f"{self.budget_window} steps exceed max_rollbacks={self.max_rollbacks} ({history}). {saved}; the "
             f"quarantined batches are listed in {os.path.join(self._run_dir, QUARANTINE_FILE)}."
         )
-        trainer.save_checkpoint(path)
+        # recorded before the save, so that the checkpoint knows about the halt
         self.halt_report = report
         self._halted = True
         self._emit(trainer, "rollback_halt", "critical", {"rollbacks": float(count)}, "halt")
+        trainer.save_checkpoint(path)
         trainer.should_stop = True
         if self.on_halt == "raise":
             raise TrainingHalted(report)
@@ -715,9 +758,12 @@ def _to_list(ids: Any) -> list[Any] | None:
         return None
     if isinstance(ids, Tensor):
         return ids.detach().flatten().cpu().tolist()
+    if hasattr(ids, "tolist"):  # numpy arrays and scalars
+        out = ids.tolist()
+        return out if isinstance(out, list) else [out]
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         return [ids]
-    return [i.item() if isinstance(i, Tensor) else i for i in ids]
+    return [i.item() if hasattr(i, "item") else i for i in ids]
 
 
 def _scaler_state(trainer: pl.Trainer) -> dict[str, Any] | None:

@@ -209,16 +209,22 @@ class HostSnapshot:
                 f"HostSnapshot.restore(): the snapshot holds {self.n_module} module tensors and "
                 f"{len(self.layouts)} optimizers; the model has {len(live_module)} and the trainer {len(optimizers)}"
             )
+        for j, t in enumerate(live_module):
+            if t.shape != self.buffers[j].shape:  # copy_ would broadcast silently
+                raise ValueError(
+                    f"HostSnapshot.restore(): module tensor {j} has shape {tuple(t.shape)}, the snapshot "
+                    f"{tuple(self.buffers[j].shape)}"
+                )
         written: dict[int, Tensor] = {}  # buffer index -> the live tensor it was written into
         for j, t in enumerate(live_module):
             t.copy_(self.buffers[j], non_blocking=True)
             written[j] = t
         for opt, layout in zip(optimizers, self.layouts):
             params = [p for group in opt.param_groups for p in group["params"]]
-            if len(params) != len(layout.refs):
+            if len(params) != len(layout.refs) or len(opt.param_groups) != len(layout.groups):
                 raise ValueError(
-                    f"HostSnapshot.restore(): an optimizer had {len(layout.refs)} parameters at the capture "
-                    f"and has {len(params)} now"
+                    f"HostSnapshot.restore(): an optimizer had {len(layout.refs)} parameters in "
+                    f"{len(layout.groups)} groups at the capture and has {len(params)} in {len(opt.param_groups)} now"
                 )
             for group, hyper in zip(opt.param_groups, layout.groups):
                 group.update(copy.deepcopy(hyper))

@@ -177,10 +177,17 @@ def test_guard_ladder_asks_for_rollback(tmp_path):
     assert_same_state(probe.states[30], probe.after_rollback[0])
 
 
-def test_without_a_rollback_responder_the_guard_skips_the_rung(tmp_path):
+def test_without_a_rollback_callback_the_guard_takes_the_next_rung(tmp_path):
     guard = GradientSpikeGuard(warmup=8, theta=None, ladder=("rollback", "skip"))
-    trainer, _ = fit(tmp_path, 40, InMemoryRollback(every_n_steps=10, commit_after=3), guard=guard)
-    assert get_event_log(trainer).has_responder("rollback") is False  # unregistered at teardown
+    model, loader = tiny_gpt(40)
+    trainer = make_trainer(tmp_path, 40, [FaultInjector({33: ("grad_scale", 1e4)}), guard])
+    trainer.fit(model, loader)
+    assert [(e.step, e.kind, e.action) for e in get_event_log(trainer) if e.action] == [(33, "grad_spike", "skip")]
+
+
+def test_the_responder_is_unregistered_when_the_fit_ends(tmp_path):
+    trainer, _ = fit(tmp_path, 5, InMemoryRollback(every_n_steps=10, commit_after=3))
+    assert get_event_log(trainer).has_responder("rollback") is False
 
 
 class Requester(pl.Callback):
@@ -251,6 +258,7 @@ def test_exceeding_the_rollback_budget_halts_with_a_checkpoint(tmp_path, on_halt
         trainer.fit(model, loader)
         assert trainer.global_step == 30
     assert [r["restored_step"] for r in rollback.rollbacks] == [20, 20, 20]
+    assert rollback.lost_steps == 10  # steps 20..29, each counted once over three rollbacks to 20
     assert "exceed max_rollbacks=2" in rollback.halt_report
     path = os.path.join(tmp_path, "checkpoints", "rollback-halt-step=30.ckpt")
     assert os.path.exists(path)
@@ -301,11 +309,9 @@ def test_tor_counts_discarded_and_skipped_steps(tmp_path):
     assert rollback.lost_steps == 1 + 6
     summary = rollback.summary
     assert 0 < summary["lost_seconds"] < summary["observed_seconds"]
-    expected = (summary["observed_seconds"] - summary["lost_seconds"] - summary["snapshot_seconds"]
-                - summary["restore_seconds"]) / summary["observed_seconds"]
-    assert summary["tor"] == pytest.approx(expected)
-    # about 7 of 40 steps were lost
-    assert 0.6 < summary["tor"] < 0.95
+    # about 7 of 40 steps of similar length were lost
+    assert 0.08 < summary["lost_seconds"] / summary["observed_seconds"] < 0.3
+    assert 0.6 < summary["tor"] < 0.92
     assert trainer.callback_metrics["stability/rollback/tor"] == pytest.approx(rollback.tor, rel=0.05)
     assert trainer.callback_metrics["stability/rollback/count"] == 1
     [tor_event] = events(trainer, "tor")
@@ -380,3 +386,22 @@ def test_bad_argument_types_are_named():
         InMemoryRollback(sample_ids=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"rollback_on_nonfinite_loss='yes'"):
         InMemoryRollback(rollback_on_nonfinite_loss="yes")  # type: ignore[arg-type]
+
+
+def test_repeated_requests_with_nothing_to_restore_halt(tmp_path):
+    # a NaN weight at step 2, before any snapshot is committed: every later loss is NaN
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=5, max_rollbacks=2)
+    trainer, _ = fit(tmp_path, 30, rollback, {2: ("weight_nan", None)})
+    assert [e.step for e in events(trainer, "rollback_unavailable")] == [3, 4, 5]
+    assert trainer.global_step == 5
+    assert "No snapshot was good to restore" in rollback.halt_report
+    assert os.path.exists(os.path.join(tmp_path, "checkpoints", "rollback-halt-step=5.ckpt"))
+    saved = torch.load(os.path.join(tmp_path, "checkpoints", "rollback-halt-step=5.ckpt"), weights_only=False)
+    assert saved["callbacks"][rollback.state_key]["halt_report"] == rollback.halt_report
+
+
+def test_numpy_sample_ids_are_written(tmp_path):
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, sample_ids=lambda b: b["index"].numpy())
+    probe = StateProbe()
+    fit(tmp_path, 30, rollback, {23: ("weight_nan", None)}, probe=probe)
+    assert read_quarantine(tmp_path) == {i for s in range(20, 24) for i in probe.batch_ids[s]}
