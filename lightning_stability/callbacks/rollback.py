@@ -87,8 +87,8 @@ class InMemoryRollback(StabilityCallback):
     sample ids where the batch carries them (see :func:`read_quarantine` to skip them in a later run).
     An optional LR back-off (``lr_backoff_factor`` for ``lr_backoff_steps``) eases the way back.
 
-    At most ``max_rollbacks`` rollbacks may happen within ``budget_window`` steps. One more restores
-    the newest good snapshot, saves a normal checkpoint to ``<log_dir>/checkpoints/`` and halts with
+    At most ``max_rollbacks`` rollbacks (requests with nothing to restore included) may happen within
+    ``budget_window`` steps. One more restores the newest good snapshot (if any), saves a normal checkpoint to ``<log_dir>/checkpoints/`` and halts with
     a report (``on_halt``: stop the fit, or raise :class:`TrainingHalted`).
 
     The Training Overhead Ratio (TOR) is the share of the fit's training time that went into steps
@@ -114,8 +114,8 @@ class InMemoryRollback(StabilityCallback):
     ``stability/events/<kind>``          cumulative count of this callback's events of each kind
     ===================================  ==========================================================
 
-    Event kinds: ``snapshot``, ``snapshot_committed``, ``snapshot_discarded``, ``rollback``,
-    ``quarantine``, ``rollback_unavailable``, ``rollback_halt``, ``tor``.
+    Event kinds: ``snapshot``, ``snapshot_committed``, ``snapshot_discarded``, ``snapshot_skipped``,
+    ``rollback``, ``quarantine``, ``rollback_unavailable``, ``rollback_halt``, ``tor``.
 
     Example::
 
