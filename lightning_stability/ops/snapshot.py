@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_stability.ops.optim_state import is_bnb_optimizer
+
 
 def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
     # Tied weights and shared tables (bitsandbytes' qmap) appear several times: copy each tensor once.
@@ -38,11 +40,6 @@ def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
             seen.add(id(t))
             out.append(t)
     return out
-
-
-def state_tensors(module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> list[Tensor]:
-    """Every tensor of the training state, each once, in a fixed order: module first, then optimizers."""
-    return _collect(module, optimizers)[0]
 
 
 def nbytes(tensors: Iterable[Tensor]) -> int:
@@ -61,7 +58,7 @@ def estimate_optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     args = getattr(optimizer, "args", None)  # bitsandbytes keeps its configuration there
     bits = int(getattr(args, "optim_bits", 32))
     min_8bit = int(getattr(args, "min_8bit_size", 4096))
-    is_bnb = type(optimizer).__module__.startswith("bitsandbytes")
+    is_bnb = is_bnb_optimizer(optimizer)
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p)
