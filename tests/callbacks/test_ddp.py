@@ -11,13 +11,18 @@ import torch.distributed
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
-def test_every_rank_takes_the_same_decision_in_the_same_step(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "ddp_guard_script.py")
+def run_two_ranks(script: str, tmp_path) -> list[dict]:
+    """Run one of the DDP scripts beside this file on 2 gloo processes; each rank's JSON report."""
+    path = os.path.join(os.path.dirname(__file__), script)
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, path, str(tmp_path)], capture_output=True, text=True, env=env,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_every_rank_takes_the_same_decision_in_the_same_step(tmp_path):
+    ranks = run_two_ranks("ddp_guard_script.py", tmp_path)
     assert ranks[0]["events"] == ranks[1]["events"]
     detections = [tuple(e) for e in ranks[0]["events"] if e[1] != "armed"]
     # a NaN loss on rank 1 only: every rank skips; a gradient corrupted on rank 1 after the
@@ -28,12 +33,7 @@ def test_every_rank_takes_the_same_decision_in_the_same_step(tmp_path):
 
 
 def test_every_rank_restores_the_same_snapshot_in_the_same_step(tmp_path):
-    script = os.path.join(os.path.dirname(__file__), "ddp_rollback_script.py")
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_ranks("ddp_rollback_script.py", tmp_path)
     # the NaN loss was on rank 1 only, the request on rank 0 only: both ranks roll back, in the same
     # step, to the same snapshot; each quarantines its own batches and the records are gathered
     assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == [[26, 20, 12], [45, 40, 10]]
