@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_stability.events import EventLog, get_event_log
+from lightning_stability.ops.lr import restore_lr
+from lightning_stability.ops.optim_state import unwrap_optimizer
 
 EVENTS_CHECKPOINT_KEY = "lightning_stability_events"
 
@@ -32,6 +36,11 @@ class StabilityCallback(Callback):
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"{type(self).__name__}(name={name!r}): expected a non-empty str or None")
         self.name = name
+        self.on_halt = "stop"
+        self.halt_report: str | None = None
+        self._halted = False
+        self._counts: dict[str, int] = {}  # events this callback emitted, by kind
+        self._hooks: list[Any] = []  # optimizer step hook handles
 
     @property
     @override
@@ -44,6 +53,56 @@ class StabilityCallback(Callback):
 
     def event_log(self, trainer: pl.Trainer) -> EventLog:
         return get_event_log(trainer)
+
+    def emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None) -> None:
+        """Emit an event from this callback at the current step, and count it by kind."""
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action)
+
+    def event_count_metrics(self) -> dict[str, float]:
+        """``stability/events/<kind>``: the cumulative count of this callback's events of each kind."""
+        return {f"stability/events/{kind}": float(n) for kind, n in self._counts.items()}
+
+    # -- learning-rate hooks ---------------------------------------------------------------------
+    def register_lr_hooks(self, trainer: pl.Trainer, make_pre_hook: Callable[[int], Callable[..., None]]) -> None:
+        """A step pre-hook per optimizer (``make_pre_hook(index)``) that may scale its LR for that step
+        only, and a post-hook that puts the scheduler's LR back; removed when training ends."""
+        self.remove_lr_hooks(trainer)
+        for index, optimizer in enumerate(trainer.optimizers):
+            opt = unwrap_optimizer(optimizer)
+            self._hooks.append(opt.register_step_pre_hook(make_pre_hook(index)))
+            self._hooks.append(opt.register_step_post_hook(lambda optimizer, args, kwargs: restore_lr(optimizer)))
+
+    def remove_lr_hooks(self, trainer: pl.Trainer) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        # An exception inside optimizer.step(closure) skips the post-hook: put the scheduler's LR back.
+        for optimizer in trainer.optimizers:
+            restore_lr(unwrap_optimizer(optimizer))
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.remove_lr_hooks(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.remove_lr_hooks(trainer)
+
+    # -- halting ---------------------------------------------------------------------------------
+    def halt(self, trainer: pl.Trainer, report: str, path: str, kind: str, metrics: dict[str, float]) -> None:
+        """Stop the fit: record the halt, save a checkpoint to ``path``, then stop or raise (``on_halt``).
+
+        The halt is recorded before the save, so that the checkpoint knows about it.
+        """
+        self.halt_report = report
+        self._halted = True
+        self.emit(trainer, kind, "critical", metrics, "halt")
+        trainer.save_checkpoint(path)
+        trainer.should_stop = True
+        if self.on_halt == "raise":
+            raise TrainingHalted(report)
+        rank_zero_warn(report)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -93,6 +152,20 @@ def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{owner}({name}={value!r}): expected an int >= {minimum}")
     return value
+
+
+def check_on_halt(owner: str, value: Any) -> str:
+    if value not in ("stop", "raise"):
+        raise ValueError(f"{owner}(on_halt={value!r}): expected 'stop' or 'raise'")
+    return str(value)
+
+
+def grad_scaler(trainer: pl.Trainer) -> Any:
+    """The enabled AMP gradient scaler of the trainer's precision plugin, or ``None``."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return None
+    return scaler
 
 
 def check_positive(owner: str, name: str, value: Any, above: float = 0.0) -> float:

@@ -19,13 +19,15 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._base import (
     StabilityCallback,
-    TrainingHalted,
     check_int,
+    check_on_halt,
     check_positive,
+    grad_scaler,
     is_logging_step,
 )
 from lightning_stability.events import StabilityEvent
-from lightning_stability.ops.lr import restore_lr, scale_lr_for_step
+from lightning_stability.ops.ladder import ACTIONS
+from lightning_stability.ops.lr import scale_lr_for_step
 from lightning_stability.ops.optim_state import unwrap_optimizer
 from lightning_stability.ops.snapshot import (
     HostSnapshot,
@@ -36,8 +38,9 @@ from lightning_stability.ops.snapshot import (
 )
 
 QUARANTINE_FILE = "quarantine.json"
-# Actions after which the optimizer step did not update the weights: its time is lost time.
-_SKIPPING_ACTIONS = frozenset({"skip", "reset_moments", "lr_backoff", "rollback", "halt"})
+# Actions after which the optimizer step did not update the weights (every rung above ``clip`` skips
+# the step): its time is lost time.
+_SKIPPING_ACTIONS = frozenset(ACTIONS) - {"clip"}
 
 
 @dataclass
@@ -183,15 +186,11 @@ class InMemoryRollback(StabilityCallback):
         if max_host_bytes is not None:
             check_int(cls, "max_host_bytes", max_host_bytes, 1)
         self.max_host_bytes = max_host_bytes
-        if on_halt not in ("stop", "raise"):
-            raise ValueError(f"{cls}(on_halt={on_halt!r}): expected 'stop' or 'raise'")
-        self.on_halt = on_halt
+        self.on_halt = check_on_halt(cls, on_halt)
 
         self.summary: dict[str, float] = {}
-        self.halt_report: str | None = None
         self._slots: list[_Slot] = []
         self._unsubscribe: Callable[[], None] | None = None
-        self._hooks: list[Any] = []
         self._trainer_ref: Any = None
         self._run_dir = "."
         self._reset_run()
@@ -323,20 +322,16 @@ class InMemoryRollback(StabilityCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks(trainer)
         self._trainer_ref = weakref.ref(trainer)
         self._check_memory(trainer, pl_module)
-        for optimizer in trainer.optimizers:
-            opt = unwrap_optimizer(optimizer)
-            self._hooks.append(opt.register_step_pre_hook(self._lr_pre_hook))
-            self._hooks.append(opt.register_step_post_hook(lambda optimizer, args, kwargs: restore_lr(optimizer)))
+        self.register_lr_hooks(trainer, lambda index: self._lr_pre_hook)
         self._last_step = trainer.global_step
         self._take_snapshot(trainer, pl_module)  # a fault in the first steps can be undone too
         self._mark = time.perf_counter()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks(trainer)
+        super().on_train_end(trainer, pl_module)
         self.summary = {
             "tor": self.tor,
             "rollbacks": float(len(self._rollbacks)),
@@ -348,24 +343,13 @@ class InMemoryRollback(StabilityCallback):
             "snapshots": float(self._snapshots_taken),
             "snapshot_bytes": float(self.snapshot_bytes),
         }
-        self._emit(trainer, "tor", "info", self.summary, None)
+        self.emit(trainer, "tor", "info", self.summary, None)
         rank_zero_info(
             f"{type(self).__name__}: {len(self._rollbacks)} rollbacks, {self.lost_steps} steps lost, "
             f"Training Overhead Ratio {self.tor:.4f}; {self._snapshots_taken} snapshots of "
             f"{self.snapshot_bytes / max(len(self._slots), 1) / 2**20:.1f} MiB, "
             f"{self._snapshot_s:.3f} s taking them."
         )
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks(trainer)
-
-    def _remove_hooks(self, trainer: pl.Trainer) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        for optimizer in trainer.optimizers:
-            restore_lr(unwrap_optimizer(optimizer))
 
     # -- per step --------------------------------------------------------------------------------
     def _on_event(self, event: StabilityEvent) -> None:
@@ -499,13 +483,13 @@ class InMemoryRollback(StabilityCallback):
             # mid-fit: better to go on with the snapshots held than to stop the run
             if slot.step < 0:
                 self._slots.remove(slot)
-            self._emit(trainer, "snapshot_skipped", "info", {"bytes": float(needed)}, None)
+            self.emit(trainer, "snapshot_skipped", "info", {"bytes": float(needed)}, None)
             rank_zero_warn(f"{problem or 'another rank lacks host memory'}; this snapshot is skipped.")
             return
         extra = {
             "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
             "callbacks": {cb.state_key: cb.snapshot_state() for cb in _rewindable(trainer)},
-            "scaler": _scaler_state(trainer),
+            "scaler": scaler.state_dict() if (scaler := grad_scaler(trainer)) is not None else None,
         }
         slot.snapshot.capture(trainer.global_step, pl_module, optimizers, extra)
         slot.committed = False
@@ -513,7 +497,7 @@ class InMemoryRollback(StabilityCallback):
         self._prune()
         seconds = time.perf_counter() - start
         self._snapshot_s += seconds
-        self._emit(
+        self.emit(
             trainer, "snapshot", "info", {"bytes": float(slot.snapshot.nbytes), "seconds": seconds}, None
         )
 
@@ -539,10 +523,10 @@ class InMemoryRollback(StabilityCallback):
                 continue
             if trouble:
                 self._slots.remove(slot)  # taken while something was going wrong: never restore it
-                self._emit(trainer, "snapshot_discarded", "info", {"snapshot_step": float(slot.step)}, None)
+                self.emit(trainer, "snapshot_discarded", "info", {"snapshot_step": float(slot.step)}, None)
             elif step - slot.step >= self.commit_after:
                 slot.committed = True
-                self._emit(trainer, "snapshot_committed", "info", {"snapshot_step": float(slot.step)}, None)
+                self.emit(trainer, "snapshot_committed", "info", {"snapshot_step": float(slot.step)}, None)
         self._prune()
 
     def _prune(self) -> None:
@@ -563,7 +547,7 @@ class InMemoryRollback(StabilityCallback):
         over_budget = len(recent) >= self.max_rollbacks
         if good is None:
             self._unavailable.append(step)
-            self._emit(trainer, "rollback_unavailable", "critical", {}, None)
+            self.emit(trainer, "rollback_unavailable", "critical", {}, None)
             if over_budget:
                 self._halt(trainer, step, len(recent) + 1, None)
                 return
@@ -594,7 +578,7 @@ class InMemoryRollback(StabilityCallback):
             {"step": step, "restored_step": good.step, "reason": reason, "lost_steps": step - good.step,
              "quarantined": len(records), "seconds": seconds}
         )
-        self._emit(
+        self.emit(
             trainer, "rollback", "warning",
             {"restored_step": float(good.step), "lost_steps": float(step - good.step),
              "quarantined_batches": float(len(records)), "rollbacks": float(len(self._rollbacks)),
@@ -616,7 +600,7 @@ class InMemoryRollback(StabilityCallback):
         for cb in _rewindable(trainer):
             if cb.state_key in callbacks:
                 cb.restore_snapshot_state(callbacks[cb.state_key])
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scaler = grad_scaler(trainer)
         if scaler is not None and snapshot.extra["scaler"] is not None:
             scaler.load_state_dict(snapshot.extra["scaler"])
 
@@ -631,7 +615,7 @@ class InMemoryRollback(StabilityCallback):
         records = _gather_objects(trainer, local)
         self._quarantined += len(records)
         for r in records:
-            self._emit(trainer, "quarantine", "info",
+            self.emit(trainer, "quarantine", "info",
                        {"epoch": float(r["epoch"]), "batch_idx": float(r["batch_idx"]),
                         "batch_step": float(r["step"]), "rank": float(r["rank"]),
                         "samples": float(len(r["sample_ids"] or []))}, None)
@@ -670,15 +654,7 @@ class InMemoryRollback(StabilityCallback):
             f"{self.budget_window} steps exceed max_rollbacks={self.max_rollbacks} ({history}). {saved}; the "
             f"quarantined batches are listed in {os.path.join(self._run_dir, QUARANTINE_FILE)}."
         )
-        # recorded before the save, so that the checkpoint knows about the halt
-        self.halt_report = report
-        self._halted = True
-        self._emit(trainer, "rollback_halt", "critical", {"rollbacks": float(count)}, "halt")
-        trainer.save_checkpoint(path)
-        trainer.should_stop = True
-        if self.on_halt == "raise":
-            raise TrainingHalted(report)
-        rank_zero_warn(report)
+        self.halt(trainer, report, path, "rollback_halt", {"rollbacks": float(count)})
 
     # -- helpers ---------------------------------------------------------------------------------
     def _lr_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -703,13 +679,8 @@ class InMemoryRollback(StabilityCallback):
             "stability/rollback/lost_steps": float(self.lost_steps),
             "stability/rollback/snapshot_mb": self.snapshot_bytes / 2**20,
         }
-        for kind, n in self._counts.items():
-            metrics[f"stability/events/{kind}"] = float(n)
+        metrics.update(self.event_count_metrics())
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-
-    def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None) -> None:
-        self._counts[kind] = self._counts.get(kind, 0) + 1
-        self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action)
 
 
 def read_quarantine(path: str | os.PathLike[str]) -> set[Any]:
@@ -764,13 +735,6 @@ def _to_list(ids: Any) -> list[Any] | None:
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         return [ids]
     return [i.item() if hasattr(i, "item") else i for i in ids]
-
-
-def _scaler_state(trainer: pl.Trainer) -> dict[str, Any] | None:
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
-        return None
-    return scaler.state_dict()
 
 
 def _mib(n: float) -> str:

@@ -16,13 +16,14 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._base import (
     StabilityCallback,
-    TrainingHalted,
     check_int,
+    check_on_halt,
     check_positive,
+    grad_scaler,
     is_logging_step,
 )
 from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
-from lightning_stability.ops.lr import restore_lr, scale_lr_for_step
+from lightning_stability.ops.lr import scale_lr_for_step
 from lightning_stability.ops.optim_state import (
     moment_family,
     reset_moments_,
@@ -208,19 +209,13 @@ class GradientSpikeGuard(StabilityCallback):
             raise ValueError(f"{cls}(lr_backoff_factor={lr_backoff_factor!r}): expected a float in (0, 1)")
         self.lr_backoff_factor = float(lr_backoff_factor)
         self.lr_backoff_steps = check_int(cls, "lr_backoff_steps", lr_backoff_steps, 1)
-        if on_halt not in ("stop", "raise"):
-            raise ValueError(f"{cls}(on_halt={on_halt!r}): expected 'stop' or 'raise'")
-        self.on_halt = on_halt
+        self.on_halt = check_on_halt(cls, on_halt)
 
         self._tracks: dict[int, _OptimizerTrack] = {}
         self._pending_loss: Tensor | None = None
-        self._halt_report: str | None = None
-        self._halted = False
-        self.halt_report: str | None = None
-        self._hooks: list[Any] = []
+        self._halt_report: str | None = None  # a halt decided in this step, carried out at its end
         self._warned_norm_only: set[str] = set()
         self._trainer_ref: Any = None
-        self._counts: dict[str, int] = {}
 
     # -- state -----------------------------------------------------------------------------------
     @override
@@ -266,15 +261,13 @@ class GradientSpikeGuard(StabilityCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks(trainer)
         self._trainer_ref = weakref.ref(trainer)
         self._pending_loss = None
         self._halt_report = None
         self._halted = False
-        for index, optimizer in enumerate(trainer.optimizers):
+        self.register_lr_hooks(trainer, self._make_lr_pre_hook)
+        for optimizer in trainer.optimizers:
             opt = unwrap_optimizer(optimizer)
-            self._hooks.append(opt.register_step_pre_hook(self._make_lr_pre_hook(index)))
-            self._hooks.append(opt.register_step_post_hook(lambda optimizer, args, kwargs: restore_lr(optimizer)))
             if self.theta is not None and moment_family(opt) is None:
                 name = type(opt).__name__
                 if name not in self._warned_norm_only:
@@ -283,22 +276,6 @@ class GradientSpikeGuard(StabilityCallback):
                         f"{type(self).__name__}: {name} keeps no second moment this guard can read; "
                         "per-element (SPAM) spike detection is off for it, norm and loss detection stay on."
                     )
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._remove_hooks(trainer)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_hooks(trainer)
-
-    def _remove_hooks(self, trainer: pl.Trainer) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        # An exception inside optimizer.step(closure) skips the post-hook: put the scheduler's LR back.
-        for optimizer in trainer.optimizers:
-            restore_lr(unwrap_optimizer(optimizer))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -349,16 +326,16 @@ class GradientSpikeGuard(StabilityCallback):
         if detection == "nonfinite" and _finite(loss_value) and _scaler_skips(trainer, opt):
             # fp16 AMP: overflowing gradients with a finite loss are the loss scaler's business. It
             # skips this step and lowers its scale; not a detection, and no strike on the ladder.
-            self._emit(trainer, "amp_overflow", "info", stats, "skip")
+            self.emit(trainer, "amp_overflow", "info", stats, "skip")
         elif detection is None:
             track.grad_window.push(grad_norm)
             if loss_value is not None:
                 track.loss_window.push(loss_value)
             if not track.armed and len(track.grad_window) >= self.warmup:
                 track.armed = True
-                self._emit(trainer, "armed", "info", {"window": float(len(track.grad_window))}, None)
+                self.emit(trainer, "armed", "info", {"window": float(len(track.grad_window))}, None)
             if track.ladder.healthy():
-                self._emit(trainer, "recovered", "info", {"healthy_steps": float(self.cooldown)}, None)
+                self.emit(trainer, "recovered", "info", {"healthy_steps": float(self.cooldown)}, None)
         else:
             unavailable = set() if log.has_responder("rollback") else {"rollback"}
             action = track.ladder.decide(detection, unavailable)
@@ -367,7 +344,7 @@ class GradientSpikeGuard(StabilityCallback):
             self._apply(trainer, opt, index, track, action, detection, stats, params, grads, gb)
             track.actions[action] = track.actions.get(action, 0) + 1
             severity = "critical" if action in ("rollback", "halt") else _SEVERITY[detection]
-            self._emit(trainer, detection, severity, stats, action)
+            self.emit(trainer, detection, severity, stats, action)
 
         if detection is not None or is_logging_step(trainer):
             self._log_metrics(pl_module, index, stats)
@@ -381,15 +358,8 @@ class GradientSpikeGuard(StabilityCallback):
         report, self._halt_report = self._halt_report, None
         ckpt_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
         path = os.path.join(ckpt_dir, f"stability-halt-step={trainer.global_step}.ckpt")
-        trainer.save_checkpoint(path)
         report += f" A checkpoint of the state after the skipped step is at {path}."
-        self.halt_report = report
-        self._halted = True
-        self._emit(trainer, "halt", "critical", {}, "halt")
-        trainer.should_stop = True
-        if self.on_halt == "raise":
-            raise TrainingHalted(report)
-        rank_zero_warn(report)
+        self.halt(trainer, report, path, "halt", {})
 
     # -- detection and actions -------------------------------------------------------------------
     def _measure(
@@ -585,13 +555,8 @@ class GradientSpikeGuard(StabilityCallback):
             metrics[f"stability/grad/norm_zscore{suffix}"] = stats["grad_zscore"]
         if math.isfinite(stats.get("loss_zscore", math.nan)):
             metrics[f"stability/loss/zscore{suffix}"] = stats["loss_zscore"]
-        for kind, n in self._counts.items():
-            metrics[f"stability/events/{kind}"] = float(n)
+        metrics.update(self.event_count_metrics())
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-
-    def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None) -> None:
-        self._counts[kind] = self._counts.get(kind, 0) + 1
-        self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action)
 
 
 
@@ -603,21 +568,13 @@ def _optimizer_index(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> int:
     return 0
 
 
-def _grad_scaler(trainer: pl.Trainer) -> Any:
-    """The enabled AMP gradient scaler of the trainer's precision plugin, or ``None``."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
-        return None
-    return scaler
-
-
 def _scaler_skips(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> bool:
     """Has the AMP loss scaler found an inf for this optimizer, so that it will skip the step itself?
 
     It decides in ``unscale_``, before ``on_before_optimizer_step``: a NaN that appears later, or a
     finite gradient whose norm overflows float32, is not seen by it and must be handled here.
     """
-    scaler = _grad_scaler(trainer)
+    scaler = grad_scaler(trainer)
     if scaler is None:
         return False
     state = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {})
@@ -627,7 +584,7 @@ def _scaler_skips(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> bool:
 
 def _loss_scale(trainer: pl.Trainer) -> float:
     # Under fp16 AMP Lightning scales the loss before on_before_backward sees it.
-    scaler = _grad_scaler(trainer)
+    scaler = grad_scaler(trainer)
     if scaler is None:
         return 1.0
     scale = float(scaler.get_scale())
