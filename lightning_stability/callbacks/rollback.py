@@ -518,16 +518,20 @@ class InMemoryRollback(StabilityCallback):
         return max(good, key=lambda s: s.step) if good else None
 
     def _advance_probation(self, trainer: pl.Trainer, step: int, trouble: bool) -> None:
+        discarded = False
         for slot in list(self._slots):
             if slot.committed:
                 continue
             if trouble:
                 self._slots.remove(slot)  # taken while something was going wrong: never restore it
+                discarded = True
                 self.emit(trainer, "snapshot_discarded", "info", {"snapshot_step": float(slot.step)}, None)
             elif step - slot.step >= self.commit_after:
                 slot.committed = True
                 self.emit(trainer, "snapshot_committed", "info", {"snapshot_step": float(slot.step)}, None)
-        self._prune()
+        # While the ring is unchanged its oldest step is too, and nothing new is old enough to drop.
+        if discarded or not self._slots:
+            self._prune()
 
     def _prune(self) -> None:
         """Forget per-step records older than every snapshot held (no rollback can discard them now)."""
