@@ -7,10 +7,12 @@ TensorBoard; those load only when a component that needs them is used.
 from lightning_stability.callbacks import (
     GradientSpikeGuard,
     InMemoryRollback,
+    SpectralMonitor,
     TrainingHalted,
     read_quarantine,
 )
 from lightning_stability.events import EventLog, StabilityEvent, get_event_log, read_events
+from lightning_stability.ops.spectral import SpectralUpdateClip, analyze_model
 
 __version__ = "0.1.0"
 
@@ -18,9 +20,12 @@ __all__ = [
     "EventLog",
     "GradientSpikeGuard",
     "InMemoryRollback",
+    "SpectralMonitor",
+    "SpectralUpdateClip",
     "StabilityEvent",
     "TrainingHalted",
     "__version__",
+    "analyze_model",
     "get_event_log",
     "read_events",
     "read_quarantine",

@@ -16,15 +16,17 @@ DETECTIONS = ("nonfinite", "grad_spike", "loss_spike", "element_spike")
 _CLIP_REPAIRS = frozenset({"grad_spike", "element_spike"})
 
 
-def validate_ladder(ladder: Sequence[str], owner: str = "ladder") -> tuple[str, ...]:
+def validate_ladder(
+    ladder: Sequence[str], owner: str = "ladder", actions: Sequence[str] = ACTIONS
+) -> tuple[str, ...]:
     if isinstance(ladder, str) or not isinstance(ladder, Sequence):
-        raise TypeError(f"{owner}={ladder!r}: expected a sequence of actions from {list(ACTIONS)}")
+        raise TypeError(f"{owner}={ladder!r}: expected a sequence of actions from {list(actions)}")
     rungs = tuple(ladder)
     if not rungs:
-        raise ValueError(f"{owner}={ladder!r}: expected at least one action from {list(ACTIONS)}")
+        raise ValueError(f"{owner}={ladder!r}: expected at least one action from {list(actions)}")
     for action in rungs:
-        if action not in ACTIONS:
-            raise ValueError(f"{owner}: unknown action {action!r}; expected one of {list(ACTIONS)}")
+        if action not in actions:
+            raise ValueError(f"{owner}: unknown action {action!r}; expected one of {list(actions)}")
     if len(set(rungs)) != len(rungs):
         raise ValueError(f"{owner}={ladder!r}: each action may appear once")
     return rungs
@@ -42,24 +44,39 @@ def cosine_ramp(k: int, length: int, start: float = 0.01) -> float:
 class EscalationLadder:
     """Picks a rung for each detection and climbs with repetition.
 
-    A detection starts at the first rung that can repair it (``clip`` repairs only gradient and
-    element spikes). Every ``patience`` detections without ``cooldown`` healthy steps in between
+    A detection starts at the first rung that can repair it (by default the guard's rules: ``clip``
+    repairs only gradient and element spikes; ``repairs`` maps an action to the detections it can
+    repair, and an action it does not list repairs any). Every ``patience`` detections without ``cooldown`` healthy steps in between
     climb one rung. ``cooldown`` consecutive healthy steps bring it back to the bottom.
     ``rollback`` is used only where a responder is available; otherwise the next rung is taken.
     """
 
-    def __init__(self, rungs: Sequence[str] = ACTIONS, patience: int = 3, cooldown: int = 50) -> None:
-        self.rungs = validate_ladder(rungs)
+    def __init__(
+        self,
+        rungs: Sequence[str] = ACTIONS,
+        patience: int = 3,
+        cooldown: int = 50,
+        actions: Sequence[str] = ACTIONS,
+        detections: Collection[str] = DETECTIONS,
+        repairs: Mapping[str, Collection[str]] | None = None,
+        fallback: str = "skip",
+    ) -> None:
+        self.rungs = validate_ladder(rungs, actions=actions)
+        self.detections = frozenset(detections)
+        self.repairs = {"clip": _CLIP_REPAIRS} if repairs is None else dict(repairs)
+        self.fallback = fallback  # the action when every rung is unavailable
         self.patience = patience
         self.cooldown = cooldown
         self.strikes = 0
         self.calm = 0
 
     def start_rung(self, detection: str) -> int:
-        if detection not in DETECTIONS:
-            raise ValueError(f"EscalationLadder: unknown detection {detection!r}; expected one of {list(DETECTIONS)}")
+        if detection not in self.detections:
+            raise ValueError(
+                f"EscalationLadder: unknown detection {detection!r}; expected one of {sorted(self.detections)}"
+            )
         for i, action in enumerate(self.rungs):
-            if action != "clip" or detection in _CLIP_REPAIRS:
+            if action not in self.repairs or detection in self.repairs[action]:
                 return i
         return len(self.rungs) - 1
 
@@ -74,7 +91,7 @@ class EscalationLadder:
         if action in unavailable:
             # nothing above it: fall back to the strongest rung that is available
             available = [a for a in self.rungs if a not in unavailable]
-            action = available[-1] if available else "skip"
+            action = available[-1] if available else self.fallback
         return action
 
     def healthy(self) -> bool:

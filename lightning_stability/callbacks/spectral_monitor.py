@@ -1,0 +1,779 @@
+"""SpectralMonitor: per-layer singular spectra during training, and spectral interventions."""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_stability.callbacks._base import (
+    StabilityCallback,
+    check_int,
+    check_on_halt,
+    check_positive,
+    is_logging_step,
+)
+from lightning_stability.events import StabilityEvent
+from lightning_stability.ops.ladder import EscalationLadder, validate_ladder
+from lightning_stability.ops.optim_state import unwrap_optimizer
+from lightning_stability.ops.robust import RollingWindow
+from lightning_stability.ops.spectral import (
+    SpectralUpdateClip,
+    alignment,
+    analyze_spectrum,
+    as_matrix,
+    full_spectrum,
+    init_vectors,
+    power_iteration,
+    pss_delta,
+    spectral_cap_delta,
+    spectral_weights,
+    stable_rank,
+    update_power_step,
+    update_probes,
+)
+
+SPECTRAL_ACTIONS = ("warn", "cap", "pss", "clip_updates", "rollback", "halt")
+SPECTRAL_DETECTIONS = ("sigma_growth", "rank_collapse", "alignment", "embedding_rank_rise", "intervention_failed")
+DEFAULT_LADDER = ("cap", "pss", "clip_updates", "rollback")
+# Detections that call for a warning only, whatever the ladder (a flattening embedding spectrum under
+# low precision is a symptom to look at, not something smoothing repairs).
+_WARN_ONLY = frozenset({"embedding_rank_rise"})
+_FULL_PRECISION = ("32-true", "64-true", "32", "64")
+
+
+class _Group:
+    """Weights of one matrix shape on one device, measured together as a stack ``(B, m, n)``."""
+
+    def __init__(self, layers: list[_Layer], m: int, n: int, device: torch.device) -> None:
+        self.layers = layers
+        self.m, self.n, self.device = m, n, device
+        b = len(layers)
+        zeros = torch.zeros(b, device=device)
+        self.u = torch.zeros(b, m, device=device)
+        self.v = torch.zeros(b, n, device=device)
+        self.du = torch.zeros(b, m, device=device)  # the update's singular pair
+        self.dv = torch.zeros(b, n, device=device)
+        self.probes: tuple[Tensor, Tensor] | None = None  # (W_old dv, W_old^T du) for the next update
+        self.sigma, self.srank, self.ratio, self.residual = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+        self.align = zeros.clone()  # largest alignment since the last check
+        self.align_last = zeros.clone()
+
+    def stack(self) -> Tensor:
+        ws = [as_matrix(layer.param.detach()) for layer in self.layers]
+        return torch.stack(ws).float()  # (B, m, n)
+
+
+class _Layer:
+    """What the monitor keeps about one weight on the host."""
+
+    def __init__(self, monitor: SpectralMonitor, name: str, param: nn.Parameter, embedding: bool) -> None:
+        self.name = name
+        self.param = param
+        self.embedding = embedding
+        self.group: _Group | None = None
+        self.slot = 0
+        self.growth = RollingWindow(monitor.window)  # per-step log-growth of sigma_max between checks
+        self.rank = RollingWindow(monitor.window)  # stable rank at checks
+        self.sigmas = RollingWindow(monitor.window)  # sigma_max at checks (the cap's reference)
+        self.ladder = EscalationLadder(
+            monitor.ladder, monitor.patience, monitor.cooldown, actions=SPECTRAL_ACTIONS,
+            detections=SPECTRAL_DETECTIONS, repairs={}, fallback="warn",
+        )
+        self.last_sigma = math.nan
+        self.last_check = -1
+        self.clipper: SpectralUpdateClip | None = None
+        self.clip_updates = False
+        self.full: dict[str, float] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "growth": self.growth.state_dict(),
+            "rank": self.rank.state_dict(),
+            "sigmas": self.sigmas.state_dict(),
+            "ladder": self.ladder.state_dict(),
+            "last_sigma": self.last_sigma,
+            "last_check": self.last_check,
+            "clip_updates": self.clip_updates,
+            "full": dict(self.full),
+        }
+        g = self.group
+        if g is not None:
+            for key in ("u", "v", "du", "dv"):
+                state[key] = getattr(g, key)[self.slot].detach().cpu().clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.growth.load_state_dict(state.get("growth", {}))
+        self.rank.load_state_dict(state.get("rank", {}))
+        self.sigmas.load_state_dict(state.get("sigmas", {}))
+        self.ladder.load_state_dict(state.get("ladder", {}))
+        self.last_sigma = float(state.get("last_sigma", math.nan))
+        self.last_check = int(state.get("last_check", -1))
+        self.clip_updates = bool(state.get("clip_updates", False))
+        self.full = {str(k): float(v) for k, v in dict(state.get("full", {})).items()}
+        g = self.group
+        if g is not None:
+            for key in ("u", "v", "du", "dv"):
+                value = state.get(key)
+                if isinstance(value, Tensor) and value.shape == getattr(g, key)[self.slot].shape:
+                    getattr(g, key)[self.slot].copy_(value)
+
+
+class SpectralMonitor(StabilityCallback):
+    r"""Tracks the singular spectrum of every weight matrix during training and intervenes on it.
+
+    **Which weights.** Every weight of ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv*`` modules (conv
+    kernels read as ``(out, in * kernel)`` matrices, whose singular values are not the convolution
+    operator's), selected by shell-style ``include``/``exclude`` patterns on module names. Tied
+    weights count once.
+
+    **Every measured step** (``every_n_steps``), all on the weights' device with no host sync:
+
+    - ``sigma_max`` by warm-started power iteration (``power_iters`` matrix-vector pairs per weight,
+      weights of one shape batched into one stack); the vectors persist in the callback's state and
+      in checkpoints;
+    - the stable rank ``||W||_F^2 / sigma_max^2``;
+    - the spectral norm of the step's update relative to the weight's (``update_ratio``), by a power
+      iteration on the update itself that needs no copy of the old weights;
+    - the alignment ``(u^T G v)^2 / ||G||_F^2`` of the gradient with the top singular pair (PSS's
+      dominant-direction energy).
+
+    **Checks** (on logging steps, or every ``check_every_n_steps``): the statistics come to the host in
+    one copy. Where the power iteration has not converged (residual above ``tol``), more iterations
+    run at once (up to ``max_power_iters``). Against each layer's own robust history:
+
+    ==========================  ========================================================================
+    detection                   rule
+    ==========================  ========================================================================
+    ``sigma_growth``            per-step log-growth of sigma_max since the last check with a robust
+                                z-score >= ``growth_zscore`` and at least ``min_growth``
+    ``rank_collapse``           stable rank below ``rank_collapse`` times its median
+    ``alignment``               the largest alignment since the last check >= ``alignment_threshold``
+    ``embedding_rank_rise``     (embeddings, low precision) stable rank above ``embedding_rank_rise``
+                                times its median: a warning only
+    ``intervention_failed``     the mean loss after an intervention is worse than before it by more
+                                than ``loss_tolerance``: asks for a rollback
+    ==========================  ========================================================================
+
+    **Interventions**, per layer, one rung of ``ladder`` per detection (climbing every ``patience``
+    detections until ``cooldown`` healthy checks pass), each an event:
+
+    ================  =========================================================================
+    action            effect
+    ================  =========================================================================
+    ``warn``          an event only
+    ``cap``           ``W <- W + (min(sigma, cap) - sigma) u v^T`` with the converged pair, ``cap``
+                      the median of the layer's sigma_max history times ``cap_factor``
+    ``pss``           parametric singularity smoothing: the top ``k`` singular values (``k`` the
+                      stable rank, at most ``pss_max_k``) smoothed towards the next one by ``pss_fn``
+                      via a randomized partial SVD; the rest of the spectrum is untouched
+    ``clip_updates``  soft spectral clipping of the layer's updates (:class:`SpectralUpdateClip`,
+                      level ``update_clip``) until the incident ends
+    ``rollback``      asks ``InMemoryRollback`` (if attached) to restore a snapshot
+    ``halt``          saves a checkpoint and stops the fit with a report
+    ================  =========================================================================
+
+    After a ``cap`` or ``pss`` the layer is re-measured (the event carries sigma before and after),
+    and the next check compares the loss with the loss before: if worse, a rollback is requested.
+
+    **Full spectra** every ``full_every_n_steps`` (round-robin: each layer once a period, spread over
+    its steps, so no step pays for all): exact singular values in float32, exact stable rank, the
+    power-law exponent alpha of the eigenvalue density, its KS distance, ``alpha_weighted``,
+    ``log_norm``, the decay exponent of sigma_k against k, the count of eigenvalues above the
+    Marchenko-Pastur bulk edge; a histogram of singular values (TensorBoard); the power-iteration
+    vectors are re-seeded with the exact top pair.
+
+    Logged metrics (``<layer>`` is the module's qualified name):
+
+    ===============================================  =========================================
+    key                                              when
+    ===============================================  =========================================
+    ``stability/spectral/<layer>/sigma_max``         logging steps
+    ``stability/spectral/<layer>/stable_rank``       logging steps
+    ``stability/spectral/<layer>/update_ratio``      logging steps
+    ``stability/spectral/<layer>/alignment``         logging steps (the step's value)
+    ``stability/spectral/<layer>/alpha``             the layer's full-spectrum step (also
+                                                     ``alpha_weighted``, ``log_norm``, ``decay``,
+                                                     ``mp_spikes``, ``ks``, ``stable_rank_exact``)
+    ``stability/spectral/<layer>/singular_values``   histogram, full-spectrum step (TensorBoard)
+    ``stability/events/<kind>``                      logging steps
+    ===============================================  =========================================
+
+    Example::
+
+        from lightning_stability import SpectralMonitor
+        trainer = pl.Trainer(callbacks=[SpectralMonitor(exclude=["lm_head"])])
+
+    Under DDP every rank measures identical weights and gradients from identically seeded vectors, so
+    every rank takes the same decision without a collective (the loss check after an intervention
+    averages the loss over ranks: one all-reduce, only then).
+
+    Args:
+        include, exclude: shell-style patterns on module names.
+        every_n_steps: measure every n optimizer steps (>= 1).
+        power_iters: power iterations per measured step (>= 1).
+        init_iters: iterations for fresh vectors (>= 1); torch's ``spectral_norm`` uses 15.
+        max_power_iters: the most extra iterations a check adds to an unconverged estimate.
+        tol: residual under which an estimate counts as converged.
+        check_every_n_steps: steps between checks; ``None`` checks on the logger's steps only.
+        window: checks kept in each layer's history (>= 2).
+        warmup: checks in a layer's history before its detections are armed (1..window).
+        growth_zscore, min_growth: both must be reached for ``sigma_growth``.
+        rank_collapse: fraction of the median stable rank under which it has collapsed, in (0, 1).
+        alignment_threshold: in (0, 1]; PSS uses 0.8.
+        embedding_rank_rise: ratio (> 1) for the embedding warning; ``"auto"`` is 1.5 under a
+            precision other than 32/64-bit and off otherwise; ``None`` is off.
+        ladder: ordered actions from ``SPECTRAL_ACTIONS``.
+        patience, cooldown: detections per rung; healthy checks that end an incident.
+        cap_factor: the cap as a multiple of the layer's median sigma_max (> 0).
+        pss_fn: ``"log"`` or ``"clip"``.
+        pss_max_k: the most singular values PSS smooths.
+        update_clip: SPECTRA's level ``c`` for ``clip_updates``.
+        loss_tolerance: relative loss increase after an intervention that asks for a rollback.
+        full_every_n_steps: period of the full-spectrum analysis; ``None`` turns it off.
+        seed: seeds the starting vectors and PSS's random projections (identical on every rank).
+        on_halt: ``"stop"`` or ``"raise"``.
+        name: distinguishes several monitors in one trainer.
+    """
+
+    def __init__(
+        self,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        every_n_steps: int = 1,
+        power_iters: int = 1,
+        init_iters: int = 15,
+        max_power_iters: int = 20,
+        tol: float = 1e-2,
+        check_every_n_steps: int | None = None,
+        window: int = 64,
+        warmup: int = 8,
+        growth_zscore: float = 6.0,
+        min_growth: float = 5e-3,
+        rank_collapse: float = 0.5,
+        alignment_threshold: float = 0.8,
+        embedding_rank_rise: float | Literal["auto"] | None = "auto",
+        ladder: Sequence[str] = DEFAULT_LADDER,
+        patience: int = 2,
+        cooldown: int = 5,
+        cap_factor: float = 1.0,
+        pss_fn: Literal["log", "clip"] = "log",
+        pss_max_k: int = 8,
+        update_clip: float = 10.0,
+        loss_tolerance: float = 0.1,
+        full_every_n_steps: int | None = 500,
+        seed: int = 0,
+        on_halt: Literal["stop", "raise"] = "stop",
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name)
+        cls = type(self).__name__
+        self.include = _patterns(cls, "include", include) if include is not None else None
+        self.exclude = _patterns(cls, "exclude", exclude)
+        self.every_n_steps = check_int(cls, "every_n_steps", every_n_steps, 1)
+        self.power_iters = check_int(cls, "power_iters", power_iters, 1)
+        self.init_iters = check_int(cls, "init_iters", init_iters, 1)
+        self.max_power_iters = check_int(cls, "max_power_iters", max_power_iters, 0)
+        self.tol = check_positive(cls, "tol", tol)
+        self.check_every_n_steps = (
+            None if check_every_n_steps is None else check_int(cls, "check_every_n_steps", check_every_n_steps, 1)
+        )
+        self.window = check_int(cls, "window", window, 2)
+        self.warmup = check_int(cls, "warmup", warmup, 1)
+        if self.warmup > self.window:
+            raise ValueError(f"{cls}(warmup={warmup!r}): expected at most window={window}")
+        self.growth_zscore = check_positive(cls, "growth_zscore", growth_zscore)
+        self.min_growth = check_positive(cls, "min_growth", min_growth)
+        self.rank_collapse = _check_fraction(cls, "rank_collapse", rank_collapse, closed=False)
+        self.alignment_threshold = _check_fraction(cls, "alignment_threshold", alignment_threshold, closed=True)
+        if embedding_rank_rise not in (None, "auto"):
+            check_positive(cls, "embedding_rank_rise", embedding_rank_rise, above=1.0)
+        self.embedding_rank_rise = embedding_rank_rise
+        self.ladder = validate_ladder(ladder, f"{cls}(ladder)", actions=SPECTRAL_ACTIONS)
+        self.patience = check_int(cls, "patience", patience, 1)
+        self.cooldown = check_int(cls, "cooldown", cooldown, 1)
+        self.cap_factor = check_positive(cls, "cap_factor", cap_factor)
+        if pss_fn not in ("log", "clip"):
+            raise ValueError(f"{cls}(pss_fn={pss_fn!r}): expected 'log' or 'clip'")
+        self.pss_fn: Literal["log", "clip"] = pss_fn
+        self.pss_max_k = check_int(cls, "pss_max_k", pss_max_k, 1)
+        self.update_clip = check_positive(cls, "update_clip", update_clip)
+        self.loss_tolerance = check_positive(cls, "loss_tolerance", loss_tolerance)
+        self.full_every_n_steps = (
+            None if full_every_n_steps is None else check_int(cls, "full_every_n_steps", full_every_n_steps, 1)
+        )
+        self.seed = check_int(cls, "seed", seed, 0)
+        self.on_halt = check_on_halt(cls, on_halt)
+
+        self._layers: dict[str, _Layer] = {}
+        self._groups: list[_Group] = []
+        self._pending: dict[str, Any] = {}  # per-layer state loaded before the layers exist
+        self._rise: float | None = None
+        self._loss_sum: Tensor | None = None  # losses since the last check, on the device
+        self._loss_count = 0
+        self._last_loss = math.nan  # mean loss of the last check interval
+        self._verify: dict[str, Any] | None = None  # an intervention whose effect on the loss is due
+        self._weights_moved = False  # restored by someone else: the update estimate restarts
+        self._last_check_step = -1
+        self._seen_step = -1
+        self._optimizer_list: list[torch.optim.Optimizer] = []
+        self._unsubscribe: Any = None
+        self._halt_report: str | None = None
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def estimates(self) -> dict[str, dict[str, float]]:
+        """The latest per-layer statistics on the host, in one copy: ``sigma_max``, ``stable_rank``,
+        ``update_ratio``, ``alignment`` (the last step's), ``alignment_max`` (the largest since the
+        last check) and ``residual`` (of the power iteration)."""
+        keys = ("sigma_max", "stable_rank", "update_ratio", "alignment", "alignment_max", "residual")
+        if not self._groups:
+            return {}
+        device = self._groups[0].device
+        rows = torch.cat(
+            [torch.stack([g.sigma, g.srank, g.ratio, g.align_last, g.align, g.residual]).to(device) for g in self._groups],
+            dim=1,
+        ).cpu().tolist()  # (6, layers)
+        layers = [layer for g in self._groups for layer in g.layers]
+        return {layer.name: {k: row[i] for k, row in zip(keys, rows)} for i, layer in enumerate(layers)}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        layers = {name: layer.state_dict() for name, layer in self._layers.items()}
+        for name, state in self._pending.items():
+            layers.setdefault(name, state)
+        return {
+            "layers": layers,
+            "counts": dict(self._counts),
+            "halt_report": self.halt_report,
+            "last_loss": self._last_loss,
+            "loss_sum": float(self._loss_sum) if self._loss_sum is not None else 0.0,
+            "loss_count": self._loss_count,
+            "verify": dict(self._verify) if self._verify is not None else None,
+            "last_check_step": self._last_check_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = {str(k): v for k, v in dict(state_dict.get("layers", {})).items()}
+        self._counts = {str(k): int(v) for k, v in dict(state_dict.get("counts", {})).items()}
+        self.halt_report = state_dict.get("halt_report")
+        self._last_loss = float(state_dict.get("last_loss", math.nan))
+        self._loss_count = int(state_dict.get("loss_count", 0))
+        self._loss_sum = torch.tensor(float(state_dict.get("loss_sum", 0.0))) if self._loss_count else None
+        verify = state_dict.get("verify")
+        self._verify = dict(verify) if verify is not None else None
+        self._last_check_step = int(state_dict.get("last_check_step", -1))
+        if self._layers:
+            self._apply_pending()
+
+    @override
+    def restore_snapshot_state(self, state: dict[str, Any]) -> None:
+        counts, report = self._counts, self.halt_report
+        super().restore_snapshot_state(state)
+        self._counts, self.halt_report = counts, report
+        self._weights_moved = True
+
+    def _apply_pending(self) -> None:
+        for name, state in list(self._pending.items()):
+            layer = self._layers.get(name)
+            if layer is not None:
+                layer.load_state_dict(state)
+                del self._pending[name]
+        for g in self._groups:
+            g.probes = None
+        for layer in self._layers.values():
+            self._set_update_clip(layer, layer.clip_updates)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy).__name__
+        if "FSDP" in strategy or "ModelParallel" in strategy:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support {strategy} yet: it would gather full weights. "
+                "Use DDP, or leave the monitor out of sharded runs."
+            )
+        for layer in self._layers.values():
+            self._set_update_clip(layer, False)
+        self._layers, self._groups, self._pending = {}, [], {}
+        self._counts, self.halt_report = {}, None
+        self._loss_sum, self._loss_count, self._last_loss, self._verify = None, 0, math.nan, None
+        self._last_check_step = -1
+        log = self.event_log(trainer)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        self._unsubscribe = log.subscribe(self._on_event)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        for layer in self._layers.values():
+            self._set_update_clip(layer, False)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._halted = False
+        self._halt_report = None
+        self._seen_step = -1
+        self._optimizer_list = [unwrap_optimizer(o) for o in trainer.optimizers]
+        precision = str(trainer.precision)
+        if self.embedding_rank_rise == "auto":
+            self._rise = None if precision in _FULL_PRECISION else 1.5
+        else:
+            self._rise = self.embedding_rank_rise
+        if not self._layers:
+            self._build(trainer, pl_module)
+        self._apply_pending()
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weights = spectral_weights(pl_module, self.include, self.exclude)
+        if not weights:
+            rank_zero_warn(f"{type(self).__name__}: no Linear, Embedding or Conv weight matches; nothing to monitor.")
+        modules = dict(pl_module.named_modules())
+        by_shape: dict[tuple[int, int, torch.device], list[_Layer]] = {}
+        for name, param in weights:
+            layer = _Layer(self, name, param, isinstance(modules[name], nn.Embedding))
+            self._layers[name] = layer
+            m, n = as_matrix(param).shape
+            by_shape.setdefault((m, n, param.device), []).append(layer)
+        for (m, n, device), layers in by_shape.items():
+            group = _Group(layers, m, n, device)
+            for b, layer in enumerate(layers):
+                layer.group, layer.slot = group, b
+                # one generator per layer, seeded from its name: the same vectors on every rank and
+                # whatever the other layers are
+                gen = torch.Generator().manual_seed(self.seed + zlib.crc32(layer.name.encode()))
+                u, v = init_vectors(1, m, n, gen, device)
+                group.u[b], group.v[b] = u[0], v[0]
+                du, dv = init_vectors(1, m, n, gen, device)
+                group.du[b], group.dv[b] = du[0], dv[0]
+            w = group.stack()
+            group.u, group.v, group.sigma, group.residual = power_iteration(w, group.u, group.v, self.init_iters)
+            self._groups.append(group)
+
+    def _on_event(self, event: StabilityEvent) -> None:
+        if event.kind == "rollback" and event.source != self.source:
+            self._weights_moved = True
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        value = loss.detach().float()
+        value = value.mean() if value.numel() != 1 else value.reshape(())
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum.to(value.device) + value
+        self._loss_count += 1
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        owned = {id(p) for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]}
+        for g in self._groups:
+            if not any(id(layer.param) in owned and layer.param.grad is not None for layer in g.layers):
+                continue
+            grads = [
+                as_matrix(layer.param.grad) if layer.param.grad is not None and id(layer.param) in owned
+                else torch.zeros(g.m, g.n, device=g.device)
+                for layer in g.layers
+            ]
+            a = alignment(torch.stack(grads), g.u, g.v)
+            g.align_last = a
+            g.align = torch.maximum(g.align, a)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step - 1  # the optimizer step that just ran
+        if step < 0 or step == self._seen_step or not self._groups:
+            return  # accumulating gradients: no optimizer step yet
+        self._seen_step = step
+        if step % self.every_n_steps == 0:
+            self._measure()
+        if self.full_every_n_steps is not None:
+            self._full_analysis(trainer, step)
+        check = (
+            is_logging_step(trainer) if self.check_every_n_steps is None else (step + 1) % self.check_every_n_steps == 0
+        )
+        if check and not self._halted:
+            self._last_check_step = step
+            self._check(trainer, pl_module, step)
+        if self._halt_report is not None:
+            report, self._halt_report = self._halt_report, None
+            path = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints",
+                                f"spectral-halt-step={trainer.global_step}.ckpt")
+            self.halt(trainer, report + f" A checkpoint is at {path}.", path, "spectral_halt", {})
+
+    # -- measuring -------------------------------------------------------------------------------
+    def _measure(self) -> None:
+        moved, self._weights_moved = self._weights_moved, False
+        for g in self._groups:
+            w = g.stack()
+            g.u, g.v, g.sigma, g.residual = power_iteration(w, g.u, g.v, self.power_iters)
+            g.srank = stable_rank(w, g.sigma)
+            if g.probes is not None and not moved:
+                g.du, g.dv, d_sigma = update_power_step(w, g.du, g.dv, *g.probes)
+                g.ratio = d_sigma / g.sigma.clamp_min(1e-12)
+            g.probes = update_probes(w, g.du, g.dv)
+
+    def _full_analysis(self, trainer: pl.Trainer, step: int) -> None:
+        period = self.full_every_n_steps
+        assert period is not None
+        layers = list(self._layers.values())
+        phase = step % period
+        due = [layer for j, layer in enumerate(layers) if j * period // len(layers) == phase]
+        if not due:
+            return
+        metrics: dict[str, float] = {}
+        for layer in due:
+            g = layer.group
+            assert g is not None
+            sv, u, v = full_spectrum(layer.param.detach())
+            stats = analyze_spectrum(layer.param.detach(), sv)
+            layer.full = stats.as_dict()
+            g.u[layer.slot], g.v[layer.slot] = u, v  # re-seed with the exact top pair
+            prefix = f"stability/spectral/{layer.name}"
+            for key in ("alpha", "alpha_weighted", "log_norm", "decay", "mp_spikes", "ks"):
+                metrics[f"{prefix}/{key}"] = layer.full[key]
+            metrics[f"{prefix}/stable_rank_exact"] = layer.full["stable_rank"]
+            metrics[f"{prefix}/sigma_max_exact"] = layer.full["sigma_max"]
+            _log_histogram(trainer, f"{prefix}/singular_values", sv, step)
+        if trainer.is_global_zero:
+            finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+            for logger in trainer.loggers:
+                logger.log_metrics(finite, step=step)
+
+    # -- checking --------------------------------------------------------------------------------
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        stats = self.estimates()  # the check's host copy
+        if self._converge(stats):
+            stats = self.estimates()
+        for g in self._groups:
+            g.align.zero_()
+        loss = self._interval_loss(trainer)
+        verified = self._verify_intervention(trainer, step, loss)
+        if math.isfinite(loss):
+            self._last_loss = loss
+
+        acted = False
+        for layer in self._layers.values():
+            s = stats[layer.name]
+            detection = self._detect(layer, s, step)
+            if detection is None:
+                if layer.ladder.healthy():
+                    self.emit(trainer, "spectral_recovered", "info", {"layer_checks": float(self.cooldown)}, None)
+                    self._set_update_clip(layer, False)
+                continue
+            if detection in _WARN_ONLY:
+                self.emit(trainer, detection, "warning", _event_metrics(layer, s), None)
+                continue
+            unavailable = set() if self.event_log(trainer).has_responder("rollback") else {"rollback"}
+            action = layer.ladder.decide(detection, unavailable)
+            acted = self._act(trainer, layer, detection, action, s, step) or acted
+        if verified is not None:
+            self._request_rollback(trainer, verified)
+        if acted and math.isfinite(self._last_loss):
+            self._verify = {"step": step, "loss": self._last_loss}
+        if is_logging_step(trainer):
+            self._log_metrics(pl_module, stats)
+
+    def _converge(self, stats: dict[str, dict[str, float]]) -> bool:
+        """More power iterations for the groups with an unconverged estimate (a host decision, taken
+        only on checks). Returns whether any group was iterated."""
+        if self.max_power_iters == 0:
+            return False
+        iterated = False
+        for g in self._groups:
+            if max(stats[layer.name]["residual"] for layer in g.layers) > self.tol:
+                w = g.stack()
+                g.u, g.v, g.sigma, g.residual = power_iteration(w, g.u, g.v, self.max_power_iters)
+                g.srank = stable_rank(w, g.sigma)
+                iterated = True
+        return iterated
+
+    def _interval_loss(self, trainer: pl.Trainer) -> float:
+        total, count = self._loss_sum, self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        if total is None or count == 0:
+            return math.nan
+        mean = total / count
+        if trainer.world_size > 1 and self._verify is not None:
+            # only when an intervention is being judged: every rank must judge the same mean
+            mean = trainer.strategy.reduce(mean.to(trainer.strategy.root_device), reduce_op="mean")
+        return float(mean)
+
+    def _verify_intervention(self, trainer: pl.Trainer, step: int, loss: float) -> dict[str, float] | None:
+        if self._verify is None:
+            return None
+        before, self._verify = float(self._verify["loss"]), None
+        worse = not math.isfinite(loss) or (before > 0 and loss > before * (1.0 + self.loss_tolerance))
+        return {"loss_before": before, "loss_after": loss} if worse else None
+
+    def _detect(self, layer: _Layer, s: dict[str, float], step: int) -> str | None:
+        sigma, rank = s["sigma_max"], s["stable_rank"]
+        detection: str | None = None
+        growth = math.nan
+        if math.isfinite(layer.last_sigma) and layer.last_sigma > 0 and sigma > 0 and step > layer.last_check:
+            growth = math.log(sigma / layer.last_sigma) / (step - layer.last_check)
+            s["growth"] = growth
+        armed = len(layer.rank) >= self.warmup
+        if armed:
+            rb = layer.rank.baseline()
+            gz = layer.growth.baseline().zscore(growth, rel_floor=0.0) if math.isfinite(growth) else math.nan
+            s["growth_zscore"] = gz
+            if not math.isfinite(sigma) or math.isfinite(gz) and gz >= self.growth_zscore and growth >= self.min_growth:
+                detection = "sigma_growth"
+            elif s["alignment_max"] >= self.alignment_threshold:
+                detection = "alignment"
+            elif math.isfinite(rb.median) and rank < self.rank_collapse * rb.median:
+                detection = "rank_collapse"
+            elif layer.embedding and self._rise is not None and math.isfinite(rb.median) and rank > self._rise * rb.median:
+                detection = "embedding_rank_rise"
+        if detection is None:
+            # only healthy checks enter the layer's history, so an anomaly never becomes the baseline
+            layer.growth.push(growth)
+            layer.rank.push(rank)
+            layer.sigmas.push(sigma)
+        layer.last_sigma, layer.last_check = sigma, step
+        return detection
+
+    # -- acting ----------------------------------------------------------------------------------
+    def _act(self, trainer: pl.Trainer, layer: _Layer, detection: str, action: str, s: dict[str, float], step: int) -> bool:
+        metrics = _event_metrics(layer, s)
+        g = layer.group
+        assert g is not None
+        changed = False
+        if action in ("cap", "pss"):
+            before = float(g.sigma[layer.slot])
+            after = self._cap(layer) if action == "cap" else self._pss(layer, s, step)
+            metrics.update(sigma_before=before, sigma_after=after)
+            layer.last_sigma = after
+            changed = True
+        elif action == "clip_updates":
+            self._set_update_clip(layer, True)
+            metrics["update_clip"] = self.update_clip
+        elif action == "halt" and self._halt_report is None:
+            self._halt_report = (
+                f"{type(self).__name__} halted training at optimizer step {step}: {detection} in layer "
+                f"{layer.name} (sigma_max {s['sigma_max']:.4g}, stable rank {s['stable_rank']:.4g}, "
+                f"alignment {s['alignment_max']:.3g})."
+            )
+        severity = "critical" if action in ("rollback", "halt") else "warning"
+        self.emit(trainer, detection, severity, metrics, action if action != "warn" else None)
+        return changed
+
+    @torch.no_grad()
+    def _cap(self, layer: _Layer) -> float:
+        g = layer.group
+        assert g is not None
+        b = layer.slot
+        w = as_matrix(layer.param.detach()).float().unsqueeze(0)
+        # the cap is exact only with the true top pair: converge this weight's pair first
+        u, v, sigma, _ = power_iteration(w, g.u[b : b + 1], g.v[b : b + 1], max(self.max_power_iters, self.init_iters))
+        # the reference is the last healthy check's sigma_max: where the layer was before the anomaly
+        history = layer.sigmas.values()
+        cap = self.cap_factor * float(history[-1]) if len(history) else float(sigma[0])
+        delta = spectral_cap_delta(u, v, sigma, cap)[0]
+        as_matrix(layer.param.data).add_(delta.to(layer.param.dtype))
+        g.u[b], g.v[b] = u[0], v[0]
+        g.sigma[b] = torch.minimum(sigma[0], torch.tensor(cap, device=sigma.device))
+        g.probes = None
+        return float(g.sigma[b])
+
+    @torch.no_grad()
+    def _pss(self, layer: _Layer, s: dict[str, float], step: int) -> float:
+        g = layer.group
+        assert g is not None
+        b = layer.slot
+        rank = s["stable_rank"]
+        k = max(1, min(self.pss_max_k, int(round(rank)) if math.isfinite(rank) else 1))
+        gen = torch.Generator().manual_seed(self.seed + step + zlib.crc32(layer.name.encode()))
+        delta, new, u, v = pss_delta(as_matrix(layer.param.detach()), k, self.pss_fn, generator=gen)
+        as_matrix(layer.param.data).add_(delta.to(layer.param.dtype))
+        g.u[b], g.v[b] = u, v
+        g.sigma[b] = new[0]
+        g.probes = None
+        return float(new[0])
+
+    def _set_update_clip(self, layer: _Layer, on: bool) -> None:
+        layer.clip_updates = on
+        if not on and layer.clipper is not None:
+            layer.clipper.remove()
+            layer.clipper = None
+        if on and layer.clipper is None:
+            for opt in self._optimizer_list:
+                if any(p is layer.param for group in opt.param_groups for p in group["params"]):
+                    layer.clipper = SpectralUpdateClip(opt, self.update_clip, params=[layer.param])
+                    break
+
+    def _request_rollback(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        responder = self.event_log(trainer).has_responder("rollback")
+        self.emit(trainer, "intervention_failed", "critical" if responder else "warning", metrics,
+                  "rollback" if responder else None)
+
+    def _log_metrics(self, pl_module: pl.LightningModule, stats: dict[str, dict[str, float]]) -> None:
+        metrics: dict[str, float] = {}
+        for name, s in stats.items():
+            prefix = f"stability/spectral/{name}"
+            for key in ("sigma_max", "stable_rank", "update_ratio", "alignment"):
+                if math.isfinite(s[key]):
+                    metrics[f"{prefix}/{key}"] = s[key]
+        metrics.update(self.event_count_metrics())
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+
+def _event_metrics(layer: _Layer, s: dict[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {"layer": layer.name}
+    for key in ("sigma_max", "stable_rank", "alignment_max", "growth", "growth_zscore", "update_ratio"):
+        if key in s:
+            out[key] = s[key]
+    return out
+
+
+def _log_histogram(trainer: pl.Trainer, tag: str, values: Tensor, step: int) -> None:
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if type(logger).__name__ != "TensorBoardLogger":
+            continue
+        writer: Any = getattr(logger, "experiment", None)
+        if hasattr(writer, "add_histogram"):
+            writer.add_histogram(tag, values.detach().cpu(), global_step=step)
+
+
+def _patterns(owner: str, name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"{owner}({name}={value!r}): expected a sequence of shell-style patterns (str)")
+    return tuple(value)
+
+
+def _check_fraction(owner: str, name: str, value: Any, closed: bool) -> float:
+    allowed = "(0, 1]" if closed else "(0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}({name}={value!r}): expected a float in {allowed}")
+    if not (0.0 < value < 1.0 or (closed and value == 1.0)):
+        raise ValueError(f"{owner}({name}={value!r}): expected a float in {allowed}")
+    return float(value)
+
+
+__all__ = ["SPECTRAL_ACTIONS", "SpectralMonitor"]

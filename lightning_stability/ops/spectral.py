@@ -1,0 +1,472 @@
+"""Spectral math on weight matrices: power iteration, stable rank, spectral interventions, full spectra.
+
+Shapes: a *stack* is ``(B, m, n)``: ``B`` weight matrices of the same shape, each ``m x n``; its left
+and right vectors are ``(B, m)`` and ``(B, n)``. Everything runs in float32 on the weights' device and
+returns device tensors: callers move the few scalars they need to the host once per logging step.
+
+A weight of more than two dimensions (a convolution kernel ``(out, in, *k)``) is read as the matrix
+``(out, in * prod(k))``. That matrix's singular values are not those of the convolution operator
+(which depend on the input size); they are what WeightWatcher and spectral-norm papers track.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+_EPS = 1e-12
+SPECTRAL_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+# -- which weights ---------------------------------------------------------------------------------
+def spectral_weights(
+    module: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()
+) -> list[tuple[str, nn.Parameter]]:
+    """``(qualified module name, weight)`` of every Linear, Embedding and Conv weight, filtered.
+
+    ``include``/``exclude`` are shell-style patterns on module names (``"blocks.*.attn.*"``); a module
+    is kept if it matches an include pattern (all, when ``include`` is ``None``) and no exclude
+    pattern. A weight shared by several modules (tied embeddings) is listed once, under its first name.
+    """
+    seen: set[int] = set()
+    out: list[tuple[str, nn.Parameter]] = []
+    for name, mod in module.named_modules():
+        weight = getattr(mod, "weight", None)
+        if not isinstance(mod, SPECTRAL_MODULES) or not isinstance(weight, nn.Parameter) or weight.dim() < 2:
+            continue
+        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        if id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        out.append((name, weight))
+    return out
+
+
+def as_matrix(weight: Tensor) -> Tensor:
+    """The ``(out, rest)`` matrix view of a weight (conv kernels flattened over input and kernel dims)."""
+    return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+
+
+# -- power iteration -------------------------------------------------------------------------------
+def _normalize(x: Tensor) -> Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def _mv(w: Tensor, x: Tensor) -> Tensor:
+    return torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)  # (B, m, n) @ (B, n) -> (B, m)
+
+
+def _tmv(w: Tensor, x: Tensor) -> Tensor:
+    return torch.bmm(x.unsqueeze(1), w).squeeze(1)  # (B, m) @ (B, m, n) -> (B, n)
+
+
+def init_vectors(
+    b: int, m: int, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Random unit starting vectors ``u (B, m)`` and ``v (B, n)``, drawn on the host from ``generator``
+    (so that every rank of a data-parallel run, seeded alike, starts from the same vectors)."""
+    u = _normalize(torch.randn(b, m, generator=generator, dtype=torch.float32))
+    v = _normalize(torch.randn(b, n, generator=generator, dtype=torch.float32))
+    return u.to(device), v.to(device)
+
+
+@torch.no_grad()
+def power_iteration(w: Tensor, u: Tensor, v: Tensor, iters: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``iters`` warm-started power iterations on a stack ``w (B, m, n)``.
+
+    Returns ``(u, v, sigma, residual)``. ``sigma = ||W v||`` with ``v`` a unit vector, a lower bound
+    of sigma_max that rises to it as the pair converges. ``residual = ||W^T u / ||W^T u|| - v||`` for
+    the pair that entered the last iteration: it costs no extra product (``W^T u`` starts the
+    iteration) and is 0 exactly at a singular pair.
+    """
+    sigma = torch.zeros(w.shape[0], device=w.device, dtype=torch.float32)
+    residual = torch.full_like(sigma, math.inf)
+    for _ in range(max(int(iters), 1)):
+        z = _tmv(w, u)  # W^T u, (B, n)
+        v_next = _normalize(z)
+        # at a singular pair W^T u = sigma v: the residual is how far v still moves
+        residual = torch.linalg.vector_norm(v_next - v, dim=-1)
+        v = v_next
+        wv = _mv(w, v)  # (B, m)
+        sigma = torch.linalg.vector_norm(wv, dim=-1)
+        u = wv / sigma.clamp_min(_EPS).unsqueeze(-1)
+    return u, v, sigma, residual
+
+
+@torch.no_grad()
+def stable_rank(w: Tensor, sigma: Tensor) -> Tensor:
+    """``||W||_F^2 / sigma_max^2`` per matrix of a stack (between 1 and the rank)."""
+    fro2 = w.float().pow(2).sum(dim=(-2, -1))
+    return fro2 / sigma.float().pow(2).clamp_min(_EPS)
+
+
+@torch.no_grad()
+def alignment(grad: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """PSS's dominant-direction energy ``(u^T G v)^2 / ||G||_F^2`` per matrix of a stack, in [0, 1]."""
+    g = grad.float()
+    proj = (u.unsqueeze(1) @ g @ v.unsqueeze(-1)).reshape(-1)  # (B,)
+    return proj.pow(2) / g.pow(2).sum(dim=(-2, -1)).clamp_min(_EPS)
+
+
+@torch.no_grad()
+def update_power_step(
+    w_new: Tensor, u: Tensor, v: Tensor, w_old_v: Tensor, w_old_t_u: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One power-iteration step on the update ``D = W_new - W_old`` without storing ``W_old``.
+
+    ``w_old_v = W_old v`` and ``w_old_t_u = W_old^T u`` were taken before the update (see
+    :func:`update_probes`), so ``D v`` and ``D^T u`` cost one product each with the new weights.
+    Returns ``(u', v', sigma)`` with ``u' ~ D v``, ``v' ~ D^T u`` and ``sigma`` the larger of the two
+    norms, a lower bound of ``||D||_2``. Across steps this is a power iteration on ``D D^T`` (and
+    ``D^T D``), which converges as far as consecutive updates share their top direction.
+    """
+    dv = _mv(w_new, v) - w_old_v  # (B, m)
+    dtu = _tmv(w_new, u) - w_old_t_u  # (B, n)
+    a = torch.linalg.vector_norm(dv, dim=-1)
+    b = torch.linalg.vector_norm(dtu, dim=-1)
+    return dv / a.clamp_min(_EPS).unsqueeze(-1), dtu / b.clamp_min(_EPS).unsqueeze(-1), torch.maximum(a, b)
+
+
+@torch.no_grad()
+def update_probes(w: Tensor, u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(W v, W^T u)``: what :func:`update_power_step` needs from the weights before an update."""
+    return _mv(w, v), _tmv(w, u)
+
+
+# -- interventions ---------------------------------------------------------------------------------
+@torch.no_grad()
+def spectral_cap_delta(u: Tensor, v: Tensor, sigma: Tensor, cap: Tensor | float) -> Tensor:
+    """The rank-one change ``(min(sigma, cap) - sigma) u v^T`` per matrix, ``(B, m, n)``.
+
+    Added to a matrix whose top singular pair is ``(u, sigma, v)``, it sets that singular value to
+    ``min(sigma, cap)`` and leaves every other singular value as it is; matrices already under the cap
+    get a zero change, so it can run every step with no host decision.
+    """
+    cap_t = torch.as_tensor(cap, dtype=torch.float32, device=sigma.device)
+    delta = torch.minimum(sigma, cap_t) - sigma  # (B,), <= 0
+    return delta[:, None, None] * u.unsqueeze(-1) * v.unsqueeze(1)
+
+
+@torch.no_grad()
+def randomized_svd(
+    w: Tensor, rank: int, oversample: int = 8, niter: int = 4, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top ``rank`` singular triplets ``(U (m, r), S (r,), V (n, r))`` of one matrix, by a randomized
+    range finder with ``niter`` power iterations (Halko, Martinsson, Tropp 2011, alg. 4.4).
+
+    The test matrix comes from ``generator`` (drawn on the host), never from the global RNG: the
+    training run's random stream is left alone and every data-parallel rank gets the same result.
+    """
+    a = w.float()
+    m, n = a.shape
+    q = min(rank + oversample, m, n)
+    omega = torch.randn(n, q, generator=generator, dtype=torch.float32).to(a.device)
+    basis = torch.linalg.qr(a @ omega).Q  # (m, q)
+    for _ in range(niter):
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
+    ub, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)  # (q, q), (q,), (q, n)
+    r = min(rank, q)
+    return (basis @ ub)[:, :r], s[:r], vh[:r].T
+
+
+PSSFunction = Literal["clip", "log"]
+
+
+def smooth_values(s: Tensor, level: Tensor, fn: PSSFunction) -> Tensor:
+    """The smoothing function of PSS, applied to the top singular values ``s`` above ``level``:
+    ``clip``: ``min(s, level)``; ``log``: ``level * (1 + ln(s / level))`` (slope 1 at the level, so the
+    spectrum stays continuous, and logarithmic above it). Values at or below the level are unchanged."""
+    if fn == "clip":
+        out = torch.minimum(s, level)
+    elif fn == "log":
+        out = torch.where(s > level, level * (1 + torch.log(s / level.clamp_min(_EPS))), s)
+    else:
+        raise ValueError(f"smooth_values(fn={fn!r}): expected 'clip' or 'log'")
+    return out
+
+
+@torch.no_grad()
+def pss_delta(
+    w: Tensor, k: int, fn: PSSFunction = "log", generator: torch.Generator | None = None, niter: int = 4
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Parametric singularity smoothing of one matrix: ``W* = W + U_k (f(S_k) - S_k) V_k^T``.
+
+    The top ``k`` singular values are smoothed towards the level of the ``(k+1)``-th, the largest one
+    left alone, by ``fn`` (:func:`smooth_values`); the rest of the spectrum is untouched (up to the
+    accuracy of the randomized SVD). Returns ``(delta (m, n), new top values (k,), u_1, v_1)``; the
+    pair re-seeds the power iteration of the smoothed weight.
+    """
+    m, n = w.shape
+    k = max(1, min(int(k), min(m, n) - 1))
+    u, s, v = randomized_svd(w, k + 1, generator=generator, niter=niter)
+    level = s[k]
+    new = smooth_values(s[:k], level, fn)
+    delta = (u[:, :k] * (new - s[:k])) @ v[:, :k].T
+    return delta, new, u[:, 0], v[:, 0]
+
+
+@torch.no_grad()
+def inverse_sqrt_newton_schulz(a: Tensor, scale: Tensor, iters: int) -> Tensor:
+    """``A^{-1/2}`` of a symmetric positive-definite stack ``(B, k, k)`` by coupled Newton-Schulz.
+
+    Iterates ``Y <- Y T, Z <- T Z, T = (3I - Z Y) / 2`` from ``Y = A / scale, Z = I``; ``Z`` converges
+    to ``(A / scale)^{-1/2}`` when the eigenvalues of ``A / scale`` lie in (0, 1], which a cheap upper
+    bound ``scale >= lambda_max`` (a Frobenius norm) guarantees with no host decision.
+    """
+    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype).expand_as(a)
+    y = a / scale[:, None, None]
+    z = eye.clone()
+    for _ in range(iters):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y = y @ t
+        z = t @ z
+    return z / scale.sqrt()[:, None, None]
+
+
+@torch.no_grad()
+def soft_spectral_clip(x: Tensor, c: float, iters: int = 24) -> Tensor:
+    """SPECTRA's soft spectral clip: each singular value ``s -> s / sqrt(1 + s^2 / c^2)`` (the
+    singular vectors kept), computed as ``(I + X X^T / c^2)^{-1/2} X`` on the smaller Gram matrix with
+    coupled Newton-Schulz (no SVD, no host sync). ``x`` is one matrix or a stack ``(B, m, n)``.
+
+    Values far below ``c`` pass almost unchanged; large ones approach ``c``.
+    """
+    squeeze = x.dim() == 2
+    xs = (x.unsqueeze(0) if squeeze else x).float()
+    wide = xs.shape[-2] <= xs.shape[-1]
+    gram = xs @ xs.transpose(-2, -1) if wide else xs.transpose(-2, -1) @ xs  # (B, k, k), k = min(m, n)
+    eye = torch.eye(gram.shape[-1], device=xs.device, dtype=xs.dtype)
+    a = eye + gram / (c * c)
+    # lambda_max(A) <= 1 + ||X||_F^2 / c^2: a bound from the trace of the Gram, no eigen-solve
+    scale = 1.0 + gram.diagonal(dim1=-2, dim2=-1).sum(-1) / (c * c)
+    inv = inverse_sqrt_newton_schulz(a, scale, iters)
+    out = inv @ xs if wide else xs @ inv
+    return (out.squeeze(0) if squeeze else out).to(x.dtype)
+
+
+class SpectralUpdateClip:
+    """Soft spectral clipping of the updates an optimizer makes to matrix parameters (SPECTRA).
+
+    Wraps any torch optimizer (and bitsandbytes ones) through its step hooks: before ``step()`` the
+    selected parameters are copied; after it, each update ``D = W_new - W_old`` is replaced by
+    ``lr * clip(D / lr)`` with :func:`soft_spectral_clip` at level ``c``. Dividing by the learning
+    rate makes ``c`` a property of the optimizer's direction, not of the schedule (an Adam update
+    divided by its LR has entries of order one; ``c = 10`` is SPECTRA's typical value).
+
+    Costs one copy of the selected weights during the step. ``remove()`` detaches it.
+
+    Example::
+
+        clip = SpectralUpdateClip(optimizer, c=10.0)  # every parameter with two or more dimensions
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        c: float = 10.0,
+        params: Iterable[Tensor] | None = None,
+        iters: int = 24,
+    ) -> None:
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
+            raise ValueError(f"SpectralUpdateClip(c={c!r}): expected a finite float > 0")
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"SpectralUpdateClip(iters={iters!r}): expected an int >= 1")
+        self.optimizer = optimizer
+        self.c = float(c)
+        self.iters = iters
+        wanted = None if params is None else {id(p) for p in params}
+        self.targets: list[tuple[Tensor, dict]] = [
+            (p, group)
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.dim() >= 2 and (wanted is None or id(p) in wanted)
+        ]
+        self._before: list[tuple[Tensor, dict, Tensor]] = []
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_step),
+            optimizer.register_step_post_hook(self._post_step),
+        ]
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        # parameters without a gradient are not updated (and a skipped step has none)
+        self._before = [(p, g, p.detach().clone()) for p, g in self.targets if p.grad is not None]
+
+    @torch.no_grad()
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        before, self._before = self._before, []
+        for p, group, old in before:
+            lr = float(group["lr"])
+            if lr <= 0:
+                continue
+            delta = as_matrix(p.detach().float() - old.float()) / lr
+            clipped = soft_spectral_clip(delta, self.c, self.iters) * lr
+            p.copy_((as_matrix(old.float()) + clipped).reshape(p.shape))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._before = []
+
+
+# -- full spectra ----------------------------------------------------------------------------------
+@torch.no_grad()
+def singular_values(w: Tensor) -> Tensor:
+    """All singular values of one matrix in float32, descending, from the eigenvalues of the smaller
+    Gram matrix (several times faster than an SVD; tiny values lose relative accuracy, which none of
+    the fits below use)."""
+    a = as_matrix(w).float()
+    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    eig = torch.linalg.eigvalsh(gram).clamp_min(0.0)
+    return eig.flip(0).sqrt()
+
+
+@torch.no_grad()
+def full_spectrum(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """All singular values (descending, float32) and the exact top pair ``(u, v)`` of one matrix,
+    from one eigen-decomposition of the smaller Gram matrix."""
+    a = as_matrix(w).float()
+    wide = a.shape[0] <= a.shape[1]
+    eig, vec = torch.linalg.eigh(a @ a.T if wide else a.T @ a)
+    sv = eig.clamp_min(0.0).flip(0).sqrt()
+    top = vec[:, -1]
+    other = a.T @ top if wide else a @ top
+    other = other / torch.linalg.vector_norm(other).clamp_min(_EPS)
+    return (sv, top, other) if wide else (sv, other, top)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    alpha: float  # exponent of the density p(x) ~ x^-alpha above x_min
+    x_min: float
+    ks: float  # Kolmogorov-Smirnov distance of the fit on the tail
+    n_tail: int
+
+
+@torch.no_grad()
+def fit_power_law(values: Tensor, max_candidates: int = 256, min_tail: int = 10) -> PowerLawFit:
+    """Power-law fit of a density by maximum likelihood, ``x_min`` chosen by the smallest KS distance.
+
+    For a candidate ``x_min = x_i`` (values sorted ascending), the MLE is
+    ``alpha_i = 1 + n_i / sum_{j >= i} ln(x_j / x_i)`` (Clauset, Shalizi, Newman 2009, eq. 3.1): every
+    candidate's exponent comes from one suffix sum. The KS distance of each candidate's tail is then
+    evaluated for at most ``max_candidates`` candidates spread evenly over the ranks that leave
+    ``min_tail`` values in the tail, all at once: ``O(N log N)`` for the sort plus ``O(C N)`` for the
+    distances, instead of one fit per candidate in a Python loop (``O(N^2)``). With ``N <=
+    max_candidates`` every value is a candidate, as in WeightWatcher and ``powerlaw``.
+    """
+    x = values.detach().double().reshape(-1)
+    x = torch.sort(x[torch.isfinite(x) & (x > 0)]).values
+    n = x.numel()
+    if n < max(min_tail, 2):
+        return PowerLawFit(math.nan, math.nan, math.nan, int(n))
+    logx = torch.log(x)
+    suffix = torch.flip(torch.cumsum(torch.flip(logx, [0]), 0), [0])  # sum_{j >= i} ln x_j
+    last = n - min_tail  # last candidate index
+    count = last + 1
+    idx = (
+        torch.arange(count)
+        if count <= max_candidates
+        else torch.unique(torch.linspace(0, last, max_candidates).round().long())
+    )
+    n_tail = (n - idx).double()
+    denom = suffix[idx] - n_tail * logx[idx]
+    alpha = 1.0 + n_tail / denom.clamp_min(1e-300)
+    # KS on each candidate's tail, (C, N): columns before the candidate are masked out.
+    j = torch.arange(n)
+    rank = (j.unsqueeze(0) - idx.unsqueeze(1)).double()  # position in the tail
+    in_tail = rank >= 0
+    emp_hi = (rank + 1) / n_tail.unsqueeze(1)
+    emp_lo = rank / n_tail.unsqueeze(1)
+    fit = 1.0 - torch.exp((1.0 - alpha).unsqueeze(1) * (logx.unsqueeze(0) - logx[idx].unsqueeze(1)))
+    gap = torch.maximum((emp_hi - fit).abs(), (emp_lo - fit).abs())
+    ks = torch.where(in_tail, gap, torch.zeros_like(gap)).amax(dim=1)
+    ks = torch.where(torch.isfinite(alpha) & (denom > 0), ks, torch.full_like(ks, math.inf))
+    best = int(torch.argmin(ks))
+    return PowerLawFit(float(alpha[best]), float(x[idx[best]]), float(ks[best]), int(n_tail[best]))
+
+
+@torch.no_grad()
+def decay_exponent(sv: Tensor) -> float:
+    """``beta`` in ``sigma_k ~ k^-beta``: the least-squares slope of ``log sigma_k`` on ``log k``."""
+    s = sv.detach().double().reshape(-1)
+    s = s[s > 0]
+    if s.numel() < 2:
+        return math.nan
+    logk = torch.log(torch.arange(1, s.numel() + 1, dtype=torch.float64))
+    logs = torch.log(s)
+    kc = logk - logk.mean()
+    return float(-(kc * (logs - logs.mean())).sum() / (kc * kc).sum())
+
+
+@torch.no_grad()
+def marchenko_pastur_spikes(sv: Tensor, m: int, n: int) -> tuple[int, float]:
+    """Eigenvalues of ``W^T W / N`` above the Marchenko-Pastur bulk edge, and the edge.
+
+    For an ``m x n`` matrix with i.i.d. entries of variance ``s2`` and ``N = max(m, n)``,
+    ``M = min(m, n)``, the eigenvalues of ``W^T W / N`` fill ``[s2 (1 - sqrt(M/N))^2,
+    s2 (1 + sqrt(M/N))^2]``. ``s2`` is estimated as the mean eigenvalue (``||W||_F^2 / (m n)``), which
+    large spikes inflate a little, so the count errs on the low side.
+    """
+    big, small = max(m, n), min(m, n)
+    eig = sv.detach().double().pow(2) / big
+    s2 = float(eig.sum()) / small
+    edge = s2 * (1.0 + math.sqrt(small / big)) ** 2
+    return int((eig > edge).sum()), edge
+
+
+@dataclass(frozen=True)
+class SpectrumStats:
+    """The full-spectrum metrics of one weight matrix."""
+
+    sigma_max: float
+    stable_rank: float
+    alpha: float  # power-law exponent of the eigenvalue (sigma^2) density
+    alpha_weighted: float  # alpha * log10(lambda_max)
+    log_norm: float  # log10 of the sum of eigenvalues (the squared Frobenius norm)
+    decay: float  # beta in sigma_k ~ k^-beta
+    mp_spikes: int  # eigenvalues above the Marchenko-Pastur bulk edge
+    ks: float  # KS distance of the power-law fit
+    n: int  # number of singular values
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+
+@torch.no_grad()
+def analyze_spectrum(w: Tensor, sv: Tensor | None = None, max_candidates: int = 256) -> SpectrumStats:
+    """Every full-spectrum metric of one weight (its singular values computed unless given)."""
+    a = as_matrix(w)
+    s = singular_values(a) if sv is None else sv
+    lam = s.double().pow(2)
+    top = float(lam[0]) if lam.numel() else math.nan
+    total = float(lam.sum())
+    fit = fit_power_law(lam, max_candidates=max_candidates)
+    spikes, _ = marchenko_pastur_spikes(s, a.shape[0], a.shape[1])
+    return SpectrumStats(
+        sigma_max=math.sqrt(top) if top > 0 else 0.0,
+        stable_rank=total / top if top > 0 else math.nan,
+        alpha=fit.alpha,
+        alpha_weighted=fit.alpha * math.log10(top) if top > 0 else math.nan,
+        log_norm=math.log10(total) if total > 0 else math.nan,
+        decay=decay_exponent(s),
+        mp_spikes=spikes,
+        ks=fit.ks,
+        n=int(s.numel()),
+    )
+
+
+def analyze_model(
+    module: nn.Module, include: Sequence[str] | None = None, exclude: Iterable[str] = ()
+) -> dict[str, SpectrumStats]:
+    """:func:`analyze_spectrum` of every weight :func:`spectral_weights` selects, by module name."""
+    return {name: analyze_spectrum(w) for name, w in spectral_weights(module, include, tuple(exclude))}
