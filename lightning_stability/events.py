@@ -34,6 +34,8 @@ class StabilityEvent:
             ``"warning"`` or ``"critical"``.
         metrics: the numbers behind the decision (floats).
         action: what was done (``"clip"``, ``"skip"``, ...), or ``None``.
+        target: the part of the model it concerns (a module's qualified name, e.g.
+            ``"blocks.3.attn.qkv"``), or ``None`` for the whole model.
     """
 
     step: int
@@ -42,6 +44,7 @@ class StabilityEvent:
     severity: str
     metrics: Mapping[str, float] = field(default_factory=dict)
     action: str | None = None
+    target: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
@@ -62,6 +65,7 @@ class StabilityEvent:
             "severity": self.severity,
             "metrics": {k: _encode_float(v) for k, v in self.metrics.items()},
             "action": self.action,
+            "target": self.target,
         }
 
     @classmethod
@@ -73,6 +77,7 @@ class StabilityEvent:
             severity=str(data["severity"]),
             metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()},
             action=data.get("action"),
+            target=data.get("target"),
         )
 
 
@@ -131,9 +136,10 @@ class EventLog:
         severity: str,
         metrics: Mapping[str, float] | None = None,
         action: str | None = None,
+        target: str | None = None,
     ) -> StabilityEvent:
         """Build a :class:`StabilityEvent` and append it."""
-        return self.append(StabilityEvent(step, kind, source, severity, dict(metrics or {}), action))
+        return self.append(StabilityEvent(step, kind, source, severity, dict(metrics or {}), action, target))
 
     def subscribe(self, listener: Callable[[StabilityEvent], None]) -> Callable[[], None]:
         """Call ``listener(event)`` for every event appended from now on; returns an unsubscribe function."""

@@ -54,10 +54,18 @@ class StabilityCallback(Callback):
     def event_log(self, trainer: pl.Trainer) -> EventLog:
         return get_event_log(trainer)
 
-    def emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None) -> None:
+    def emit(
+        self,
+        trainer: pl.Trainer,
+        kind: str,
+        severity: str,
+        metrics: dict[str, float],
+        action: str | None,
+        target: str | None = None,
+    ) -> None:
         """Emit an event from this callback at the current step, and count it by kind."""
         self._counts[kind] = self._counts.get(kind, 0) + 1
-        self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action)
+        self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action, target)
 
     def event_count_metrics(self) -> dict[str, float]:
         """``stability/events/<kind>``: the cumulative count of this callback's events of each kind."""

@@ -37,6 +37,7 @@ from lightning_stability.ops.spectral import (
     spectral_cap_delta,
     spectral_weights,
     stable_rank,
+    subspace_iteration,
     update_power_step,
     update_probes,
 )
@@ -48,17 +49,23 @@ DEFAULT_LADDER = ("cap", "pss", "clip_updates", "rollback")
 # low precision is a symptom to look at, not something smoothing repairs).
 _WARN_ONLY = frozenset({"embedding_rank_rise"})
 _FULL_PRECISION = ("32-true", "64-true", "32", "64")
+_CAP_ITERS = 100  # block iterations that converge the top pair before a cap
+_MIN_HISTORY = 3  # checks in a layer's history before its detections are armed
+# Fresh vectors are iterated until converged, at most this many times (once, when training starts):
+# a square random-init matrix has almost no spectral gap and may need a hundred iterations.
+_MAX_INIT_ITERS = 300
 
 
 class _Group:
     """Weights of one matrix shape on one device, measured together as a stack ``(B, m, n)``."""
 
-    def __init__(self, layers: list[_Layer], m: int, n: int, device: torch.device) -> None:
+    def __init__(self, layers: list[_Layer], m: int, n: int, r: int, device: torch.device) -> None:
         self.layers = layers
         self.m, self.n, self.device = m, n, device
         b = len(layers)
         zeros = torch.zeros(b, device=device)
-        self.u = torch.zeros(b, m, device=device)
+        self.basis = torch.zeros(b, n, r, device=device)  # right block of the subspace iteration
+        self.u = torch.zeros(b, m, device=device)  # the top pair, from the block
         self.v = torch.zeros(b, n, device=device)
         self.du = torch.zeros(b, m, device=device)  # the update's singular pair
         self.dv = torch.zeros(b, n, device=device)
@@ -66,6 +73,21 @@ class _Group:
         self.sigma, self.srank, self.ratio, self.residual = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
         self.align = zeros.clone()  # largest alignment since the last check
         self.align_last = zeros.clone()
+
+    def reseed(self, b: int, v: Tensor) -> None:
+        """Put ``v`` first in matrix ``b``'s block (after an exact decomposition or an intervention)."""
+        block = torch.cat([v.reshape(-1, 1).to(self.basis), self.basis[b, :, 1:]], dim=1)
+        self.basis[b] = torch.linalg.qr(block).Q
+        self.v[b] = v / torch.linalg.vector_norm(v).clamp_min(1e-12)
+
+    def iterate(self, w: Tensor, iters: int) -> None:
+        """Warm-started iterations on the stack ``w``: plain power iteration for a block of one
+        vector (the cheapest: a few kernels per group), block power iteration otherwise."""
+        if self.basis.shape[-1] == 1:
+            self.u, self.v, self.sigma, self.residual = power_iteration(w, self.u, self.basis[..., 0], iters)
+            self.basis = self.v.unsqueeze(-1)
+        else:
+            self.u, self.v, self.sigma, self.basis, self.residual = subspace_iteration(w, self.basis, iters)
 
     def stack(self) -> Tensor:
         ws = [as_matrix(layer.param.detach()) for layer in self.layers]
@@ -92,6 +114,8 @@ class _Layer:
         self.last_check = -1
         self.clipper: SpectralUpdateClip | None = None
         self.clip_updates = False
+        self.warned = False  # a warning-only detection is active
+        self.loaded_probes: list[Tensor] | None = None
         self.full: dict[str, float] = {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -107,8 +131,10 @@ class _Layer:
         }
         g = self.group
         if g is not None:
-            for key in ("u", "v", "du", "dv"):
+            for key in ("basis", "u", "v", "du", "dv"):
                 state[key] = getattr(g, key)[self.slot].detach().cpu().clone()
+            if g.probes is not None:
+                state["probes"] = [p[self.slot].detach().cpu().clone() for p in g.probes]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -120,9 +146,10 @@ class _Layer:
         self.last_check = int(state.get("last_check", -1))
         self.clip_updates = bool(state.get("clip_updates", False))
         self.full = {str(k): float(v) for k, v in dict(state.get("full", {})).items()}
+        self.loaded_probes = state.get("probes")
         g = self.group
         if g is not None:
-            for key in ("u", "v", "du", "dv"):
+            for key in ("basis", "u", "v", "du", "dv"):
                 value = state.get(key)
                 if isinstance(value, Tensor) and value.shape == getattr(g, key)[self.slot].shape:
                     getattr(g, key)[self.slot].copy_(value)
@@ -138,7 +165,8 @@ class SpectralMonitor(StabilityCallback):
 
     **Every measured step** (``every_n_steps``), all on the weights' device with no host sync:
 
-    - ``sigma_max`` by warm-started power iteration (``power_iters`` matrix-vector pairs per weight,
+    - ``sigma_max`` by warm-started block power iteration (``power_iters`` products with ``W`` and
+      ``W^T`` per weight, each on a block of ``block`` vectors, so the weight is read once per product;
       weights of one shape batched into one stack); the vectors persist in the callback's state and
       in checkpoints;
     - the stable rank ``||W||_F^2 / sigma_max^2``;
@@ -158,6 +186,7 @@ class SpectralMonitor(StabilityCallback):
                                 z-score >= ``growth_zscore`` and at least ``min_growth``
     ``rank_collapse``           stable rank below ``rank_collapse`` times its median
     ``alignment``               the largest alignment since the last check >= ``alignment_threshold``
+                                while sigma_max grows (the gradient feeds the top direction)
     ``embedding_rank_rise``     (embeddings, low precision) stable rank above ``embedding_rank_rise``
                                 times its median: a warning only
     ``intervention_failed``     the mean loss after an intervention is worse than before it by more
@@ -221,12 +250,17 @@ class SpectralMonitor(StabilityCallback):
         include, exclude: shell-style patterns on module names.
         every_n_steps: measure every n optimizer steps (>= 1).
         power_iters: power iterations per measured step (>= 1).
+        block: vectors tracked per weight (>= 1): the top singular pair is found by block power
+            iteration with Rayleigh-Ritz, which follows two top singular values that cross during
+            training (a single vector lags behind then); the weights are read once per product
+            whatever the block size.
         init_iters: iterations for fresh vectors (>= 1); torch's ``spectral_norm`` uses 15.
         max_power_iters: the most extra iterations a check adds to an unconverged estimate.
         tol: residual under which an estimate counts as converged.
         check_every_n_steps: steps between checks; ``None`` checks on the logger's steps only.
         window: checks kept in each layer's history (>= 2).
-        warmup: checks in a layer's history before its detections are armed (1..window).
+        warmup: optimizer steps before detections are armed (>= 0): spectra change fast and
+            legitimately early in training. A layer also needs 3 checks in its history.
         growth_zscore, min_growth: both must be reached for ``sigma_growth``.
         rank_collapse: fraction of the median stable rank under which it has collapsed, in (0, 1).
         alignment_threshold: in (0, 1]; PSS uses 0.8.
@@ -251,12 +285,13 @@ class SpectralMonitor(StabilityCallback):
         exclude: Sequence[str] = (),
         every_n_steps: int = 1,
         power_iters: int = 1,
+        block: int = 1,
         init_iters: int = 15,
         max_power_iters: int = 20,
         tol: float = 1e-2,
         check_every_n_steps: int | None = None,
         window: int = 64,
-        warmup: int = 8,
+        warmup: int = 200,
         growth_zscore: float = 6.0,
         min_growth: float = 5e-3,
         rank_collapse: float = 0.5,
@@ -281,6 +316,7 @@ class SpectralMonitor(StabilityCallback):
         self.exclude = _patterns(cls, "exclude", exclude)
         self.every_n_steps = check_int(cls, "every_n_steps", every_n_steps, 1)
         self.power_iters = check_int(cls, "power_iters", power_iters, 1)
+        self.block = check_int(cls, "block", block, 1)
         self.init_iters = check_int(cls, "init_iters", init_iters, 1)
         self.max_power_iters = check_int(cls, "max_power_iters", max_power_iters, 0)
         self.tol = check_positive(cls, "tol", tol)
@@ -288,9 +324,7 @@ class SpectralMonitor(StabilityCallback):
             None if check_every_n_steps is None else check_int(cls, "check_every_n_steps", check_every_n_steps, 1)
         )
         self.window = check_int(cls, "window", window, 2)
-        self.warmup = check_int(cls, "warmup", warmup, 1)
-        if self.warmup > self.window:
-            raise ValueError(f"{cls}(warmup={warmup!r}): expected at most window={window}")
+        self.warmup = check_int(cls, "warmup", warmup, 0)
         self.growth_zscore = check_positive(cls, "growth_zscore", growth_zscore)
         self.min_growth = check_positive(cls, "min_growth", min_growth)
         self.rank_collapse = _check_fraction(cls, "rank_collapse", rank_collapse, closed=False)
@@ -393,7 +427,16 @@ class SpectralMonitor(StabilityCallback):
                 layer.load_state_dict(state)
                 del self._pending[name]
         for g in self._groups:
+            # the update estimate goes on where every layer of the group brought its probes back
+            loaded = [layer.loaded_probes for layer in g.layers]
             g.probes = None
+            if all(p is not None and len(p) == 2 for p in loaded):
+                g.probes = (
+                    torch.stack([p[0] for p in loaded]).to(g.device),  # type: ignore[index]
+                    torch.stack([p[1] for p in loaded]).to(g.device),  # type: ignore[index]
+                )
+            for layer in g.layers:
+                layer.loaded_probes = None
         for layer in self._layers.values():
             self._set_update_clip(layer, layer.clip_updates)
 
@@ -426,8 +469,10 @@ class SpectralMonitor(StabilityCallback):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        for layer in self._layers.values():
-            self._set_update_clip(layer, False)
+        for layer in self._layers.values():  # the optimizer goes back as it was; the state keeps the flag
+            if layer.clipper is not None:
+                layer.clipper.remove()
+                layer.clipper = None
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -456,18 +501,19 @@ class SpectralMonitor(StabilityCallback):
             m, n = as_matrix(param).shape
             by_shape.setdefault((m, n, param.device), []).append(layer)
         for (m, n, device), layers in by_shape.items():
-            group = _Group(layers, m, n, device)
+            r = min(self.block, m, n)
+            group = _Group(layers, m, n, r, device)
             for b, layer in enumerate(layers):
                 layer.group, layer.slot = group, b
                 # one generator per layer, seeded from its name: the same vectors on every rank and
                 # whatever the other layers are
-                gen = torch.Generator().manual_seed(self.seed + zlib.crc32(layer.name.encode()))
-                u, v = init_vectors(1, m, n, gen, device)
-                group.u[b], group.v[b] = u[0], v[0]
+                gen = _gen(self.seed, layer.name)
+                group.basis[b] = torch.linalg.qr(torch.randn(n, r, generator=gen)).Q.to(device)
                 du, dv = init_vectors(1, m, n, gen, device)
                 group.du[b], group.dv[b] = du[0], dv[0]
             w = group.stack()
-            group.u, group.v, group.sigma, group.residual = power_iteration(w, group.u, group.v, self.init_iters)
+            group.u = torch.nn.functional.normalize(torch.bmm(w, group.basis[..., :1]).squeeze(-1), dim=-1)
+            self._converge_group(group, self.init_iters, max_iters=_MAX_INIT_ITERS)
             self._groups.append(group)
 
     def _on_event(self, event: StabilityEvent) -> None:
@@ -529,7 +575,7 @@ class SpectralMonitor(StabilityCallback):
         moved, self._weights_moved = self._weights_moved, False
         for g in self._groups:
             w = g.stack()
-            g.u, g.v, g.sigma, g.residual = power_iteration(w, g.u, g.v, self.power_iters)
+            g.iterate(w, self.power_iters)
             g.srank = stable_rank(w, g.sigma)
             if g.probes is not None and not moved:
                 g.du, g.dv, d_sigma = update_power_step(w, g.du, g.dv, *g.probes)
@@ -551,7 +597,8 @@ class SpectralMonitor(StabilityCallback):
             sv, u, v = full_spectrum(layer.param.detach())
             stats = analyze_spectrum(layer.param.detach(), sv)
             layer.full = stats.as_dict()
-            g.u[layer.slot], g.v[layer.slot] = u, v  # re-seed with the exact top pair
+            g.u[layer.slot], g.sigma[layer.slot] = u, sv[0]
+            g.reseed(layer.slot, v)  # the exact top pair leads the block
             prefix = f"stability/spectral/{layer.name}"
             for key in ("alpha", "alpha_weighted", "log_norm", "decay", "mp_spikes", "ks"):
                 metrics[f"{prefix}/{key}"] = layer.full[key]
@@ -580,12 +627,16 @@ class SpectralMonitor(StabilityCallback):
             s = stats[layer.name]
             detection = self._detect(layer, s, step)
             if detection is None:
+                layer.warned = False
                 if layer.ladder.healthy():
-                    self.emit(trainer, "spectral_recovered", "info", {"layer_checks": float(self.cooldown)}, None)
+                    self.emit(trainer, "spectral_recovered", "info", {"healthy_checks": float(self.cooldown)}, None,
+                              layer.name)
                     self._set_update_clip(layer, False)
                 continue
             if detection in _WARN_ONLY:
-                self.emit(trainer, detection, "warning", _event_metrics(layer, s), None)
+                if not layer.warned:  # once until a healthy check
+                    self.emit(trainer, detection, "warning", _event_metrics(s), None, layer.name)
+                layer.warned = True
                 continue
             unavailable = set() if self.event_log(trainer).has_responder("rollback") else {"rollback"}
             action = layer.ladder.decide(detection, unavailable)
@@ -605,11 +656,21 @@ class SpectralMonitor(StabilityCallback):
         iterated = False
         for g in self._groups:
             if max(stats[layer.name]["residual"] for layer in g.layers) > self.tol:
-                w = g.stack()
-                g.u, g.v, g.sigma, g.residual = power_iteration(w, g.u, g.v, self.max_power_iters)
-                g.srank = stable_rank(w, g.sigma)
+                self._converge_group(g, min(10, self.max_power_iters), self.max_power_iters)
                 iterated = True
         return iterated
+
+    def _converge_group(self, g: _Group, chunk: int, max_iters: int) -> None:
+        """Power iterations in chunks of ``chunk`` until every residual is under ``tol`` (a host read
+        per chunk) or ``max_iters`` are done."""
+        w = g.stack()
+        done = 0
+        while True:
+            g.iterate(w, chunk)
+            done += chunk
+            if done >= max_iters or float(g.residual.max()) <= self.tol:
+                break
+        g.srank = stable_rank(w, g.sigma)
 
     def _interval_loss(self, trainer: pl.Trainer) -> float:
         total, count = self._loss_sum, self._loss_count
@@ -636,36 +697,42 @@ class SpectralMonitor(StabilityCallback):
         if math.isfinite(layer.last_sigma) and layer.last_sigma > 0 and sigma > 0 and step > layer.last_check:
             growth = math.log(sigma / layer.last_sigma) / (step - layer.last_check)
             s["growth"] = growth
-        armed = len(layer.rank) >= self.warmup
+        armed = step >= self.warmup and len(layer.rank) >= _MIN_HISTORY
         if armed:
             rb = layer.rank.baseline()
             gz = layer.growth.baseline().zscore(growth, rel_floor=0.0) if math.isfinite(growth) else math.nan
             s["growth_zscore"] = gz
             if not math.isfinite(sigma) or math.isfinite(gz) and gz >= self.growth_zscore and growth >= self.min_growth:
                 detection = "sigma_growth"
-            elif s["alignment_max"] >= self.alignment_threshold:
+            elif s["alignment_max"] >= self.alignment_threshold and growth > 0:
                 detection = "alignment"
             elif math.isfinite(rb.median) and rank < self.rank_collapse * rb.median:
                 detection = "rank_collapse"
             elif layer.embedding and self._rise is not None and math.isfinite(rb.median) and rank > self._rise * rb.median:
                 detection = "embedding_rank_rise"
+        # Growth and stable rank drift legitimately over training: every finite value enters their
+        # (robust, median-based) history, which a few anomalies cannot move. The cap's reference is
+        # the last healthy sigma_max, so only healthy checks enter that one.
+        layer.growth.push(growth)
+        layer.rank.push(rank)
         if detection is None:
-            # only healthy checks enter the layer's history, so an anomaly never becomes the baseline
-            layer.growth.push(growth)
-            layer.rank.push(rank)
             layer.sigmas.push(sigma)
         layer.last_sigma, layer.last_check = sigma, step
         return detection
 
     # -- acting ----------------------------------------------------------------------------------
     def _act(self, trainer: pl.Trainer, layer: _Layer, detection: str, action: str, s: dict[str, float], step: int) -> bool:
-        metrics = _event_metrics(layer, s)
+        metrics = _event_metrics(s)
         g = layer.group
         assert g is not None
         changed = False
         if action in ("cap", "pss"):
             before = float(g.sigma[layer.slot])
-            after = self._cap(layer) if action == "cap" else self._pss(layer, s, step)
+            if action == "cap":
+                after = self._cap(layer)
+            else:
+                after, k = self._pss(layer, s, step)
+                metrics["k"] = float(k)
             metrics.update(sigma_before=before, sigma_after=after)
             layer.last_sigma = after
             changed = True
@@ -679,7 +746,7 @@ class SpectralMonitor(StabilityCallback):
                 f"alignment {s['alignment_max']:.3g})."
             )
         severity = "critical" if action in ("rollback", "halt") else "warning"
-        self.emit(trainer, detection, severity, metrics, action if action != "warn" else None)
+        self.emit(trainer, detection, severity, metrics, action if action != "warn" else None, layer.name)
         return changed
 
     @torch.no_grad()
@@ -688,32 +755,37 @@ class SpectralMonitor(StabilityCallback):
         assert g is not None
         b = layer.slot
         w = as_matrix(layer.param.detach()).float().unsqueeze(0)
-        # the cap is exact only with the true top pair: converge this weight's pair first
-        u, v, sigma, _ = power_iteration(w, g.u[b : b + 1], g.v[b : b + 1], max(self.max_power_iters, self.init_iters))
+        # the cap is exact only with the true top pair: a block of up to 4 vectors, led by the tracked
+        # one, converges on it even where the next singular value is close (a rare path)
+        block = torch.randn(1, g.n, min(4, g.m, g.n), generator=_gen(self.seed, layer.name)).to(w)
+        block[..., 0] = g.v[b]
+        u, v, sigma, _, _ = subspace_iteration(w, torch.linalg.qr(block).Q, _CAP_ITERS)
         # the reference is the last healthy check's sigma_max: where the layer was before the anomaly
         history = layer.sigmas.values()
         cap = self.cap_factor * float(history[-1]) if len(history) else float(sigma[0])
         delta = spectral_cap_delta(u, v, sigma, cap)[0]
         as_matrix(layer.param.data).add_(delta.to(layer.param.dtype))
-        g.u[b], g.v[b] = u[0], v[0]
+        g.u[b] = u[0]
+        g.reseed(b, v[0])
         g.sigma[b] = torch.minimum(sigma[0], torch.tensor(cap, device=sigma.device))
         g.probes = None
         return float(g.sigma[b])
 
     @torch.no_grad()
-    def _pss(self, layer: _Layer, s: dict[str, float], step: int) -> float:
+    def _pss(self, layer: _Layer, s: dict[str, float], step: int) -> tuple[float, int]:
         g = layer.group
         assert g is not None
         b = layer.slot
         rank = s["stable_rank"]
         k = max(1, min(self.pss_max_k, int(round(rank)) if math.isfinite(rank) else 1))
-        gen = torch.Generator().manual_seed(self.seed + step + zlib.crc32(layer.name.encode()))
+        gen = _gen(self.seed + step, layer.name)
         delta, new, u, v = pss_delta(as_matrix(layer.param.detach()), k, self.pss_fn, generator=gen)
         as_matrix(layer.param.data).add_(delta.to(layer.param.dtype))
-        g.u[b], g.v[b] = u, v
+        g.u[b] = u
+        g.reseed(b, v)
         g.sigma[b] = new[0]
         g.probes = None
-        return float(new[0])
+        return float(new[0]), k
 
     def _set_update_clip(self, layer: _Layer, on: bool) -> None:
         layer.clip_updates = on
@@ -742,8 +814,13 @@ class SpectralMonitor(StabilityCallback):
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
 
-def _event_metrics(layer: _Layer, s: dict[str, float]) -> dict[str, Any]:
-    out: dict[str, Any] = {"layer": layer.name}
+def _gen(seed: int, name: str) -> torch.Generator:
+    # seeded from the layer's name: the same numbers on every rank, whatever the other layers are
+    return torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+
+
+def _event_metrics(s: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
     for key in ("sigma_max", "stable_rank", "alignment_max", "growth", "growth_zscore", "update_ratio"):
         if key in s:
             out[key] = s[key]

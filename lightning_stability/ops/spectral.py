@@ -103,6 +103,37 @@ def power_iteration(w: Tensor, u: Tensor, v: Tensor, iters: int = 1) -> tuple[Te
 
 
 @torch.no_grad()
+def subspace_iteration(w: Tensor, basis: Tensor, iters: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``iters`` warm-started block power iterations on a stack ``w (B, m, n)`` with a right basis
+    ``basis (B, n, r)`` (Rayleigh-Ritz on the block; ``r = 1`` is plain power iteration).
+
+    Each iteration is one product with ``W`` and one with ``W^T`` (``r`` columns each: the weights are
+    read once, as for a single vector) plus QR and SVD factorisations of ``r``-column blocks. Tracking
+    a block makes the estimate robust where two top singular values cross during training, which a
+    single vector follows only slowly (its error shrinks by ``(sigma_2 / sigma_1)^2`` per iteration;
+    the block's by ``(sigma_{r+1} / sigma_1)^2``).
+
+    Returns ``(u (B, m), v (B, n), sigma (B,), basis (B, n, r), residual (B,))``: the top Ritz pair,
+    ``sigma = u^T W v`` (a lower bound of sigma_max), the rotated basis (its first column is ``v``)
+    to pass back next time, and ``residual = sin`` of the angle ``v`` moved in the last iteration
+    (0 at convergence).
+    """
+    v_prev = basis[..., 0]
+    u = v = sigma = residual = torch.empty(0)
+    for _ in range(max(int(iters), 1)):
+        left = torch.linalg.qr(torch.bmm(w, basis)).Q  # (B, m, r)
+        right, r = torch.linalg.qr(torch.bmm(w.transpose(1, 2), left))  # W^T U = V' R: U^T W V' = R^T
+        p, s, qh = torch.linalg.svd(r)  # R = P S Q^T, so (U Q)^T W (V' P) = S
+        basis = torch.bmm(right, p)  # (B, n, r), Ritz vectors in order
+        u = torch.bmm(left, qh.transpose(1, 2))[..., 0]
+        v, sigma = basis[..., 0], s[..., 0]
+        cos = (v * v_prev).sum(-1).abs().clamp(max=1.0)
+        residual = torch.sqrt(1.0 - cos * cos)
+        v_prev = v
+    return u, v, sigma, basis, residual
+
+
+@torch.no_grad()
 def stable_rank(w: Tensor, sigma: Tensor) -> Tensor:
     """``||W||_F^2 / sigma_max^2`` per matrix of a stack (between 1 and the rank)."""
     fro2 = w.float().pow(2).sum(dim=(-2, -1))

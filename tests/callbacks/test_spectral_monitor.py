@@ -1,0 +1,353 @@
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_stability import InMemoryRollback, SpectralMonitor, get_event_log
+from lightning_stability.ops.spectral import as_matrix, smooth_values
+from tests.conftest import make_trainer, tiny_gpt
+
+MLP = "blocks.0.mlp.0"  # a (128, 32) weight of the tiny GPT
+
+
+def _weight(pl_module: pl.LightningModule, name: str) -> torch.Tensor:
+    return dict(pl_module.named_modules())[name].weight
+
+
+class Tamper(pl.Callback):
+    """At the end of optimizer step ``step``, changes a weight with ``fn`` (before the monitor sees it)."""
+
+    def __init__(self, name: str, step: int, fn) -> None:
+        self.name, self.step, self.fn = name, step, fn
+        self.after: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step - 1 == self.step:
+            w = _weight(pl_module, self.name)
+            with torch.no_grad():
+                w.copy_(self.fn(w.detach().clone()))
+            self.after = w.detach().clone()
+
+
+def _events(trainer, kind=None):
+    return [e for e in get_event_log(trainer) if kind is None or e.kind == kind]
+
+
+@pytest.mark.parametrize(
+    ("block", "log_every"),
+    [(1, 10), (4, 1000)],
+    ids=["one-vector+residual-check", "block-no-check"],
+)
+def test_estimates_match_the_true_spectral_norm_and_stable_rank_after_20_steps(tmp_path, block, log_every):
+    # Early in training the top singular values of square layers cross (attn.proj here at step ~10):
+    # one vector per step lags behind until the residual check at step 19 adds iterations; a block
+    # of 4 follows the crossing with no check at all.
+    model, loader = tiny_gpt(20)
+    monitor = SpectralMonitor(block=block, full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 20, [monitor], log_every_n_steps=log_every)
+    trainer.fit(model, loader)
+    est = monitor.estimates()
+    assert set(est) == {"tok_emb", "pos_emb", "blocks.0.attn.qkv", "blocks.0.attn.proj", MLP, "blocks.0.mlp.2", "lm_head"}
+    for name, s in est.items():
+        sv = torch.linalg.svdvals(as_matrix(_weight(model, name)).detach().double())
+        assert s["sigma_max"] == pytest.approx(float(sv[0]), rel=1e-2), name
+        assert s["sigma_max"] <= float(sv[0]) * (1 + 1e-5)  # a lower bound
+        assert s["stable_rank"] == pytest.approx(float((sv**2).sum() / sv[0] ** 2), rel=2e-2), name
+        assert 0.0 <= s["alignment"] <= 1.0
+        assert 0.0 < s["update_ratio"] < 0.5
+
+
+def test_update_ratio_is_the_spectral_norm_of_the_step_relative_to_the_weight(tmp_path):
+    # plain SGD with a constant LR on a fixed batch: consecutive updates are alike, so the power
+    # iteration on the update converges; compare with the last step's true update
+    model, loader = tiny_gpt(40, optimizer="sgd", lr=0.5, batches=1)
+    monitor = SpectralMonitor(full_every_n_steps=None)
+
+    class Before(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.w = _weight(pl_module, MLP).detach().clone()
+
+    before = Before()
+    trainer = make_trainer(tmp_path, 40, [before, monitor], log_every_n_steps=1000)
+    trainer.fit(model, loader)
+    w = _weight(model, MLP).detach()
+    true = torch.linalg.matrix_norm(w - before.w, 2) / torch.linalg.matrix_norm(w, 2)
+    assert monitor.estimates()[MLP]["update_ratio"] == pytest.approx(float(true), rel=0.05)
+
+
+def test_logged_metric_names(tmp_path):
+    model, loader = tiny_gpt(10)
+    monitor = SpectralMonitor(full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 10, [monitor], log_every_n_steps=5)
+    trainer.fit(model, loader)
+    keys = set(trainer.callback_metrics)
+    for stat in ("sigma_max", "stable_rank", "update_ratio", "alignment"):
+        assert f"stability/spectral/{MLP}/{stat}" in keys
+        assert f"stability/spectral/lm_head/{stat}" in keys
+    sigma = float(trainer.callback_metrics[f"stability/spectral/{MLP}/sigma_max"])
+    assert sigma == pytest.approx(float(torch.linalg.matrix_norm(_weight(model, MLP).detach(), 2)), rel=1e-2)
+
+
+def test_include_and_exclude_select_layers(tmp_path):
+    model, loader = tiny_gpt(3)
+    monitor = SpectralMonitor(include=["blocks.*"], exclude=["*.attn.proj"], full_every_n_steps=None)
+    make_trainer(tmp_path, 3, [monitor]).fit(model, loader)
+    assert monitor.layer_names == ["blocks.0.attn.qkv", MLP, "blocks.0.mlp.2"]
+
+
+def test_no_host_reads_outside_checks(tmp_path, monkeypatch):
+    """Between checks the monitor keeps everything on the device: no .item(), .tolist(), float() or
+    bool() of a tensor in its per-step hooks (on a GPU each would be a host sync)."""
+    reads = []
+    model, loader = tiny_gpt(30)
+    monitor = SpectralMonitor(full_every_n_steps=None)
+    checks = []
+    original_check = monitor._check
+
+    def counting_check(trainer, pl_module, step):
+        checks.append(step)
+        return original_check(trainer, pl_module, step)
+
+    monkeypatch.setattr(monitor, "_check", counting_check)
+
+    def wrap(hook_name):
+        hook = getattr(monitor, hook_name)
+
+        def wrapped(trainer, *args):
+            before = len(checks)
+            with _counting_host_reads(reads) as n:
+                hook(trainer, *args)
+            if len(checks) == before:  # not a check step
+                assert n[0] == 0, f"{hook_name} read the device at step {trainer.global_step}"
+
+        monkeypatch.setattr(monitor, hook_name, wrapped)
+
+    for hook_name in ("on_before_backward", "on_before_optimizer_step", "on_train_batch_end"):
+        wrap(hook_name)
+    trainer = make_trainer(tmp_path, 30, [monitor], log_every_n_steps=10)
+    trainer.fit(model, loader)
+    assert checks == [9, 19, 29]  # the logging steps
+
+
+class _counting_host_reads:
+    def __init__(self, reads):
+        self.reads = reads
+        self.n = [0]
+
+    def __enter__(self):
+        self.saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__bool__", "cpu")}
+        n = self.n
+
+        def counter(original):
+            def f(self_tensor, *args, **kwargs):
+                n[0] += 1
+                return original(self_tensor, *args, **kwargs)
+
+            return f
+
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, counter(original))
+        return self.n
+
+    def __exit__(self, *exc):
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_cap_sets_the_top_singular_value_and_leaves_the_rest(tmp_path):
+    model, loader = tiny_gpt(130)
+    # a rank-one bump along a fixed direction makes sigma_max of one layer jump at step 120
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
+    bump = Tamper(MLP, 120, lambda w: w + 3.0 * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("cap",), full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 121, [bump, monitor])
+    trainer.fit(model, loader)
+    caps = _events(trainer, "sigma_growth")
+    assert [(e.step, e.action, e.target) for e in caps] == [(121, "cap", MLP)]  # nothing before: no false alarm
+    after = _weight(model, MLP).detach()
+    sv_before = torch.linalg.svdvals(bump.after.double())
+    sv_after = torch.linalg.svdvals(after.double())
+    cap = caps[0].metrics["sigma_after"]
+    assert caps[0].metrics["sigma_before"] == pytest.approx(float(sv_before[0]), rel=1e-3)
+    assert cap < float(sv_before[0]) / 2
+    # the top value became the cap, every other one stayed where it was
+    expected = torch.sort(torch.cat([torch.tensor([cap], dtype=torch.float64), sv_before[1:]]), descending=True).values
+    torch.testing.assert_close(sv_after, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_pss_smooths_the_top_values_and_leaves_the_lower_spectrum(tmp_path):
+    model, loader = tiny_gpt(130)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
+    bump = Tamper(MLP, 120, lambda w: w + 5.0 * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("pss",), pss_max_k=2, full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 121, [bump, monitor])
+    trainer.fit(model, loader)
+    (event,) = _events(trainer, "sigma_growth")
+    assert event.action == "pss" and event.target == MLP
+    k = int(event.metrics["k"])
+    assert 1 <= k <= 2
+    sv_before = torch.linalg.svdvals(bump.after.double())
+    sv_after = torch.linalg.svdvals(_weight(model, MLP).detach().double())
+    torch.testing.assert_close(sv_after[k:], sv_before[k:], rtol=1e-3, atol=1e-4)
+    expected_top = smooth_values(sv_before[:k], sv_before[k], "log")
+    torch.testing.assert_close(sv_after[:k], expected_top, rtol=1e-3, atol=1e-4)
+    assert event.metrics["sigma_after"] == pytest.approx(float(expected_top[0]), rel=1e-3)
+
+
+def test_clip_updates_bounds_the_layer_updates_until_the_incident_ends(tmp_path):
+    model, loader = tiny_gpt(140)
+    bump = Tamper(MLP, 120, lambda w: 4.0 * w)
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("clip_updates",), update_clip=1.0,
+                              cooldown=100, full_every_n_steps=None)
+
+    class Step(pl.Callback):
+        def __init__(self):
+            self.ratios = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.w = _weight(pl_module, MLP).detach().clone()
+            self.lr = optimizer.param_groups[0]["lr"]  # the scheduler steps before on_train_batch_end
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            d = (_weight(pl_module, MLP).detach() - self.w) / self.lr
+            self.ratios[trainer.global_step - 1] = float(torch.linalg.matrix_norm(d, 2))
+
+    probe = Step()
+    trainer = make_trainer(tmp_path, 130, [probe, bump, monitor])
+    trainer.fit(model, loader)
+    (event,) = _events(trainer, "sigma_growth")
+    assert event.action == "clip_updates" and event.step == 121
+    assert monitor._layers[MLP].clip_updates
+    # soft clip: every singular value s -> s / sqrt(1 + s^2/c^2) < c
+    assert max(probe.ratios[s] for s in range(122, 130)) < 1.0
+    assert min(probe.ratios[s] for s in range(105, 120)) > 1.0  # the clip bites: unclipped updates are larger
+    # the fit is over: the optimizer's hooks are gone, the state still says the clip is on
+    assert monitor._layers[MLP].clipper is None
+    assert not trainer.optimizers[0]._optimizer_step_pre_hooks
+    assert monitor.state_dict()["layers"][MLP]["clip_updates"]
+
+
+def test_a_failed_intervention_asks_for_a_rollback(tmp_path):
+    model, loader = tiny_gpt(140)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
+    bump = Tamper(MLP, 120, lambda w: w + 3.0 * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+    ruin = Tamper("lm_head", 125, lambda w: 40.0 * torch.randn_like(w))  # the loss gets much worse after the cap
+    monitor = SpectralMonitor(check_every_n_steps=5, warmup=100, ladder=("cap",), full_every_n_steps=None)
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=5)
+    trainer = make_trainer(tmp_path, 130, [bump, ruin, monitor, rollback])
+    trainer.fit(model, loader)
+    (cap,) = [e for e in _events(trainer, "sigma_growth") if e.target == MLP]
+    assert cap.action == "cap" and cap.step == 125  # the check of steps 120..124
+    (failed,) = _events(trainer, "intervention_failed")
+    assert failed.step == 130 and failed.action == "rollback" and failed.severity == "critical"
+    assert failed.metrics["loss_after"] > failed.metrics["loss_before"] * 1.1
+    (rolled,) = _events(trainer, "rollback")
+    assert rolled.step == 130
+    # restored to the snapshot of step 30, before the bump and the ruin
+    assert torch.linalg.matrix_norm(_weight(model, "lm_head").detach(), 2) < 20
+
+
+def test_embedding_rank_rise_warns_under_low_precision_only(tmp_path):
+    flatten = Tamper("tok_emb", 120, lambda w: torch.randn_like(w) * w.std())
+    for precision, expected in (("bf16-mixed", ["embedding_rank_rise"]), ("32-true", [])):
+        model, loader = tiny_gpt(130)
+        # a trained embedding has a few strong directions; random rows flatten its spectrum
+        with torch.no_grad():
+            model.tok_emb.weight.copy_(torch.randn(26, 1) @ torch.randn(1, 32) * 3 + 0.1 * torch.randn(26, 32))
+        monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, include=["tok_emb"], full_every_n_steps=None)
+        trainer = make_trainer(tmp_path / precision, 122, [flatten, monitor], precision=precision)
+        trainer.fit(model, loader)
+        kinds = [e.kind for e in _events(trainer) if e.kind == "embedding_rank_rise"]
+        assert kinds == expected, precision
+        for e in _events(trainer, "embedding_rank_rise"):
+            assert e.action is None and e.severity == "warning"
+
+
+def test_full_spectrum_round_robin(tmp_path):
+    model, loader = tiny_gpt(20)
+    monitor = SpectralMonitor(full_every_n_steps=10)
+    per_step: dict[int, list[str]] = {}
+    original = monitor._full_analysis
+
+    class Spy(pl.Callback):
+        pass
+
+    def spy(trainer, step):
+        before = {n: dict(layer.full) for n, layer in monitor._layers.items()}
+        original(trainer, step)
+        per_step[step] = [n for n, layer in monitor._layers.items() if layer.full != before[n]]
+
+    monitor._full_analysis = spy
+    trainer = make_trainer(tmp_path, 10, [monitor], logger=pl.loggers.TensorBoardLogger(tmp_path, name="tb"))
+    trainer.fit(model, loader)
+    analysed = [n for step in sorted(per_step) for n in per_step[step]]
+    assert sorted(analysed) == sorted(monitor.layer_names)  # every layer once in the period
+    assert max(len(v) for v in per_step.values()) == 1  # 7 layers over 10 steps: one at a time
+    from lightning_stability.ops.spectral import analyze_spectrum
+
+    last = monitor._layers["lm_head"].full  # the last layer analysed, at step 8; weights moved once since
+    assert last["alpha"] > 1 and last["n"] == 26
+    ref = analyze_spectrum(_weight(model, "lm_head").detach())
+    assert last["sigma_max"] == pytest.approx(ref.sigma_max, rel=0.05)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
+    acc.Reload()
+    assert "stability/spectral/lm_head/singular_values" in acc.Tags()["histograms"]
+    assert "stability/spectral/lm_head/alpha" in acc.Tags()["scalars"]
+
+
+def test_state_round_trips_and_resume_continues_exactly(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, ckpt=None):
+        model, loader = tiny_gpt(40, batches=20)  # step 20 is an epoch boundary: the data resumes exactly
+        monitor = SpectralMonitor(check_every_n_steps=5, warmup=0, full_every_n_steps=None)
+        saver = ModelCheckpoint(dirpath=root, every_n_train_steps=20, save_top_k=-1)
+        trainer = make_trainer(root, 40, [monitor, saver], enable_checkpointing=True)
+        trainer.fit(model, loader, ckpt_path=ckpt)
+        return monitor, model
+
+    straight, straight_model = run(tmp_path / "full")
+    resumed, resumed_model = run(tmp_path / "resumed", str(tmp_path / "full" / "epoch=0-step=20.ckpt"))
+    for p, q in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a["layers"].keys() == b["layers"].keys()
+    for name in a["layers"]:
+        for key in ("basis", "u", "v", "du", "dv"):
+            assert torch.equal(a["layers"][name][key], b["layers"][name][key]), f"{name} {key}"
+        assert a["layers"][name]["rank"]["values"] == b["layers"][name]["rank"]["values"]
+        assert len(a["layers"][name]["rank"]["values"]) == 8  # the checks of both halves
+    assert straight.estimates() == resumed.estimates()  # the update estimate went on, too
+
+    fresh = SpectralMonitor()
+    fresh.load_state_dict(a)
+    assert fresh.state_dict()["layers"].keys() == a["layers"].keys()
+    assert not math.isnan(fresh.state_dict()["last_loss"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": 0}, r"every_n_steps=0\): expected an int >= 1"),
+        ({"tol": -1.0}, r"tol=-1.0\): expected a finite float > 0"),
+        ({"ladder": ("cap", "skip")}, r"unknown action 'skip'"),
+        ({"rank_collapse": 1.5}, r"rank_collapse=1.5\): expected a float in \(0, 1\)"),
+        ({"alignment_threshold": 0.0}, r"alignment_threshold=0.0\): expected a float in \(0, 1\]"),
+        ({"pss_fn": "tanh"}, r"pss_fn='tanh'\): expected 'log' or 'clip'"),
+        ({"embedding_rank_rise": 0.9}, r"embedding_rank_rise=0.9\): expected a finite float > 1.0"),
+        ({"warmup": -1}, r"warmup=-1\): expected an int >= 0"),
+        ({"include": "blocks.*"}, r"include='blocks.\*'\): expected a sequence"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        SpectralMonitor(**kwargs)
