@@ -4,8 +4,10 @@
     python examples/demo.py --no-faults     # a clean run: nothing to detect, nothing to undo
     tensorboard --logdir runs/demo          # the curves
 
-Two callbacks watch the run: ``GradientSpikeGuard`` repairs or skips bad steps, ``InMemoryRollback``
-keeps snapshots in memory and goes back to the last good one when the state itself is corrupted.
+Three callbacks watch the run: ``GradientSpikeGuard`` repairs or skips bad steps, ``SpectralMonitor``
+tracks the singular spectrum of every weight (and would cap or smooth a layer whose top singular value
+runs away), ``InMemoryRollback`` keeps snapshots in memory and goes back to the last good one when the
+state itself is corrupted.
 The run writes TensorBoard logs, ``stability_events.jsonl`` (the event log) and, after a rollback,
 ``quarantine.json`` (the batches that were not replayed) under ``runs/demo``.
 """
@@ -19,7 +21,7 @@ import warnings
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log
+from lightning_stability import GradientSpikeGuard, InMemoryRollback, SpectralMonitor, get_event_log
 from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
 
 # The faults the demo injects, by optimizer step: what a bad node, a bad batch or a bad kernel does.
@@ -32,7 +34,7 @@ FAULTS = {
     540: ("loss_nan", None),  # a batch whose loss is NaN
 }
 # Events that only say the callbacks are doing their routine work.
-ROUTINE = ("snapshot", "snapshot_committed", "quarantine", "tor")
+ROUTINE = ("snapshot", "snapshot_committed", "quarantine", "tor", "spectral_recovered")
 
 
 def main() -> None:
@@ -50,10 +52,11 @@ def main() -> None:
     faults = {} if args.no_faults else {s: f for s, f in FAULTS.items() if s < args.steps}
     guard = GradientSpikeGuard()
     rollback = InMemoryRollback(every_n_steps=50, commit_after=10)
+    spectral = SpectralMonitor(full_every_n_steps=200)  # sigma_max of every layer every step; full spectra too
     trainer = pl.Trainer(
         max_steps=args.steps,
         logger=TensorBoardLogger(args.logdir, name="demo"),
-        callbacks=[FaultInjector(faults), guard, rollback],  # the injector first, so the others see its faults
+        callbacks=[FaultInjector(faults), guard, spectral, rollback],  # the injector first, so the others see its faults
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -86,6 +89,8 @@ def main() -> None:
             )
         else:
             details = ", ".join(f"{k}={v:.3g}" for k, v in m.items())
+        if e.target:
+            details = f"layer {e.target}: {details}"
         print(f"  {e.step:>5}  {e.kind:<18} {e.severity:<9} {e.action or '-':<14} {details}")
     detections = [e for e in log if e.severity != "info" and e.source == guard.source]
     print(f"\n{len(detections)} detections for {len(faults)} injected faults; {len(rollback.rollbacks)} rollbacks; "

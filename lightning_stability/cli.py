@@ -22,7 +22,8 @@ def _events(args: argparse.Namespace) -> int:
         print(f"  {kind:<16} {severity:<9} {n}")
     for e in events:
         if e.severity != "info":
-            print(f"  step {e.step:>7}  {e.kind:<14} {e.severity:<8} action={e.action}")
+            where = f"  layer={e.target}" if e.target else ""
+            print(f"  step {e.step:>7}  {e.kind:<14} {e.severity:<8} action={e.action}{where}")
     return 0
 
 

@@ -43,7 +43,9 @@ from lightning_stability.ops.spectral import (
 )
 
 SPECTRAL_ACTIONS = ("warn", "cap", "pss", "clip_updates", "rollback", "halt")
-SPECTRAL_DETECTIONS = ("sigma_growth", "rank_collapse", "alignment", "embedding_rank_rise", "intervention_failed")
+SPECTRAL_DETECTIONS = (
+    "sigma_growth", "rank_collapse", "alignment", "embedding_rank_rise", "intervention_failed", "nonfinite_weight"
+)
 DEFAULT_LADDER = ("cap", "pss", "clip_updates", "rollback")
 # Detections that call for a warning only, whatever the ladder (a flattening embedding spectrum under
 # low precision is a symptom to look at, not something smoothing repairs).
@@ -191,6 +193,8 @@ class SpectralMonitor(StabilityCallback):
                                 times its median: a warning only
     ``intervention_failed``     the mean loss after an intervention is worse than before it by more
                                 than ``loss_tolerance``: asks for a rollback
+    ``nonfinite_weight``        a non-finite sigma_max (a NaN or Inf in the weight): asks for a
+                                rollback, whatever the ladder
     ==========================  ========================================================================
 
     **Interventions**, per layer, one rung of ``ladder`` per detection (climbing every ``patience``
@@ -633,6 +637,12 @@ class SpectralMonitor(StabilityCallback):
                               layer.name)
                     self._set_update_clip(layer, False)
                 continue
+            if detection == "nonfinite_weight":
+                # nothing spectral repairs a NaN in the weights: ask for a rollback (the guard stops
+                # such a step from being applied; the weights themselves need an older copy)
+                responder = self.event_log(trainer).has_responder("rollback")
+                self.emit(trainer, detection, "critical", {}, "rollback" if responder else None, layer.name)
+                continue
             if detection in _WARN_ONLY:
                 if not layer.warned:  # once until a healthy check
                     self.emit(trainer, detection, "warning", _event_metrics(s), None, layer.name)
@@ -692,6 +702,8 @@ class SpectralMonitor(StabilityCallback):
 
     def _detect(self, layer: _Layer, s: dict[str, float], step: int) -> str | None:
         sigma, rank = s["sigma_max"], s["stable_rank"]
+        if not (math.isfinite(sigma) and math.isfinite(rank)):
+            return "nonfinite_weight"  # armed or not; nothing of it enters the history
         detection: str | None = None
         growth = math.nan
         if math.isfinite(layer.last_sigma) and layer.last_sigma > 0 and sigma > 0 and step > layer.last_check:
@@ -702,7 +714,7 @@ class SpectralMonitor(StabilityCallback):
             rb = layer.rank.baseline()
             gz = layer.growth.baseline().zscore(growth, rel_floor=0.0) if math.isfinite(growth) else math.nan
             s["growth_zscore"] = gz
-            if not math.isfinite(sigma) or math.isfinite(gz) and gz >= self.growth_zscore and growth >= self.min_growth:
+            if math.isfinite(gz) and gz >= self.growth_zscore and growth >= self.min_growth:
                 detection = "sigma_growth"
             elif s["alignment_max"] >= self.alignment_threshold and growth > 0:
                 detection = "alignment"
