@@ -47,3 +47,16 @@ def test_every_rank_restores_the_same_snapshot_in_the_same_step(tmp_path):
     assert sorted(b["step"] for b in first if b["rank"] == 1) == list(range(20, 26))
     ids = [set(b["sample_ids"]) for b in first]
     assert len(set().union(*ids)) == sum(len(i) for i in ids)  # each rank's own samples
+
+
+def test_every_rank_applies_the_same_spectral_intervention(tmp_path):
+    ranks = run_two_ranks("ddp_spectral_script.py", tmp_path)
+    # the bump at step 120 is seen at the check of steps 120..124 and smoothed on both ranks alike;
+    # the loss after it is worse on rank 1 only, and the rank average makes both ranks ask for the
+    # same rollback in the same step
+    assert ranks[0]["events"] == ranks[1]["events"]
+    detections = [tuple(e) for e in ranks[0]["events"] if e[1] in ("sigma_growth", "intervention_failed")]
+    assert detections[:2] == [(125, "sigma_growth", "pss", "blocks.0.mlp.0"), (130, "intervention_failed", "rollback", None)]
+    assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == [130]
+    assert ranks[0]["sigma"] == ranks[1]["sigma"]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
