@@ -194,8 +194,9 @@ def randomized_svd(
     """Top ``rank`` singular triplets ``(U (m, r), S (r,), V (n, r))`` of one matrix, by a randomized
     range finder with ``niter`` power iterations (Halko, Martinsson, Tropp 2011, alg. 4.4).
 
-    The test matrix comes from ``generator`` (drawn on the host), never from the global RNG: the
-    training run's random stream is left alone and every data-parallel rank gets the same result.
+    The test matrix is drawn on the host from ``generator``; pass one (as :class:`SpectralMonitor`
+    does) to leave the training run's random stream alone and give every data-parallel rank the same
+    result. With ``None`` it comes from the global RNG.
     """
     a = w.float()
     m, n = a.shape
@@ -264,15 +265,21 @@ def inverse_sqrt_newton_schulz(a: Tensor, scale: Tensor, iters: int) -> Tensor:
 
 
 @torch.no_grad()
-def soft_spectral_clip(x: Tensor, c: float, iters: int = 24) -> Tensor:
+def soft_spectral_clip(x: Tensor, c: float, iters: int = 40) -> Tensor:
     """SPECTRA's soft spectral clip: each singular value ``s -> s / sqrt(1 + s^2 / c^2)`` (the
     singular vectors kept), computed as ``(I + X X^T / c^2)^{-1/2} X`` on the smaller Gram matrix with
     coupled Newton-Schulz (no SVD, no host sync). ``x`` is one matrix or a stack ``(B, m, n)``.
 
     Values far below ``c`` pass almost unchanged; large ones approach ``c``.
+
+    Computed in float64: a spike with ``s / c`` above ~4000 makes ``s^2 / c^2`` swamp the identity in
+    float32 (``1 / eps``), and the iteration then diverges instead of clipping. The smallest
+    eigenvalue of ``A / scale`` is ``~ c^2 / ||X||_F^2``; coupled Newton-Schulz multiplies it by about
+    9/4 an iteration, so 40 iterations cover ``||X||_F / c`` up to ~1e6 (the Gram matrices are
+    ``min(m, n)`` square: small next to the weights).
     """
     squeeze = x.dim() == 2
-    xs = (x.unsqueeze(0) if squeeze else x).float()
+    xs = (x.unsqueeze(0) if squeeze else x).double()
     wide = xs.shape[-2] <= xs.shape[-1]
     gram = xs @ xs.transpose(-2, -1) if wide else xs.transpose(-2, -1) @ xs  # (B, k, k), k = min(m, n)
     eye = torch.eye(gram.shape[-1], device=xs.device, dtype=xs.dtype)
@@ -305,7 +312,7 @@ class SpectralUpdateClip:
         optimizer: torch.optim.Optimizer,
         c: float = 10.0,
         params: Iterable[Tensor] | None = None,
-        iters: int = 24,
+        iters: int = 40,
     ) -> None:
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0:
             raise ValueError(f"SpectralUpdateClip(c={c!r}): expected a finite float > 0")
