@@ -1,14 +1,18 @@
 """Run the benchmarks: ``python -m benchmarks [--quick] [--out docs/benchmarks.md]``.
 
 The full run (``make bench``, a few minutes on a 2-core CPU) prints the tables and rewrites
-``docs/benchmarks.md``. ``--quick`` is the CI smoke test: a few steps per fit, the table printed,
-nothing written. It fails only if something crashes, never on timing.
+``docs/benchmarks.md`` and the plot it shows (``docs/img/``). ``--quick`` is the CI smoke test: a few
+steps per fit, the tables printed, nothing written. It fails only if something crashes, never on
+timing. The comparison with WeightWatcher needs the ``bench`` extra (``pip install -e ".[bench]"``);
+without it that part is skipped.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
+import inspect
 import logging
 import os
 import platform
@@ -20,18 +24,22 @@ from dataclasses import dataclass
 import lightning
 import torch
 
-from benchmarks import rollback
+from benchmarks import rollback, spectral
 from benchmarks.overhead import (
     BATCH_SIZE,
     BLOCK_SIZE,
     GOAL_RATIO,
     MODEL_SIZES,
     SETUPS,
+    ModelSize,
     format_table,
     goal_lines,
     run_benchmark,
     summarize,
 )
+from lightning_stability import SpectralMonitor
+from lightning_stability.demos import TinyGPT
+from lightning_stability.ops.spectral import analyze_spectrum, fit_power_law
 
 
 @dataclass(frozen=True)
@@ -42,12 +50,40 @@ class Settings:
     rollback_timed_steps: int  # two snapshots (every 100 steps) in the window
     rollback_repeats: int
     rollbacks: int  # rollbacks timed per model size
+    spectral_repeats: int
+    analysis_sizes: tuple[ModelSize, ...]  # models for analyze_model against WeightWatcher
+    analysis_repeats: int
+    efficacy_seeds: tuple[int, ...]
+    efficacy_steps: int
+    efficacy_check_every: int  # SpectralMonitor(check_every_n_steps=...) in the efficacy runs
+    efficacy_monitor_warmup: int  # SpectralMonitor(warmup=...): steps before its detections arm
 
 
 # warmup_steps > GradientSpikeGuard's default warmup (32): its spike detectors are armed when timing starts.
 # timed_steps = Trainer's default log_every_n_steps (50): the window holds exactly one logging step.
-FULL = Settings(warmup_steps=40, timed_steps=50, repeats=8, rollback_timed_steps=200, rollback_repeats=3, rollbacks=5)
-QUICK = Settings(warmup_steps=2, timed_steps=3, repeats=1, rollback_timed_steps=3, rollback_repeats=1, rollbacks=1)
+# The efficacy runs: 300 steps hold the blow-up (steps 50 to 80) and 200 steps after it; the monitor
+# is armed from step 20 and checks every 2 steps, so it has a history before the blow-up and reacts
+# within 2 steps.
+FULL = Settings(
+    warmup_steps=40, timed_steps=50, repeats=8, rollback_timed_steps=200, rollback_repeats=3, rollbacks=5,
+    spectral_repeats=3, analysis_sizes=spectral.ANALYSIS_SIZES, analysis_repeats=3, efficacy_seeds=(0, 1, 2),
+    efficacy_steps=300, efficacy_check_every=2, efficacy_monitor_warmup=20,
+)
+QUICK = Settings(
+    warmup_steps=2, timed_steps=3, repeats=1, rollback_timed_steps=3, rollback_repeats=1, rollbacks=1,
+    spectral_repeats=1, analysis_sizes=(MODEL_SIZES[0],), analysis_repeats=1, efficacy_seeds=(0,),
+    efficacy_steps=12, efficacy_check_every=2, efficacy_monitor_warmup=2,
+)
+
+
+IMAGE = "img/spectral_efficacy.png"  # the efficacy plot, relative to the markdown file
+
+
+def _weightwatcher_version() -> str | None:
+    try:
+        return importlib.metadata.version("weightwatcher")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def cpu_model() -> str:
@@ -90,15 +126,18 @@ def render_doc(
     goals: list[str],
     minutes: float,
     rollback_section: str,
+    spectral_section: str,
 ) -> str:
     setups = "\n".join(f"- **{s.name}**: {s.description}." for s in SETUPS)
     machine_lines = "\n".join(f"- {line}" for line in machine)
     goal_text = "\n".join(f"- {line}" for line in goals)
     return f"""# Benchmarks
 
-What the stability callbacks cost per training step. The project's goal: `GradientSpikeGuard` with
-all its detectors on costs at most {round((GOAL_RATIO - 1) * 100)}% of step time.
-The full benchmark run writes this file; do not edit it by hand.
+What the stability callbacks cost per training step, and what `SpectralMonitor`'s interventions do
+to a run that blows up. The project's goal: `GradientSpikeGuard` with all its detectors on costs at
+most {round((GOAL_RATIO - 1) * 100)}% of step time; the goals of `InMemoryRollback` and
+`SpectralMonitor` are in their sections. The full benchmark run writes this file; do not edit it by
+hand.
 
 ```bash
 python -m benchmarks           # or: make bench. Rewrites this file ({minutes:.1f} minutes for the run below)
@@ -167,7 +206,8 @@ the batch sizes models are trained with.
 - The runs are clean: no fault is injected, and the guard must not intervene (the goal lines say so
   if it did).
 
-{rollback_section}"""
+{rollback_section}
+{spectral_section}"""
 
 
 def render_rollback_section(settings: Settings, table: str, goals: list[str], recovery_table: str) -> str:
@@ -212,6 +252,156 @@ loader and, on a cluster, the time to be scheduled again. Medians over the repea
 """
 
 
+def render_spectral_section(
+    settings: Settings,
+    table: str,
+    lines: list[str],
+    analysis: tuple[str, list[str]] | None,
+    ww_version: str | None,
+    efficacy: tuple[str, list[str]],
+    rescue: tuple[int, int],
+    reference: spectral.EfficacyRun | None,
+    image: str | None,
+) -> str:
+    line_text = "\n".join(f"- {line}" for line in lines)
+    monitor = SpectralMonitor()
+    if monitor.warmup >= settings.warmup_steps + settings.timed_steps:
+        armed = (
+            f"The detections arm after `warmup={monitor.warmup}` steps, after the window: an unarmed "
+            "check skips a few comparisons on the host, and the per-step work on the weights is the same."
+        )
+    else:
+        armed = f"The detections arm after `warmup={monitor.warmup}` steps, so they run in the window."
+    if analysis is None:
+        analysis_text = (
+            "WeightWatcher is not installed (`pip install -e \".[bench]\"`, or `make bench`), so this "
+            "comparison was skipped."
+        )
+    else:
+        analysis_table, analysis_notes = analysis
+        options = ", ".join(f"{k}={v!r}" for k, v in spectral.WW_OPTIONS.items())
+        candidates = inspect.signature(analyze_spectrum).parameters["max_candidates"].default
+        min_tail = inspect.signature(fit_power_law).parameters["min_tail"].default
+        models = "; ".join(
+            f"`{m.name}`: width {m.d_model}, {m.n_layer} blocks" for m in settings.analysis_sizes
+        )
+        analysis_text = f"""`lightning_stability.analyze_model(model)` next to WeightWatcher {ww_version}'s
+`WeightWatcher(model=model).analyze({options})`: every optional analysis (plots, randomised ESDs,
+Marchenko-Pastur fits, eigenvectors, detX) off, which is also its default in 0.7, so that it computes
+what `analyze_model` computes: each weight's eigenvalue spectrum, its power-law fit and the norm
+metrics. `svdvals alone` is `torch.linalg.svdvals` of every weight and nothing else. All run on the
+same seeded, untrained `TinyGPT`s ({models}). The three are interleaved, the order reversed every
+other repeat; medians of {settings.analysis_repeats} repeats. The metrics both compute are compared
+layer by layer, matched by module name: alpha (the power-law exponent), the stable rank, and
+lambda_max = sigma_max^2 (what WeightWatcher calls `spectral_norm`).
+
+{analysis_table}
+
+{chr(10).join(f"- {line}" for line in analysis_notes)}
+
+How they differ: `analyze_model` takes the eigenvalues of the smaller Gram matrix (`W W^T` or
+`W^T W`) in float32 with `torch.linalg.eigvalsh`, and fits the power law for at most {candidates}
+candidate x_min at once, each leaving at least {min_tail} eigenvalues in the tail, choosing by the
+two-sided KS distance. WeightWatcher computes a full SVD in float64 (SciPy's, without CUDA) and tries
+every eigenvalue as x_min in a Python loop, down to tails of 2, comparing the fit with the lower
+steps of the empirical CDF only. The stable rank and lambda_max therefore agree closely (to float32
+precision), while alpha agrees only where both searches pick the same x_min. The shortest tails, the
+one-sided KS distance and, above {candidates} eigenvalues, the candidates left out can each make them
+pick different ones, and a different x_min gives a different alpha. At initialisation a spectrum is
+a Marchenko-Pastur bulk with no power-law tail, alpha is large and x_min is poorly determined: a hard
+case for agreement. As for the time: WeightWatcher's is mostly its SVD (compare `svdvals alone`, the
+same decomposition in float32), and `analyze_model`'s is mostly the Gram products and `eigvalsh`;
+the power-law fits take little of either."""
+    if image is None:
+        figure = "(matplotlib is not installed, so the loss curves were not plotted.)"
+    else:
+        figure = f"![Training loss of the three runs per seed, and of the reference run]({image})"
+    efficacy_table, verdicts = efficacy
+    rescued, guarded = rescue
+    healthy = (
+        ""
+        if reference is None
+        else f" The healthy reference run's loss rises at most {reference.largest_rise:.2f}x above the "
+        f"lowest loss before it, and ends at {reference.final / reference.best:.2f}x its lowest."
+    )
+    demo_lr = inspect.signature(TinyGPT.__init__).parameters["lr"].default
+    seeds = ", ".join(map(str, settings.efficacy_seeds))
+    reason = ""
+    if rescued < guarded:
+        reason = """
+A likely reason the interventions do not hold: at this learning rate an AdamW step moves every
+entry of a weight by about the LR, so a few steps undo a cap or a smoothing of the top singular
+values (the monitor's `update_ratio` shows how far one step moves each spectral norm); and the
+LayerNorm gains and the biases, which are not matrices, are not watched at all.
+"""
+    return f"""## SpectralMonitor
+
+What tracking the singular spectra of every weight costs per step, how fast the full-spectrum analysis
+runs next to WeightWatcher's, and what the monitor's spectral interventions do to a run that blows up.
+The goals: tracking every weight of the small GPTs on CPU every step costs at most
+{round((spectral.GOAL_RATIO - 1) * 100)}% of step time, and the full-spectrum analysis is at least
+{spectral.GOAL_SPEEDUP:.0f}x faster than WeightWatcher's.
+
+### Step-time overhead
+
+The same models and method as the first section, with these setups:
+
+{chr(10).join(f"- **{s.name}**: {s.description}." for s in spectral.SETUPS)}
+
+Each fit trains {settings.warmup_steps} untimed steps, then {settings.timed_steps} timed ones; every
+(model, setup) pair is fitted {settings.spectral_repeats} times.
+
+{table}
+
+{line_text}
+
+- `in-callback ms/step` is a mean over the timed steps, so it counts in full the work the monitor
+  does on some steps only. With its defaults it checks on logging steps (every 50): the window holds
+  one check (the statistics copied to the host, more power iterations where an estimate has not
+  converged, the metrics logged).
+- The full-spectrum analysis (`full_every_n_steps={monitor.full_every_n_steps}`) does not run all at
+  once: it goes round-robin, one layer at a time, through the period, so a {settings.timed_steps}-step
+  window holds only a layer or two of it. The lines above time the analysis of every layer once, as
+  the monitor does it, and spread it over the period: its amortised cost.
+- {armed}
+- The runs are clean; the monitor must not intervene (the lines say so if it did).
+
+### Full-spectrum analysis next to WeightWatcher
+
+{analysis_text}
+
+### Does it stop a blow-up?
+
+The tiny GPT `{spectral.EFFICACY_SIZE.name}` at a learning rate that makes it blow up: AdamW (betas
+0.9/0.95, weight decay 0.1) warmed up linearly over {spectral.EFFICACY_WARMUP} steps to a peak LR of
+{spectral.EFFICACY_LR:g}, {spectral.EFFICACY_LR / demo_lr:.0f}x the demo's, then the demo's cosine
+schedule; batch {BATCH_SIZE} x {BLOCK_SIZE} characters, {settings.efficacy_steps} steps. Each seed
+({seeds}) draws the initial weights; the data are the same. Three runs per seed: no callbacks,
+`SpectralMonitor(ladder=("cap",), check_every_n_steps={settings.efficacy_check_every},
+warmup={settings.efficacy_monitor_warmup})` (the top singular value of a flagged layer set back to its
+last healthy value) and the same with `ladder=("pss",)` (parametric singularity smoothing of the top
+singular values). Both check every {settings.efficacy_check_every} steps instead of on logging steps only,
+and arm their detections from step {settings.efficacy_monitor_warmup}, so that they have a history before
+the blow-up and can act on it within {settings.efficacy_check_every} steps. The reference is the same
+model at LR {spectral.REFERENCE_LR:g}, with no callbacks. The configuration comes from a sweep for
+one where the unguarded run blows up from every seed (the comment above `EFFICACY_LR` in
+`benchmarks/spectral.py` says what was tried).
+
+{efficacy_table}
+
+{chr(10).join(f"- {line}" for line in verdicts)}
+
+{figure}
+
+`lowest loss`: the lowest loss before the last {spectral.TAIL} steps; `first spike`: the first step whose
+loss is at least {spectral.SPIKE_RISE:g}x the lowest loss before it; `final loss`: the mean of the last
+{spectral.TAIL} losses; `diverged`: a NaN or an infinite loss, or a final loss more than
+{spectral.DIVERGED_RISE:g}x the lowest.{healthy} `interventions` counts caps or smoothings, one per layer
+and check; `loss worse after one`, the checks that found the mean loss worse after an intervention
+than before it: the monitor then asks for a rollback, which no callback answers here.
+{reason}"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps, print only (the CI smoke test)")
@@ -222,9 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     threads = available_cores()
     torch.set_num_threads(threads)
+    ww_version = _weightwatcher_version()
     machine = [
         f"CPU: {cpu_model()}, {threads} cores available (`torch.set_num_threads({threads})`)",
-        f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}",
+        f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}, "
+        f"weightwatcher {ww_version or 'not installed'}",
         f"lightning_stability at commit `{source_version()}`",
     ]
     load_before = load_average()
@@ -234,22 +426,44 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    def progress(line: str) -> None:
+        print(line, flush=True)
+
     start = time.perf_counter()
-    results = run_benchmark(
-        settings.warmup_steps,
-        settings.timed_steps,
-        settings.repeats,
-        progress=lambda line: print(line, flush=True),
-    )
+    results = run_benchmark(settings.warmup_steps, settings.timed_steps, settings.repeats, progress=progress)
     rb_results = rollback.overhead(
-        settings.warmup_steps,
-        settings.rollback_timed_steps,
-        settings.rollback_repeats,
-        progress=lambda line: print(line, flush=True),
+        settings.warmup_steps, settings.rollback_timed_steps, settings.rollback_repeats, progress=progress
     )
     rb_table, rb_goals = rollback.overhead_table(rb_results)
-    recoveries = [rollback.recovery(size, settings.rollbacks, lambda line: print(line, flush=True)) for size in MODEL_SIZES]
+    recoveries = [rollback.recovery(size, settings.rollbacks, progress) for size in MODEL_SIZES]
     rec_table = rollback.recovery_table(recoveries)
+
+    sp_results = spectral.overhead(
+        settings.warmup_steps, settings.timed_steps, settings.spectral_repeats, progress
+    )
+    amortised = [spectral.full_analysis_cost(size, settings.analysis_repeats) for size in MODEL_SIZES]
+    sp_summaries = summarize(sp_results)
+    sp_table = format_table(sp_summaries)
+    sp_lines = spectral.overhead_lines(sp_summaries, amortised, settings.timed_steps)
+    ww = spectral.import_weightwatcher()
+    analysis = None
+    if ww is None:
+        progress("weightwatcher is not installed (pip install -e '.[bench]'): skipping the comparison with it")
+    else:
+        compared = [
+            spectral.compare_analysis(ww, size, settings.analysis_repeats, progress)
+            for size in settings.analysis_sizes
+        ]
+        analysis = spectral.analysis_table(compared)
+    runs, reference = spectral.efficacy(
+        settings.efficacy_seeds,
+        settings.efficacy_steps,
+        settings.efficacy_check_every,
+        settings.efficacy_monitor_warmup,
+        reference=not args.quick,
+        progress=progress,
+    )
+    efficacy = spectral.efficacy_table(runs, reference)
     minutes = (time.perf_counter() - start) / 60
     summaries = summarize(results)
     table = format_table(summaries)
@@ -266,6 +480,19 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(rb_goals))
     print()
     print(rec_table)
+    print()
+    print(sp_table)
+    print()
+    print("\n".join(sp_lines))
+    if analysis is not None:
+        print()
+        print(analysis[0])
+        print()
+        print("\n".join(analysis[1]))
+    print()
+    print(efficacy[0])
+    print()
+    print("\n".join(efficacy[1]))
     if args.quick:
         print(
             "(--quick: too few steps for the figures to mean anything; this run only checks that nothing crashes)"
@@ -273,10 +500,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{machine[-2]}; {minutes:.1f} minutes")
 
     if not args.quick:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        docs = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(docs, exist_ok=True)
+        image: str | None = IMAGE
+        if spectral.plot_efficacy(runs, reference, os.path.join(docs, IMAGE)):
+            print(f"wrote {os.path.join(os.path.dirname(args.out), IMAGE)}")
+        else:
+            image = None
         with open(args.out, "w") as f:
-            section = render_rollback_section(settings, rb_table, rb_goals, rec_table)
-            f.write(render_doc(settings, machine, table, goals, minutes, section))
+            rb_section = render_rollback_section(settings, rb_table, rb_goals, rec_table)
+            sp_section = render_spectral_section(
+                settings, sp_table, sp_lines, analysis, ww_version, efficacy, spectral.rescued(runs),
+                reference, image,
+            )
+            f.write(render_doc(settings, machine, table, goals, minutes, rb_section, sp_section))
         print(f"wrote {args.out}")
     return 0
 
