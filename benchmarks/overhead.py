@@ -297,26 +297,32 @@ def format_table(summaries: Sequence[Summary], sizes: Sequence[ModelSize] = MODE
     return "\n".join(lines)
 
 
+def goal_verdict(s: Summary, goal_ratio: float) -> str:
+    """Whether a setup's cost is within ``goal_ratio`` of a step without callbacks.
+
+    Two estimates: the step-time ratio (sees everything, but noisy on a busy machine) and the time
+    inside the callbacks' hooks (steady, but blind to effects outside them). When the per-repeat
+    ratios spread over more than twice the margin under test, the step times cannot resolve it and
+    the hook time decides alone; otherwise call it only when the two agree.
+    """
+    by_hooks = 1.0 + s.hook_share <= goal_ratio
+    if s.ratio_high - s.ratio_low > 2 * (goal_ratio - 1.0):
+        return (
+            f"{'met' if by_hooks else 'NOT met'} by the hook time (step times too noisy to confirm: "
+            f"per-repeat ratios {s.ratio_low:.3f}x to {s.ratio_high:.3f}x)"
+        )
+    if by_hooks == (s.ratio <= goal_ratio):
+        return "met" if by_hooks else "NOT met"
+    return "unclear (the two estimates disagree)"
+
+
 def goal_lines(summaries: Sequence[Summary]) -> list[str]:
     """Whether the guard met the 3% goal, per model size; reports, never raises."""
     lines = []
     for s in summaries:
         if s.setup != "GradientSpikeGuard":
             continue
-        # Two estimates: the step-time ratio (sees everything, but noisy on a busy machine) and the time
-        # inside the guard's hooks (steady, but blind to effects outside them). When the per-repeat
-        # ratios spread over more than twice the margin under test, the step times cannot resolve it
-        # and the hook time decides alone; otherwise call it only when the two agree.
-        by_hooks = 1.0 + s.hook_share <= GOAL_RATIO
-        if s.ratio_high - s.ratio_low > 2 * (GOAL_RATIO - 1.0):
-            verdict = (
-                f"{'met' if by_hooks else 'NOT met'} by the hook time (step times too noisy to confirm: "
-                f"per-repeat ratios {s.ratio_low:.3f}x to {s.ratio_high:.3f}x)"
-            )
-        elif by_hooks == (s.ratio <= GOAL_RATIO):
-            verdict = "met" if by_hooks else "NOT met"
-        else:
-            verdict = "unclear (the two estimates disagree)"
+        verdict = goal_verdict(s, GOAL_RATIO)
         note = ""
         if not s.armed:
             note = " (the guard was not armed during the timed steps: per-element detection did not run)"

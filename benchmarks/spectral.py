@@ -44,6 +44,7 @@ from benchmarks.overhead import (
     ModelSize,
     Setup,
     Summary,
+    goal_verdict,
     run_benchmark,
 )
 from lightning_stability import (
@@ -175,19 +176,7 @@ def overhead_lines(
     for s in summaries:
         if s.setup != MONITOR:
             continue
-        # As in overhead.goal_lines: two estimates, the step-time ratio (sees everything, noisy on a
-        # busy machine) and the time inside the hooks (steady, blind to effects outside them). When
-        # the per-repeat ratios spread over more than twice the margin, the hook time decides alone.
-        by_hooks = 1.0 + s.hook_share <= GOAL_RATIO
-        if s.ratio_high - s.ratio_low > 2 * (GOAL_RATIO - 1.0):
-            verdict = (
-                f"{'met' if by_hooks else 'NOT met'} by the hook time (step times too noisy to confirm: "
-                f"per-repeat ratios {s.ratio_low:.3f}x to {s.ratio_high:.3f}x)"
-            )
-        elif by_hooks == (s.ratio <= GOAL_RATIO):
-            verdict = "met" if by_hooks else "NOT met"
-        else:
-            verdict = "unclear (the two estimates disagree)"
+        verdict = goal_verdict(s, GOAL_RATIO)
         note = ""
         if s.interventions:
             note = f" (it intervened {s.interventions} times: this was not a clean run)"
