@@ -176,6 +176,16 @@ def grad_scaler(trainer: pl.Trainer) -> Any:
     return scaler
 
 
+def check_fraction(owner: str, name: str, value: Any, closed: bool = False) -> float:
+    """A float in (0, 1), or (0, 1] with ``closed``."""
+    allowed = "(0, 1]" if closed else "(0, 1)"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}({name}={value!r}): expected a float in {allowed}")
+    if not (0.0 < value < 1.0 or (closed and value == 1.0)):
+        raise ValueError(f"{owner}({name}={value!r}): expected a float in {allowed}")
+    return float(value)
+
+
 def check_positive(owner: str, name: str, value: Any, above: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}({name}={value!r}): expected a finite float > {above}")

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._base import (
     StabilityCallback,
+    check_fraction,
     check_int,
     check_on_halt,
     check_positive,
@@ -331,8 +332,8 @@ class SpectralMonitor(StabilityCallback):
         self.warmup = check_int(cls, "warmup", warmup, 0)
         self.growth_zscore = check_positive(cls, "growth_zscore", growth_zscore)
         self.min_growth = check_positive(cls, "min_growth", min_growth)
-        self.rank_collapse = _check_fraction(cls, "rank_collapse", rank_collapse, closed=False)
-        self.alignment_threshold = _check_fraction(cls, "alignment_threshold", alignment_threshold, closed=True)
+        self.rank_collapse = check_fraction(cls, "rank_collapse", rank_collapse)
+        self.alignment_threshold = check_fraction(cls, "alignment_threshold", alignment_threshold, closed=True)
         if embedding_rank_rise not in (None, "auto"):
             check_positive(cls, "embedding_rank_rise", embedding_rank_rise, above=1.0)
         self.embedding_rank_rise = embedding_rank_rise
@@ -854,15 +855,6 @@ def _patterns(owner: str, name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
         raise TypeError(f"{owner}({name}={value!r}): expected a sequence of shell-style patterns (str)")
     return tuple(value)
-
-
-def _check_fraction(owner: str, name: str, value: Any, closed: bool) -> float:
-    allowed = "(0, 1]" if closed else "(0, 1)"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}({name}={value!r}): expected a float in {allowed}")
-    if not (0.0 < value < 1.0 or (closed and value == 1.0)):
-        raise ValueError(f"{owner}({name}={value!r}): expected a float in {allowed}")
-    return float(value)
 
 
 __all__ = ["SPECTRAL_ACTIONS", "SpectralMonitor"]

@@ -16,6 +16,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._base import (
     StabilityCallback,
+    check_fraction,
     check_int,
     check_on_halt,
     check_positive,
@@ -203,11 +204,7 @@ class GradientSpikeGuard(StabilityCallback):
         self.patience = check_int(cls, "patience", patience, 1)
         self.cooldown = check_int(cls, "cooldown", cooldown, 1)
         self.reset_warmup = check_int(cls, "reset_warmup", reset_warmup, 1)
-        if isinstance(lr_backoff_factor, bool) or not isinstance(lr_backoff_factor, (int, float)):
-            raise TypeError(f"{cls}(lr_backoff_factor={lr_backoff_factor!r}): expected a float in (0, 1)")
-        if not 0.0 < lr_backoff_factor < 1.0:
-            raise ValueError(f"{cls}(lr_backoff_factor={lr_backoff_factor!r}): expected a float in (0, 1)")
-        self.lr_backoff_factor = float(lr_backoff_factor)
+        self.lr_backoff_factor = check_fraction(cls, "lr_backoff_factor", lr_backoff_factor)
         self.lr_backoff_steps = check_int(cls, "lr_backoff_steps", lr_backoff_steps, 1)
         self.on_halt = check_on_halt(cls, on_halt)
 
