@@ -360,7 +360,7 @@ class SpectralMonitor(StabilityCallback):
         self._loss_sum: Tensor | None = None  # losses since the last check, on the device
         self._loss_count = 0
         self._last_loss = math.nan  # mean loss of the last check interval
-        self._verify: dict[str, Any] | None = None  # an intervention whose effect on the loss is due
+        self._loss_before: float | None = None  # the loss before an intervention whose effect is due
         self._weights_moved = False  # restored by someone else: the update estimate restarts
         self._last_check_step = -1
         self._seen_step = -1
@@ -400,7 +400,7 @@ class SpectralMonitor(StabilityCallback):
             "last_loss": self._last_loss,
             "loss_sum": float(self._loss_sum) if self._loss_sum is not None else 0.0,
             "loss_count": self._loss_count,
-            "verify": dict(self._verify) if self._verify is not None else None,
+            "loss_before": self._loss_before,
             "last_check_step": self._last_check_step,
         }
 
@@ -412,8 +412,8 @@ class SpectralMonitor(StabilityCallback):
         self._last_loss = float(state_dict.get("last_loss", math.nan))
         self._loss_count = int(state_dict.get("loss_count", 0))
         self._loss_sum = torch.tensor(float(state_dict.get("loss_sum", 0.0))) if self._loss_count else None
-        verify = state_dict.get("verify")
-        self._verify = dict(verify) if verify is not None else None
+        before = state_dict.get("loss_before")
+        self._loss_before = None if before is None else float(before)
         self._last_check_step = int(state_dict.get("last_check_step", -1))
         if self._layers:
             self._apply_pending()
@@ -461,7 +461,7 @@ class SpectralMonitor(StabilityCallback):
             self._set_update_clip(layer, False)
         self._layers, self._groups, self._pending = {}, [], {}
         self._counts, self.halt_report = {}, None
-        self._loss_sum, self._loss_count, self._last_loss, self._verify = None, 0, math.nan, None
+        self._loss_sum, self._loss_count, self._last_loss, self._loss_before = None, 0, math.nan, None
         self._last_check_step = -1
         log = self.event_log(trainer)
         if self._unsubscribe is not None:
@@ -623,7 +623,7 @@ class SpectralMonitor(StabilityCallback):
         for g in self._groups:
             g.align.zero_()
         loss = self._interval_loss(trainer)
-        verified = self._verify_intervention(trainer, step, loss)
+        verified = self._verify_intervention(loss)
         if math.isfinite(loss):
             self._last_loss = loss
 
@@ -655,7 +655,7 @@ class SpectralMonitor(StabilityCallback):
         if verified is not None:
             self._request_rollback(trainer, verified)
         if acted and math.isfinite(self._last_loss):
-            self._verify = {"step": step, "loss": self._last_loss}
+            self._loss_before = self._last_loss
         if is_logging_step(trainer):
             self._log_metrics(pl_module, stats)
 
@@ -689,15 +689,15 @@ class SpectralMonitor(StabilityCallback):
         if total is None or count == 0:
             return math.nan
         mean = total / count
-        if trainer.world_size > 1 and self._verify is not None:
+        if trainer.world_size > 1 and self._loss_before is not None:
             # only when an intervention is being judged: every rank must judge the same mean
             mean = trainer.strategy.reduce(mean.to(trainer.strategy.root_device), reduce_op="mean")
         return float(mean)
 
-    def _verify_intervention(self, trainer: pl.Trainer, step: int, loss: float) -> dict[str, float] | None:
-        if self._verify is None:
+    def _verify_intervention(self, loss: float) -> dict[str, float] | None:
+        if self._loss_before is None:
             return None
-        before, self._verify = float(self._verify["loss"]), None
+        before, self._loss_before = self._loss_before, None
         worse = not math.isfinite(loss) or (before > 0 and loss > before * (1.0 + self.loss_tolerance))
         return {"loss_before": before, "loss_after": loss} if worse else None
 
