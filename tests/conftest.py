@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 
 from lightning_stability.demos import TinyGPT, make_dataloader
 
@@ -55,3 +56,33 @@ def make_trainer(tmp_path, steps: int, callbacks: list, **kw: Any) -> pl.Trainer
         devices=1,
         **kw,
     )
+
+
+class MemoryLogger(Logger):
+    """A logger that keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def metrics_at(self, step: int) -> dict[str, float]:
+        """Everything logged at ``step``, merged."""
+        out: dict[str, float] = {}
+        for s, metrics in self.records:
+            if s == step:
+                out.update(metrics)
+        return out

@@ -21,6 +21,7 @@ from lightning_stability.callbacks._base import (
     check_on_halt,
     check_positive,
     is_logging_step,
+    log_to_loggers,
 )
 from lightning_stability.events import StabilityEvent
 from lightning_stability.ops.ladder import EscalationLadder, validate_ladder
@@ -37,10 +38,9 @@ from lightning_stability.ops.spectral import (
     pss_delta,
     spectral_cap_delta,
     spectral_weights,
-    stable_rank,
     subspace_iteration,
+    tracking_step,
     update_power_step,
-    update_probes,
 )
 
 SPECTRAL_ACTIONS = ("warn", "cap", "pss", "clip_updates", "rollback", "halt")
@@ -57,6 +57,7 @@ _MIN_HISTORY = 3  # checks in a layer's history before its detections are armed
 # Fresh vectors are iterated until converged, at most this many times (once, when training starts):
 # a square random-init matrix has almost no spectral gap and may need a hundred iterations.
 _MAX_INIT_ITERS = 300
+_VECTORS = ("basis", "u", "v", "du", "dv", "du_next", "dv_next")  # per-layer tracking state
 
 
 class _Group:
@@ -70,10 +71,15 @@ class _Group:
         self.basis = torch.zeros(b, n, r, device=device)  # right block of the subspace iteration
         self.u = torch.zeros(b, m, device=device)  # the top pair, from the block
         self.v = torch.zeros(b, n, device=device)
-        self.du = torch.zeros(b, m, device=device)  # the update's singular pair
+        # The update's singular pair, in two generations: (du, dv) are measured at the next step against
+        # probes (W_old dv, W_old^T du) taken at this one; (du_next, dv_next) come from the last update
+        # and get their probes at the next step, when they take over (one product per side serves all).
+        self.du = torch.zeros(b, m, device=device)
         self.dv = torch.zeros(b, n, device=device)
-        self.probes: tuple[Tensor, Tensor] | None = None  # (W_old dv, W_old^T du) for the next update
-        self.sigma, self.srank, self.ratio, self.residual = zeros.clone(), zeros.clone(), zeros.clone(), zeros.clone()
+        self.du_next = torch.zeros(b, m, device=device)
+        self.dv_next = torch.zeros(b, n, device=device)
+        self.probes: tuple[Tensor, Tensor] | None = None  # (W_old dv, W_old^T du)
+        self.sigma, self.ratio, self.residual = zeros.clone(), zeros.clone(), zeros.clone()
         self.align = zeros.clone()  # largest alignment since the last check
         self.align_last = zeros.clone()
 
@@ -91,6 +97,12 @@ class _Group:
             self.basis = self.v.unsqueeze(-1)
         else:
             self.u, self.v, self.sigma, self.basis, self.residual = subspace_iteration(w, self.basis, iters)
+
+    def stable_rank(self) -> Tensor:
+        """``||W||_F^2 / sigma^2`` from the weights as they are now and the tracked sigma_max (read only
+        on checks, so no step pays for the Frobenius norms; one fused kernel per group)."""
+        fro = torch.stack(torch._foreach_norm([layer.param.detach() for layer in self.layers])).float()
+        return fro.pow(2).to(self.sigma.device) / self.sigma.pow(2).clamp_min(1e-24)
 
     def stack(self) -> Tensor:
         ws = [as_matrix(layer.param.detach()) for layer in self.layers]
@@ -134,7 +146,7 @@ class _Layer:
         }
         g = self.group
         if g is not None:
-            for key in ("basis", "u", "v", "du", "dv"):
+            for key in _VECTORS:
                 state[key] = getattr(g, key)[self.slot].detach().cpu().clone()
             if g.probes is not None:
                 state["probes"] = [p[self.slot].detach().cpu().clone() for p in g.probes]
@@ -152,7 +164,7 @@ class _Layer:
         self.loaded_probes = state.get("probes")
         g = self.group
         if g is not None:
-            for key in ("basis", "u", "v", "du", "dv"):
+            for key in _VECTORS:
                 value = state.get(key)
                 if isinstance(value, Tensor) and value.shape == getattr(g, key)[self.slot].shape:
                     getattr(g, key)[self.slot].copy_(value)
@@ -172,14 +184,14 @@ class SpectralMonitor(StabilityCallback):
       ``W^T`` per weight, each on a block of ``block`` vectors, so the weight is read once per product;
       weights of one shape batched into one stack); the vectors persist in the callback's state and
       in checkpoints;
-    - the stable rank ``||W||_F^2 / sigma_max^2``;
     - the spectral norm of the step's update relative to the weight's (``update_ratio``), by a power
-      iteration on the update itself that needs no copy of the old weights;
+      iteration on the update itself that needs no copy of the old weights (its vectors ride as extra
+      columns of the same two products);
     - the alignment ``(u^T G v)^2 / ||G||_F^2`` of the gradient with the top singular pair (PSS's
       dominant-direction energy).
 
-    **Checks** (on logging steps, or every ``check_every_n_steps``): the statistics come to the host in
-    one copy. Where the power iteration has not converged (residual above ``tol``), more iterations
+    **Checks** (on logging steps, or every ``check_every_n_steps``): the statistics, with the stable
+    rank ``||W||_F^2 / sigma_max^2`` taken then, come to the host in one copy. Where the power iteration has not converged (residual above ``tol``), more iterations
     run at once (up to ``max_power_iters``). Against each layer's own robust history:
 
     ==========================  ========================================================================
@@ -382,7 +394,7 @@ class SpectralMonitor(StabilityCallback):
             return {}
         device = self._groups[0].device
         rows = torch.cat(
-            [torch.stack([g.sigma, g.srank, g.ratio, g.align_last, g.align, g.residual]).to(device) for g in self._groups],
+            [torch.stack([g.sigma, g.stable_rank(), g.ratio, g.align_last, g.align, g.residual]).to(device) for g in self._groups],
             dim=1,
         ).cpu().tolist()  # (6, layers)
         layers = [layer for g in self._groups for layer in g.layers]
@@ -516,6 +528,7 @@ class SpectralMonitor(StabilityCallback):
                 group.basis[b] = torch.linalg.qr(torch.randn(n, r, generator=gen)).Q.to(device)
                 du, dv = init_vectors(1, m, n, gen, device)
                 group.du[b], group.dv[b] = du[0], dv[0]
+                group.du_next[b], group.dv_next[b] = du[0], dv[0]
             w = group.stack()
             group.u = torch.nn.functional.normalize(torch.bmm(w, group.basis[..., :1]).squeeze(-1), dim=-1)
             self._converge_group(group, self.init_iters, max_iters=_MAX_INIT_ITERS)
@@ -580,12 +593,21 @@ class SpectralMonitor(StabilityCallback):
         moved, self._weights_moved = self._weights_moved, False
         for g in self._groups:
             w = g.stack()
-            g.iterate(w, self.power_iters)
-            g.srank = stable_rank(w, g.sigma)
+            # one product with W and one with W^T per group: the top pair, and the update's vectors
+            # of both generations (the current against the last probes; the next for its probes)
+            t = tracking_step(
+                w, g.u, g.basis, torch.stack([g.du, g.du_next], dim=-1), torch.stack([g.dv, g.dv_next], dim=-1),
+                self.power_iters,
+            )
+            g.u, g.v, g.sigma, g.basis, g.residual = t.u, t.v, t.sigma, t.basis, t.residual
+            du_next, dv_next = g.du_next, g.dv_next
             if g.probes is not None and not moved:
-                g.du, g.dv, d_sigma = update_power_step(w, g.du, g.dv, *g.probes)
+                du_next, dv_next, d_sigma = update_power_step(
+                    t.w_right[..., 0], t.wt_left[..., 0], *g.probes, g.du_next, g.dv_next
+                )
                 g.ratio = d_sigma / g.sigma.clamp_min(1e-12)
-            g.probes = update_probes(w, g.du, g.dv)
+            g.du, g.dv, g.probes = g.du_next, g.dv_next, (t.w_right[..., 1], t.wt_left[..., 1])
+            g.du_next, g.dv_next = du_next, dv_next
 
     def _full_analysis(self, trainer: pl.Trainer, step: int) -> None:
         period = self.full_every_n_steps
@@ -610,10 +632,7 @@ class SpectralMonitor(StabilityCallback):
             metrics[f"{prefix}/stable_rank_exact"] = layer.full["stable_rank"]
             metrics[f"{prefix}/sigma_max_exact"] = layer.full["sigma_max"]
             _log_histogram(trainer, f"{prefix}/singular_values", sv, step)
-        if trainer.is_global_zero:
-            finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
-            for logger in trainer.loggers:
-                logger.log_metrics(finite, step=step)
+        log_to_loggers(trainer, metrics)
 
     # -- checking --------------------------------------------------------------------------------
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
@@ -657,7 +676,7 @@ class SpectralMonitor(StabilityCallback):
         if acted and math.isfinite(self._last_loss):
             self._loss_before = self._last_loss
         if is_logging_step(trainer):
-            self._log_metrics(pl_module, stats)
+            self._log_metrics(trainer, pl_module, stats)
 
     def _converge(self, stats: dict[str, dict[str, float]]) -> bool:
         """More power iterations for the groups with an unconverged estimate (a host decision, taken
@@ -681,7 +700,6 @@ class SpectralMonitor(StabilityCallback):
             done += chunk
             if done >= max_iters or float(g.residual.max()) <= self.tol:
                 break
-        g.srank = stable_rank(w, g.sigma)
 
     def _interval_loss(self, trainer: pl.Trainer) -> float:
         total, count = self._loss_sum, self._loss_count
@@ -816,15 +834,19 @@ class SpectralMonitor(StabilityCallback):
         self.emit(trainer, "intervention_failed", "critical" if responder else "warning", metrics,
                   "rollback" if responder else None)
 
-    def _log_metrics(self, pl_module: pl.LightningModule, stats: dict[str, dict[str, float]]) -> None:
-        metrics: dict[str, float] = {}
-        for name, s in stats.items():
-            prefix = f"stability/spectral/{name}"
-            for key in ("sigma_max", "stable_rank", "update_ratio", "alignment"):
-                if math.isfinite(s[key]):
-                    metrics[f"{prefix}/{key}"] = s[key]
-        metrics.update(self.event_count_metrics())
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+    def _log_metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: dict[str, dict[str, float]]
+    ) -> None:
+        # per-layer statistics straight to the loggers; the few counters through Lightning, where the
+        # progress bar and other callbacks see them
+        log_to_loggers(trainer, {
+            f"stability/spectral/{name}/{key}": s[key]
+            for name, s in stats.items()
+            for key in ("sigma_max", "stable_rank", "update_ratio", "alignment")
+        })
+        counts = self.event_count_metrics()
+        if counts:
+            pl_module.log_dict(counts, on_step=True, on_epoch=False, batch_size=1)
 
 
 def _gen(seed: int, name: str) -> torch.Generator:

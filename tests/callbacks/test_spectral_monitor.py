@@ -8,7 +8,7 @@ import torch
 
 from lightning_stability import InMemoryRollback, SpectralMonitor, get_event_log
 from lightning_stability.ops.spectral import as_matrix, smooth_values
-from tests.conftest import make_trainer, tiny_gpt
+from tests.conftest import MemoryLogger, make_trainer, tiny_gpt
 
 MLP = "blocks.0.mlp.0"  # a (128, 32) weight of the tiny GPT
 
@@ -81,13 +81,18 @@ def test_update_ratio_is_the_spectral_norm_of_the_step_relative_to_the_weight(tm
 def test_logged_metric_names(tmp_path):
     model, loader = tiny_gpt(10)
     monitor = SpectralMonitor(full_every_n_steps=None)
-    trainer = make_trainer(tmp_path, 10, [monitor], log_every_n_steps=5)
+    logger = MemoryLogger()
+    trainer = make_trainer(tmp_path, 10, [monitor], log_every_n_steps=5, logger=logger)
     trainer.fit(model, loader)
-    keys = set(trainer.callback_metrics)
+    # logging steps only, at the step Lightning logs the batch's own metrics at
+    steps = {step for step, metrics in logger.records if any(k.startswith("stability/spectral/") for k in metrics)}
+    assert steps == {4, 9}
+    logged = logger.metrics_at(9)
+    assert "train/loss" in logged  # the model's own metric, beside ours at the same step
     for stat in ("sigma_max", "stable_rank", "update_ratio", "alignment"):
-        assert f"stability/spectral/{MLP}/{stat}" in keys
-        assert f"stability/spectral/lm_head/{stat}" in keys
-    sigma = float(trainer.callback_metrics[f"stability/spectral/{MLP}/sigma_max"])
+        assert f"stability/spectral/{MLP}/{stat}" in logged
+        assert f"stability/spectral/lm_head/{stat}" in logged
+    sigma = logged[f"stability/spectral/{MLP}/sigma_max"]
     assert sigma == pytest.approx(float(torch.linalg.matrix_norm(_weight(model, MLP).detach(), 2)), rel=1e-2)
 
 

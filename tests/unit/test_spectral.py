@@ -31,8 +31,9 @@ from lightning_stability.ops.spectral import (
     spectral_cap_delta,
     spectral_weights,
     stable_rank,
+    subspace_iteration,
+    tracking_step,
     update_power_step,
-    update_probes,
 )
 
 
@@ -277,6 +278,34 @@ def test_alignment_is_the_share_of_gradient_energy_on_the_top_pair():
     assert (alignment(off_right, u, v) < 1e-10).all()
 
 
+def test_tracking_step_is_a_power_iteration_that_applies_the_weights_to_extra_vectors():
+    w = _gapped_stack(_gen(30))
+    u, v = init_vectors(3, 12, 20, generator=_gen(31))
+    left, right = torch.randn(3, 12, 2, generator=_gen(32)), torch.randn(3, 20, 2, generator=_gen(33))
+    for block in (1, 3):
+        basis = torch.linalg.qr(torch.randn(3, 20, block, generator=_gen(34))).Q
+        if block == 1:
+            basis = v.unsqueeze(-1)
+        t = tracking_step(w, u, basis, left, right, iters=2)
+        # the extra products are exact
+        assert_close(t.w_right, w @ right, rtol=1e-5, atol=1e-5)
+        assert_close(t.wt_left, w.transpose(1, 2) @ left, rtol=1e-5, atol=1e-5)
+        # and the top pair is the plain iteration's
+        if block == 1:
+            pu, pv, ps, pr = power_iteration(w, u, v, iters=2)
+            assert_close(t.sigma, ps) and assert_close(t.u, pu) and assert_close(t.v, pv)
+            assert_close(t.residual, pr)
+        else:
+            su, sv, ss, sb, sr = subspace_iteration(w, basis, iters=2)
+            assert_close(t.sigma, ss) and assert_close(t.basis.abs(), sb.abs(), rtol=1e-4, atol=1e-5)
+    # warm-started, it converges to sigma_max
+    basis = v.unsqueeze(-1)
+    for _ in range(25):
+        t = tracking_step(w, u, basis, left, right)
+        u, basis = t.u, t.basis
+    assert_close(t.sigma, torch.linalg.matrix_norm(w.double(), 2).float(), rtol=1e-3, atol=0)
+
+
 def test_update_power_step_converges_to_the_update_norm():
     g = _gen(14)
     d = torch.stack([_with_spectrum(s, 8, 12, g) for s in ([0.3, 0.1, 0.05], [2.0, 1.2, 0.2])]).float()
@@ -284,10 +313,13 @@ def test_update_power_step_converges_to_the_update_norm():
     true = torch.linalg.matrix_norm(d.double(), 2).float()
     u, v = init_vectors(2, 8, 12, generator=_gen(15))
 
+    def products(w, u, v):
+        return torch.einsum("bmn,bn->bm", w, v), torch.einsum("bmn,bm->bn", w, u)
+
     # first step, against the definition: D v and D^T u from probes taken before the update
-    probes = update_probes(w, u, v)
+    probes = products(w, u, v)
     w = w + d
-    u1, v1, sigma = update_power_step(w, u, v, *probes)
+    u1, v1, sigma = update_power_step(*products(w, u, v), *probes, u, v)
     dv, dtu = torch.einsum("bmn,bn->bm", d, v), torch.einsum("bmn,bm->bn", d, u)
     assert_close(sigma, torch.maximum(dv.norm(dim=-1), dtu.norm(dim=-1)), rtol=1e-4, atol=0)
     assert_close(u1, dv / dv.norm(dim=-1, keepdim=True), rtol=0, atol=1e-4)
@@ -295,12 +327,39 @@ def test_update_power_step_converges_to_the_update_norm():
 
     u, v = u1, v1
     for _ in range(20):
-        probes = update_probes(w, u, v)  # taken before the update, the only view of W_old
+        probes = products(w, u, v)  # taken before the update, the only view of W_old
         w = w + d
-        u, v, sigma = update_power_step(w, u, v, *probes)
+        u, v, sigma = update_power_step(*products(w, u, v), *probes, u, v)
         assert (sigma <= true * (1 + 1e-3)).all()
     assert_close(sigma, true, rtol=1e-3, atol=0)
     assert (torch.linalg.matrix_norm(w, 2) > 10 * true).all()  # a wrong difference would show
+
+    # no update along the vectors (a skipped step): the vectors are kept, not zeroed
+    probes = products(w, u, v)
+    u2, v2, sigma = update_power_step(*products(w, u, v), *probes, u, v)
+    assert (sigma == 0).all()
+    assert torch.equal(u2, u) and torch.equal(v2, v)
+
+
+def test_the_monitor_scheme_of_two_generations_tracks_the_update_norm():
+    # the monitor's bookkeeping: (du, dv) measured against last step's probes, (du', dv') probed now
+    g = _gen(35)
+    d = torch.stack([_with_spectrum([0.5, 0.2, 0.1], 8, 12, g), _with_spectrum([1.0, 0.6, 0.1], 8, 12, g)]).float()
+    w = 5 * torch.randn(2, 8, 12, generator=g)
+    true = torch.linalg.matrix_norm(d.double(), 2).float()
+    u, v = init_vectors(2, 8, 12, generator=_gen(36))
+    du, dv = init_vectors(2, 8, 12, generator=_gen(37))
+    du_next, dv_next, basis, probes = du, dv, v.unsqueeze(-1), None
+    for _ in range(60):
+        w = w + d
+        t = tracking_step(w, u, basis, torch.stack([du, du_next], -1), torch.stack([dv, dv_next], -1))
+        u, basis = t.u, t.basis
+        new_u, new_v = du_next, dv_next
+        if probes is not None:
+            new_u, new_v, sigma = update_power_step(t.w_right[..., 0], t.wt_left[..., 0], *probes, du_next, dv_next)
+        du, dv, probes = du_next, dv_next, (t.w_right[..., 1], t.wt_left[..., 1])
+        du_next, dv_next = new_u, new_v
+    assert_close(sigma, true, rtol=1e-3, atol=0)
 
 
 # -- interventions ---------------------------------------------------------------------------------
