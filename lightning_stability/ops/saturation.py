@@ -1,0 +1,307 @@
+"""Softmax saturation: the statistics of output and attention softmaxes, and the remedies.
+
+Pure torch, no Lightning. Every statistic is computed in float32 (or float64 where the input is)
+from the logits, on their device, and returned as device tensors: callers move the few scalars
+they log to the host once per logging step.
+
+Three instabilities live in softmaxes:
+
+- **Output logit drift**: the log-partition ``log Z = logsumexp(z)`` moves far from 0; PaLM's z-loss
+  ``c (log Z)^2`` holds it there (:func:`z_loss`, :func:`z_loss_grad`).
+- **Attention entropy collapse**: attention logits grow until attention is nearly one-hot
+  (:func:`attention_stats`; remedies: soft-capping :func:`softcap`, QK-clip :func:`qk_clip_factors`).
+- **Softmax Collapse**: past overfitting, logits scale up until the floating-point softmax of the top
+  class is exactly 1, so the loss and its gradient are exactly 0 and learning stops. The *collapse
+  headroom* (:func:`collapse_headroom`) says in nats how far a row is from it; StableMax
+  (:func:`stablemax_cross_entropy`) and perpendicular gradients (:func:`perpendicular_grad_`) avoid it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Reduction = Literal["mean", "sum", "none"]
+_LN2 = math.log(2.0)
+
+
+def significand_bits(dtype: torch.dtype) -> int:
+    """Bits of precision of a floating-point dtype, the implicit bit included: float64 53, float32 24,
+    float16 11, bfloat16 8 (``1 - log2(eps)``)."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    return int(round(1.0 - math.log2(torch.finfo(dtype).eps)))
+
+
+def _rows(logits: Tensor) -> Tensor:
+    """The logits as ``(rows, classes)`` in at least float32."""
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a class dimension, got shape {tuple(logits.shape)}")
+    z = logits.detach().reshape(-1, logits.shape[-1])
+    return z if z.dtype == torch.float64 else z.float()
+
+
+@torch.no_grad()
+def collapse_headroom(logits: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Per row, how far the softmax is from rounding to exactly one-hot, in nats.
+
+    ``h = p ln 2 + log sum_{j != top} exp(z_j - z_top)``, ``p`` the significand bits of ``dtype`` (the
+    dtype the loss is computed in; default the logits'). The top probability is ``1 / (1 + S)`` with
+    ``S`` the sum; it rounds to 1 once ``S`` is below ``2^-p``, that is ``h <= 0``. Computed in the log
+    domain, so it stays exact however large the gap (a float32 ``exp`` would underflow first).
+    Returns ``(rows,)``; a row with one class has ``-inf`` (nothing to compete with the top).
+    """
+    z = _rows(logits)
+    bits = significand_bits(dtype or logits.dtype)
+    top, idx = z.max(dim=-1, keepdim=True)
+    rest = z.scatter(-1, idx, float("-inf"))
+    log_s = torch.logsumexp(rest - top, dim=-1)
+    return bits * _LN2 + log_s
+
+
+@torch.no_grad()
+def softmax_stats(logits: Tensor, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The output-softmax statistics of a batch of logits ``(..., classes)``, as 0-d device tensors.
+
+    ``logz_mean``, ``logz_std``, ``logz_max``: the log-partition ``logsumexp(z)`` per row;
+    ``max_logit``; ``pmax_mean``: the mean top probability; ``sc_frac``: the fraction of rows whose
+    softmax is exactly one-hot in ``dtype`` (headroom ``<= 0``); ``sc_headroom_p01``: the 1st
+    percentile of the collapse headroom (nats; :func:`collapse_headroom`).
+    """
+    z = _rows(logits)
+    lse = torch.logsumexp(z, dim=-1)
+    top = z.max(dim=-1).values
+    head = collapse_headroom(z, dtype or logits.dtype)
+    finite = torch.where(torch.isfinite(head), head, torch.full_like(head, -1e30))
+    return {
+        "logz_mean": lse.mean(),
+        "logz_std": lse.std(unbiased=False) if lse.numel() > 1 else torch.zeros_like(lse[0]),
+        "logz_max": lse.max(),
+        "max_logit": top.max(),
+        "pmax_mean": torch.exp(top - lse).mean(),
+        "sc_frac": (head <= 0).float().mean(),
+        "sc_headroom_p01": torch.quantile(finite, 0.01),
+    }
+
+
+@torch.no_grad()
+def zero_loss_fraction(logits: Tensor, targets: Tensor, dtype: torch.dtype | None = None, ignore_index: int = -100) -> Tensor:
+    """The fraction of samples whose cross-entropy, computed in ``dtype`` (default the logits'), is
+    exactly zero: rows that have stopped contributing any gradient (Softmax Collapse)."""
+    z = logits.detach().reshape(-1, logits.shape[-1]).to(dtype or logits.dtype)
+    t = targets.detach().reshape(-1)
+    if t.numel() != z.shape[0]:
+        raise ValueError(
+            f"targets must hold one class per logits row: {t.numel()} targets for {z.shape[0]} rows"
+        )
+    keep = t != ignore_index
+    if not bool(keep.any()):
+        return torch.zeros((), device=z.device)
+    loss = F.cross_entropy(z[keep], t[keep], reduction="none")
+    return (loss == 0).float().mean()
+
+
+@torch.no_grad()
+def nlm_alignment(weight: Tensor, grad: Tensor) -> Tensor:
+    """``cos(-g, w)``: how far the update direction points along the weights themselves. Near 1 the
+    optimizer mostly scales the weights up (naive loss minimisation, the road to Softmax Collapse)."""
+    w, g = weight.detach().float().reshape(-1), grad.detach().float().reshape(-1)
+    denom = (torch.linalg.vector_norm(w) * torch.linalg.vector_norm(g)).clamp_min(1e-30)
+    return -(w @ g) / denom
+
+
+# -- remedies ----------------------------------------------------------------------------------------
+def _reduce(x: Tensor, reduction: Reduction) -> Tensor:
+    if reduction == "mean":
+        return x.mean()
+    if reduction == "sum":
+        return x.sum()
+    if reduction == "none":
+        return x
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def z_loss(logits: Tensor, coef: float = 1e-4, reduction: Reduction = "mean") -> Tensor:
+    """PaLM's auxiliary loss ``coef * (log Z)^2`` per row, ``log Z = logsumexp`` over the last dim
+    (computed in at least float32). Add it to the task loss."""
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    return _reduce(coef * lse.pow(2), reduction)
+
+
+@torch.no_grad()
+def z_loss_grad(logits: Tensor, coef: float, rows: int | None = None) -> Tensor:
+    """The gradient of ``coef * mean((log Z)^2)`` with respect to ``logits``:
+    ``2 coef log Z softmax(z) / rows`` (``rows`` defaults to the number of logit rows, the mean's
+    denominator). Returned in the logits' dtype and shape."""
+    z = logits.detach()
+    zf = z if z.dtype == torch.float64 else z.float()
+    lse = torch.logsumexp(zf, dim=-1, keepdim=True)
+    n = rows if rows is not None else max(1, zf.numel() // max(1, zf.shape[-1]))
+    return (2.0 * coef / n * lse * torch.softmax(zf, dim=-1)).to(z.dtype)
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """Logit soft-capping ``cap * tanh(x / cap)`` (Gemma 2): smooth, odd, bounded by ``cap``."""
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap!r}")
+    return cap * torch.tanh(x / cap)
+
+
+def _stablemax_s(x: Tensor) -> Tensor:
+    return torch.where(x >= 0, x + 1.0, 1.0 / (1.0 - x.clamp(max=0.0)))
+
+
+def _log_stablemax_s(x: Tensor) -> Tensor:
+    return torch.where(x >= 0, torch.log1p(x.clamp(min=0.0)), -torch.log1p(-x.clamp(max=0.0)))
+
+
+def stablemax(logits: Tensor, dim: int = -1) -> Tensor:
+    """StableMax probabilities ``s(x_i) / sum_j s(x_j)`` with ``s(x) = x + 1`` for ``x >= 0`` and
+    ``1 / (1 - x)`` for ``x < 0``: no exponential, so no top class absorbs the rest in float32."""
+    s = _stablemax_s(logits)
+    return s / s.sum(dim=dim, keepdim=True)
+
+
+def log_stablemax(logits: Tensor, dim: int = -1) -> Tensor:
+    """``log`` of :func:`stablemax`, computed from ``log s`` (``log1p``) for accuracy."""
+    return _log_stablemax_s(logits) - torch.log(_stablemax_s(logits).sum(dim=dim, keepdim=True))
+
+
+def stablemax_cross_entropy(
+    logits: Tensor, targets: Tensor, reduction: Reduction = "mean", ignore_index: int = -100
+) -> Tensor:
+    """Cross-entropy under StableMax (the grokking-at-the-edge work's log-StableMax loss):
+    ``-log stablemax(z)[target]``, a drop-in for ``F.cross_entropy`` on ``(N, C)`` or ``(..., C)``
+    logits with matching integer targets. Stable in float32 (no exponential)."""
+    z = logits.reshape(-1, logits.shape[-1])
+    z = z if z.dtype == torch.float64 else z.float()
+    t = targets.reshape(-1)
+    if t.numel() != z.shape[0]:
+        raise ValueError(f"targets must hold one class per logits row: {t.numel()} targets for {z.shape[0]} rows")
+    keep = t != ignore_index
+    safe = torch.where(keep, t, torch.zeros_like(t))
+    nll = -log_stablemax(z).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(keep, nll, torch.zeros_like(nll))
+    if reduction == "mean":
+        return nll.sum() / keep.sum().clamp_min(1)
+    out = _reduce(nll, reduction)
+    return out if reduction == "sum" else out.reshape(targets.shape)
+
+
+@torch.no_grad()
+def perpendicular_grad_(params: Iterable[torch.nn.Parameter], eps: float = 1e-30) -> None:
+    """Project each parameter's gradient orthogonal to the parameter, then rescale it to its original
+    norm (the perpendicular gradient of the grokking-at-the-edge work): ``g <- ||g|| g_perp /
+    ||g_perp||`` with ``g_perp = g - (w.g / w.w) w``. The update then cannot just scale the weights up.
+    In place; parameters without a gradient, or with a zero weight, are left alone."""
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        w = p.detach().float()
+        gf = g.float()
+        ww = (w * w).sum()
+        if float(ww) <= eps:  # a host read per tensor: this runs only while the remedy is on
+            continue
+        perp = gf - (w * gf).sum() / ww * w
+        scale = torch.linalg.vector_norm(gf) / torch.linalg.vector_norm(perp).clamp_min(eps)
+        g.copy_((perp * scale).to(g.dtype))
+
+
+def qk_clip_factors(max_logit: Tensor, tau: float = 100.0, alpha: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Megatron's QK-clip: ``eta = min(tau / max_logit, 1)``; the query projection is scaled by
+    ``eta^alpha`` and the key projection by ``eta^(1 - alpha)``, so every logit ``q.k`` scales by
+    ``eta`` and the largest lands on ``tau``. Per head where ``max_logit`` has a head dimension."""
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    eta = (tau / max_logit.float().clamp_min(1e-30)).clamp(max=1.0)
+    return eta.pow(alpha), eta.pow(1.0 - alpha)
+
+
+# -- attention -----------------------------------------------------------------------------------------
+def sample_rows(length: int, count: int, generator: torch.Generator) -> Tensor:
+    """``count`` distinct query rows drawn from ``generator`` plus always the last row, sorted
+    (every row when ``length <= count + 1``)."""
+    if length <= count + 1:
+        return torch.arange(length)
+    picked = torch.randperm(length - 1, generator=generator)[:count]
+    return torch.sort(torch.cat([picked, torch.tensor([length - 1])])).values
+
+
+@torch.no_grad()
+def attention_stats(
+    q: Tensor,
+    k: Tensor,
+    rows: Tensor | None = None,
+    scale: float | None = None,
+    is_causal: bool = False,
+    attn_mask: Tensor | None = None,
+    cap: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """Per-head statistics of the attention of ``q (B, H, T, D)`` on ``k (B, Hk, S, D)`` for the
+    query ``rows`` (default all), recomputed in float32 without materialising ``T x S`` for every row.
+
+    ``scale`` defaults to ``1 / sqrt(D)``; ``is_causal`` masks keys after the query (aligned to the
+    end, as ``scaled_dot_product_attention`` does when ``T < S``); ``attn_mask`` is a boolean mask
+    (True attends) or an additive float mask broadcastable to ``(B, H, T, S)``; ``cap`` soft-caps the
+    scaled logits; grouped-query ``k`` (``H`` a multiple of ``Hk``) is expanded here. ``dtype`` is the
+    dtype the attention runs in, for the precision headroom.
+
+    Returns ``(H,)`` tensors: ``entropy_mean`` and ``entropy_min`` (row entropy divided by
+    ``log n_i``, ``n_i`` the keys row ``i`` sees; rows with one key left out), ``max_logit`` (the
+    largest visible logit), ``pmax_p99`` (99th percentile of each row's top probability) and
+    ``headroom_min`` (the smallest :func:`collapse_headroom`, nats).
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be (batch, heads, length, dim), got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, h, t, d = q.shape
+    hk, s = k.shape[1], k.shape[2]
+    if h % hk:
+        raise ValueError(f"query heads ({h}) must be a multiple of key heads ({hk})")
+    idx = torch.arange(t, device=q.device) if rows is None else rows.to(q.device)
+    qs = q.detach()[:, :, idx].float()  # (B, H, R, D)
+    kf = k.detach().float()
+    if hk != h:
+        kf = kf.repeat_interleave(h // hk, dim=1)
+    logits = torch.matmul(qs, kf.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    if cap is not None:
+        logits = softcap(logits, cap)
+    visible = torch.ones(b, h, idx.numel(), s, dtype=torch.bool, device=q.device)
+    if is_causal:
+        key = torch.arange(s, device=q.device)
+        visible = visible & (key.view(1, -1) <= (idx + (s - t)).view(-1, 1))
+    if attn_mask is not None:
+        mask = attn_mask.expand(b, h, t, s)[:, :, idx]
+        if mask.dtype == torch.bool:
+            visible = visible & mask
+        else:
+            logits = logits + mask.float()
+            visible = visible & torch.isfinite(mask)
+    logits = logits.masked_fill(~visible, float("-inf"))
+    n = visible.sum(-1)  # (B, H, R)
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    ent = -(p * torch.where(visible, logp, torch.zeros_like(logp))).sum(-1)
+    has_choice = n > 1
+    norm = torch.where(has_choice, ent / torch.log(n.clamp_min(2).float()), torch.full_like(ent, math.nan))
+    per_head = norm.transpose(0, 1).reshape(h, -1)  # (H, B * R)
+    seen = logits.masked_fill(~visible, float("-inf")).amax(dim=-1)  # (B, H, R)
+    pmax = p.amax(dim=-1).transpose(0, 1).reshape(h, -1)
+    head = collapse_headroom(logits, dtype or q.dtype).reshape(b, h, -1).transpose(0, 1).reshape(h, -1)
+    head = torch.where(has_choice.transpose(0, 1).reshape(h, -1), head, torch.full_like(head, math.inf))
+    return {
+        "entropy_mean": torch.nanmean(per_head, dim=1),
+        "entropy_min": torch.where(torch.isnan(per_head), torch.full_like(per_head, math.inf), per_head).amin(dim=1),
+        "max_logit": seen.transpose(0, 1).reshape(h, -1).amax(dim=1),
+        "pmax_p99": torch.quantile(pmax, 0.99, dim=1),
+        "headroom_min": head.amin(dim=1),
+    }

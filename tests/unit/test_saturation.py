@@ -1,0 +1,255 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from lightning_stability.ops.saturation import (
+    attention_stats,
+    collapse_headroom,
+    log_stablemax,
+    nlm_alignment,
+    perpendicular_grad_,
+    qk_clip_factors,
+    sample_rows,
+    significand_bits,
+    softcap,
+    softmax_stats,
+    stablemax,
+    stablemax_cross_entropy,
+    z_loss,
+    z_loss_grad,
+    zero_loss_fraction,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_significand_bits():
+    assert significand_bits(torch.float64) == 53
+    assert significand_bits(torch.float32) == 24
+    assert significand_bits(torch.float16) == 11
+    assert significand_bits(torch.bfloat16) == 8
+    with pytest.raises(ValueError, match="floating-point"):
+        significand_bits(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_collapse_headroom_sign_is_whether_the_softmax_rounds_to_one_hot(dtype):
+    # a two-class row with gap g: the top probability is 1 / (1 + e^-g); h = p ln2 - g
+    p = significand_bits(dtype)
+    edge = p * math.log(2.0)
+    gaps = torch.tensor([edge - 3.0, edge - 0.5, edge + 0.5, edge + 3.0], dtype=torch.float64)
+    logits = torch.stack([gaps, torch.zeros_like(gaps)], dim=-1)
+    h = collapse_headroom(logits, dtype)
+    assert_close(h, (edge - gaps), rtol=0, atol=1e-9)
+    # against floating point itself: the softmax's sum 1 + S, in that dtype, is exactly 1 (the top
+    # probability exp(0) / sum is then exactly 1 and its cross-entropy exactly 0)
+    one = torch.ones(4, dtype=dtype)
+    one_hot = (one + torch.exp(-gaps).to(dtype)) == one
+    assert one_hot.tolist() == [False, False, True, True]
+    assert ((h <= 0) == one_hot).all()
+
+
+def test_collapse_headroom_many_classes_and_huge_gaps_stay_finite_in_log_domain():
+    z = torch.tensor([[1000.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    h = collapse_headroom(z, torch.float32)
+    expected0 = 24 * math.log(2.0) + math.log(3.0) - 1000.0
+    expected1 = 24 * math.log(2.0) + math.log(3.0)
+    assert_close(h, torch.tensor([expected0, expected1]), rtol=1e-6, atol=1e-4)
+
+
+def test_softmax_stats_against_direct_formulas():
+    z = torch.randn(6, 5, 11, generator=_gen(1)) * 4
+    z[0, 0] = torch.tensor([30.0] + [0.0] * 10)  # one collapsed row in float32, not in float64
+    stats = softmax_stats(z)
+    flat = z.reshape(-1, 11).double()
+    lse = torch.logsumexp(flat, -1)
+    assert_close(stats["logz_mean"].double(), lse.mean(), rtol=1e-5, atol=1e-5)
+    assert_close(stats["logz_std"].double(), lse.std(unbiased=False), rtol=1e-4, atol=1e-5)
+    assert_close(stats["logz_max"].double(), lse.max(), rtol=1e-6, atol=1e-5)
+    assert float(stats["max_logit"]) == 30.0
+    assert_close(stats["pmax_mean"].double(), torch.softmax(flat, -1).max(-1).values.mean(), rtol=1e-5, atol=1e-6)
+    assert float(stats["sc_frac"]) == pytest.approx(1 / 30)
+    assert float(stats["sc_headroom_p01"]) < 0  # the collapsed row is the lowest percentile
+    # in float64 the same row still has headroom
+    assert float(softmax_stats(z, torch.float64)["sc_frac"]) == 0.0
+
+
+def test_zero_loss_fraction_counts_exactly_zero_losses():
+    z = torch.tensor([[25.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 200.0, 0.0], [5.0, 0.0, 0.0]])
+    t = torch.tensor([0, 0, 1, 1])
+    assert float(zero_loss_fraction(z, t)) == pytest.approx(0.5)
+    assert float(zero_loss_fraction(z.double(), t)) == pytest.approx(0.25)  # float64 has more room
+    t_ignored = torch.tensor([0, -100, -100, -100])
+    assert float(zero_loss_fraction(z, t_ignored)) == 1.0
+    with pytest.raises(ValueError, match="one class per logits row"):
+        zero_loss_fraction(z, torch.tensor([0, 1]))
+
+
+def test_nlm_alignment_is_the_cosine_of_minus_gradient_and_weight():
+    w = torch.randn(4, 5, generator=_gen(2))
+    assert float(nlm_alignment(w, -3 * w)) == pytest.approx(1.0, abs=1e-6)
+    assert float(nlm_alignment(w, w)) == pytest.approx(-1.0, abs=1e-6)
+    g = torch.randn(4, 5, generator=_gen(3))
+    expected = F.cosine_similarity(-g.reshape(1, -1), w.reshape(1, -1)).item()
+    assert float(nlm_alignment(w, g)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_z_loss_and_its_gradient_agree_with_autograd():
+    z = (torch.randn(3, 4, 7, generator=_gen(4)) * 5).requires_grad_()
+    lse = torch.logsumexp(z.detach().double(), -1)
+    assert float(z_loss(z.detach(), 1e-3)) == pytest.approx(float(1e-3 * lse.pow(2).mean()), rel=1e-5)
+    assert z_loss(z, 1e-3, reduction="none").shape == (3, 4)
+    z_loss(z, 1e-3).backward()
+    assert_close(z_loss_grad(z, 1e-3), z.grad, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="reduction"):
+        z_loss(z, reduction="avg")  # type: ignore[arg-type]
+
+
+def test_softcap_bounds_and_is_near_identity_for_small_values():
+    x = torch.tensor([-1e4, -30.0, -0.1, 0.0, 0.1, 30.0, 1e4])
+    y = softcap(x, 30.0)
+    assert (y.abs() <= 30.0).all() and float(y[-1]) == pytest.approx(30.0)
+    assert float(y[4]) == pytest.approx(0.1, rel=1e-5)
+    assert float(y[5]) == pytest.approx(30 * math.tanh(1.0))
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        softcap(x, 0.0)
+
+
+def test_stablemax_matches_its_definition_and_float64():
+    x = torch.tensor([[-3.0, -0.5, 0.0, 2.0, 10.0]])
+    s = torch.tensor([[1 / 4, 1 / 1.5, 1.0, 3.0, 11.0]])
+    assert_close(stablemax(x), s / s.sum(), rtol=1e-6, atol=0)
+    assert_close(log_stablemax(x).exp(), stablemax(x), rtol=1e-6, atol=0)
+    # float32 against float64 on logits large enough that softmax would collapse
+    z = torch.randn(64, 113, generator=_gen(5), dtype=torch.float64) * 1e3
+    t = torch.randint(0, 113, (64,), generator=_gen(6))
+    ref = stablemax_cross_entropy(z, t)
+    got = stablemax_cross_entropy(z.float(), t)
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(float(ref), rel=1e-5)
+    ref_direct = -torch.log(stablemax(z)[torch.arange(64), t]).mean()
+    assert float(ref) == pytest.approx(float(ref_direct), rel=1e-10)
+    # ignore_index and reductions
+    t2 = t.clone()
+    t2[:10] = -100
+    assert float(stablemax_cross_entropy(z, t2)) == pytest.approx(float(stablemax_cross_entropy(z[10:], t[10:])), rel=1e-12)
+    assert stablemax_cross_entropy(z.reshape(8, 8, 113), t.reshape(8, 8), reduction="none").shape == (8, 8)
+    # it has a gradient where cross-entropy's is exactly zero
+    big = torch.tensor([[200.0, 0.0, 0.0]], requires_grad=True)
+    F.cross_entropy(big, torch.tensor([0])).backward()
+    assert float(big.grad.abs().sum()) == 0.0
+    big.grad = None
+    stablemax_cross_entropy(big, torch.tensor([0])).backward()
+    assert float(big.grad.abs().sum()) > 0.0
+
+
+def test_perpendicular_grad_is_orthogonal_to_the_weight_with_the_same_norm():
+    p = torch.nn.Parameter(torch.randn(6, 4, generator=_gen(7)))
+    g = torch.randn(6, 4, generator=_gen(8)) + 0.5 * p.detach()
+    p.grad = g.clone()
+    q = torch.nn.Parameter(torch.zeros(3))
+    q.grad = torch.ones(3)
+    r = torch.nn.Parameter(torch.ones(2))  # no gradient: left alone
+    perpendicular_grad_([p, q, r])
+    assert abs(float((p.grad * p.detach()).sum())) < 1e-5
+    assert float(p.grad.norm()) == pytest.approx(float(g.norm()), rel=1e-6)
+    # the perpendicular part's direction is kept
+    perp = g - (g * p.detach()).sum() / (p.detach() ** 2).sum() * p.detach()
+    assert_close(p.grad / p.grad.norm(), perp / perp.norm(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(q.grad, torch.ones(3))  # zero weight: unchanged
+    assert r.grad is None
+
+
+def test_qk_clip_factors_follow_megatrons_rule():
+    max_logit = torch.tensor([50.0, 100.0, 400.0])
+    fq, fk = qk_clip_factors(max_logit, tau=100.0, alpha=0.5)
+    assert_close(fq, torch.tensor([1.0, 1.0, 0.5]))
+    assert_close(fq * fk * max_logit, torch.tensor([50.0, 100.0, 100.0]))
+    fq, fk = qk_clip_factors(max_logit, tau=100.0, alpha=1.0)
+    assert_close(fq, torch.tensor([1.0, 1.0, 0.25])) and assert_close(fk, torch.ones(3))
+    with pytest.raises(ValueError, match="alpha"):
+        qk_clip_factors(max_logit, alpha=1.5)
+
+
+def test_sample_rows():
+    rows = sample_rows(1000, 64, _gen(9))
+    assert rows.numel() == 65 and int(rows[-1]) == 999 and rows.unique().numel() == 65
+    assert torch.equal(rows, sample_rows(1000, 64, _gen(9)))
+    assert torch.equal(sample_rows(10, 64, _gen(9)), torch.arange(10))
+
+
+def _eager_attention(q, k, scale, causal, mask=None, cap=None):
+    h, hk = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(h // hk, dim=1)
+    s = (q.double() @ k.double().transpose(-2, -1)) * scale
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
+    t, n = q.shape[2], k.shape[2]
+    visible = torch.ones(t, n, dtype=torch.bool)
+    if causal:
+        visible = torch.tril(visible, diagonal=n - t)
+    visible = visible.expand_as(s).clone()
+    if mask is not None:
+        visible &= mask.expand_as(s)
+    s = s.masked_fill(~visible, float("-inf"))
+    return s, torch.softmax(s, -1), visible
+
+
+@pytest.mark.parametrize("gqa", [1, 2])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_stats_match_eager_materialised_attention(gqa, causal):
+    b, h, t, d = 2, 4, 12, 8
+    q = torch.randn(b, h, t, d, generator=_gen(10)) * 2
+    k = torch.randn(b, h // gqa, t, d, generator=_gen(11)) * 2
+    scale = 1 / math.sqrt(d)
+    stats = attention_stats(q, k, is_causal=causal)
+    s, p, visible = _eager_attention(q, k, scale, causal)
+    n = visible.sum(-1)
+    ent = -(p * torch.where(visible, p.log(), torch.zeros_like(p))).sum(-1)
+    norm = torch.where(n > 1, ent / n.clamp_min(2).double().log(), torch.full_like(ent, float("nan")))
+    per_head = norm.transpose(0, 1).reshape(h, -1)
+    assert_close(stats["entropy_mean"].double(), torch.nanmean(per_head, 1), rtol=1e-5, atol=1e-6)
+    expected_min = torch.where(per_head.isnan(), torch.full_like(per_head, math.inf), per_head).amin(1)
+    assert_close(stats["entropy_min"].double(), expected_min, rtol=1e-5, atol=1e-6)
+    assert_close(stats["max_logit"].double(), s.transpose(0, 1).reshape(h, -1).amax(1), rtol=1e-5, atol=1e-5)
+    pmax = p.amax(-1).transpose(0, 1).reshape(h, -1)
+    assert_close(stats["pmax_p99"].double(), torch.quantile(pmax, 0.99, dim=1), rtol=1e-5, atol=1e-6)
+    # entropies are normalised: within [0, 1]
+    assert ((stats["entropy_min"] >= -1e-6) & (stats["entropy_mean"] <= 1 + 1e-6)).all()
+
+
+def test_attention_stats_on_sampled_rows_with_masks_and_cap():
+    b, h, t, d = 1, 2, 20, 4
+    q = torch.randn(b, h, t, d, generator=_gen(12)) * 5
+    k = torch.randn(b, h, t, d, generator=_gen(13)) * 5
+    mask = torch.rand(1, 1, t, t, generator=_gen(14)) > 0.3
+    mask[..., 0] = True  # every row sees a key
+    rows = torch.tensor([0, 3, 7, 19])
+    stats = attention_stats(q, k, rows=rows, scale=0.3, attn_mask=mask, cap=5.0, is_causal=True)
+    s, p, visible = _eager_attention(q, k, 0.3, True, mask=mask, cap=5.0)
+    s, p, visible = s[:, :, rows], p[:, :, rows], visible[:, :, rows]
+    assert_close(stats["max_logit"].double(), s.amax(-1).amax(-1)[0], rtol=1e-5, atol=1e-5)
+    assert (stats["max_logit"] <= 5.0).all()  # the cap bounds it
+    # an additive float mask is the same as the boolean one
+    fmask = torch.zeros(1, 1, t, t).masked_fill(~mask, float("-inf"))
+    stats_f = attention_stats(q, k, rows=rows, scale=0.3, attn_mask=fmask, cap=5.0, is_causal=True)
+    for key in stats:
+        assert_close(stats_f[key], stats[key])
+    # a one-hot head: entropy 0, p_max 1, no headroom in float32
+    q1 = torch.zeros(1, 1, 4, 2)
+    q1[..., 0] = 1e3
+    k1 = torch.zeros(1, 1, 4, 2)
+    k1[0, 0, 0, 0] = 1.0
+    one = attention_stats(q1, k1, scale=1.0)
+    assert float(one["entropy_min"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(one["pmax_p99"]) == pytest.approx(1.0)
+    assert float(one["headroom_min"]) < 0
+    with pytest.raises(ValueError, match="multiple of key heads"):
+        attention_stats(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, 2))
