@@ -7,11 +7,13 @@ TensorBoard; those load only when a component that needs them is used.
 from lightning_stability.callbacks import (
     GradientSpikeGuard,
     InMemoryRollback,
+    SoftmaxSaturationMonitor,
     SpectralMonitor,
     TrainingHalted,
     read_quarantine,
 )
 from lightning_stability.events import EventLog, StabilityEvent, get_event_log, read_events
+from lightning_stability.ops.saturation import stablemax_cross_entropy, z_loss
 from lightning_stability.ops.spectral import SpectralUpdateClip, analyze_model
 
 __version__ = "0.1.0"
@@ -20,6 +22,7 @@ __all__ = [
     "EventLog",
     "GradientSpikeGuard",
     "InMemoryRollback",
+    "SoftmaxSaturationMonitor",
     "SpectralMonitor",
     "SpectralUpdateClip",
     "StabilityEvent",
@@ -29,4 +32,6 @@ __all__ = [
     "get_event_log",
     "read_events",
     "read_quarantine",
+    "stablemax_cross_entropy",
+    "z_loss",
 ]

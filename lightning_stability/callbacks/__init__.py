@@ -2,7 +2,15 @@
 
 from lightning_stability.callbacks._base import TrainingHalted
 from lightning_stability.callbacks.rollback import InMemoryRollback, read_quarantine
+from lightning_stability.callbacks.softmax_monitor import SoftmaxSaturationMonitor
 from lightning_stability.callbacks.spectral_monitor import SpectralMonitor
 from lightning_stability.callbacks.spike_guard import GradientSpikeGuard
 
-__all__ = ["GradientSpikeGuard", "InMemoryRollback", "SpectralMonitor", "TrainingHalted", "read_quarantine"]
+__all__ = [
+    "GradientSpikeGuard",
+    "InMemoryRollback",
+    "SoftmaxSaturationMonitor",
+    "SpectralMonitor",
+    "TrainingHalted",
+    "read_quarantine",
+]

@@ -199,7 +199,8 @@ def perpendicular_grad_(params: Iterable[torch.nn.Parameter], eps: float = 1e-30
     """Project each parameter's gradient orthogonal to the parameter, then rescale it to its original
     norm (the perpendicular gradient of the grokking-at-the-edge work): ``g <- ||g|| g_perp /
     ||g_perp||`` with ``g_perp = g - (w.g / w.w) w``. The update then cannot just scale the weights up.
-    In place; parameters without a gradient, or with a zero weight, are left alone."""
+    In place and without a host sync; parameters without a gradient are skipped, and a zero weight or
+    a gradient parallel to the weight leaves the gradient as it was."""
     for p in params:
         g = p.grad
         if g is None:
@@ -207,11 +208,11 @@ def perpendicular_grad_(params: Iterable[torch.nn.Parameter], eps: float = 1e-30
         w = p.detach().float()
         gf = g.float()
         ww = (w * w).sum()
-        if float(ww) <= eps:  # a host read per tensor: this runs only while the remedy is on
-            continue
-        perp = gf - (w * gf).sum() / ww * w
-        scale = torch.linalg.vector_norm(gf) / torch.linalg.vector_norm(perp).clamp_min(eps)
-        g.copy_((perp * scale).to(g.dtype))
+        perp = gf - (w * gf).sum() / ww.clamp_min(eps) * w
+        perp_norm = torch.linalg.vector_norm(perp)
+        out = perp * (torch.linalg.vector_norm(gf) / perp_norm.clamp_min(eps))
+        keep = (ww <= eps) | (perp_norm <= eps)
+        g.copy_(torch.where(keep, gf, out).to(g.dtype))
 
 
 def qk_clip_factors(max_logit: Tensor, tau: float = 100.0, alpha: float = 0.5) -> tuple[Tensor, Tensor]:
@@ -257,9 +258,10 @@ def attention_stats(
     dtype the attention runs in, for the precision headroom.
 
     Returns ``(H,)`` tensors: ``entropy_mean`` and ``entropy_min`` (row entropy divided by
-    ``log n_i``, ``n_i`` the keys row ``i`` sees; rows with one key left out), ``max_logit`` (the
-    largest visible logit), ``pmax_p99`` (99th percentile of each row's top probability) and
-    ``headroom_min`` (the smallest :func:`collapse_headroom`, nats).
+    ``log n_i``, ``n_i`` the keys row ``i`` sees), ``max_logit`` (the largest visible logit),
+    ``pmax_p99`` (99th percentile of each row's top probability) and
+    ``headroom_min`` (the smallest :func:`collapse_headroom`, nats). Rows that see one key have no
+    choice to make and are left out of all but ``max_logit``.
     """
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be (batch, heads, length, dim), got {tuple(q.shape)} and {tuple(k.shape)}")
@@ -295,13 +297,13 @@ def attention_stats(
     norm = torch.where(has_choice, ent / torch.log(n.clamp_min(2).float()), torch.full_like(ent, math.nan))
     per_head = norm.transpose(0, 1).reshape(h, -1)  # (H, B * R)
     seen = logits.masked_fill(~visible, float("-inf")).amax(dim=-1)  # (B, H, R)
-    pmax = p.amax(dim=-1).transpose(0, 1).reshape(h, -1)
+    pmax = torch.where(has_choice, p.amax(dim=-1), torch.full_like(ent, math.nan)).transpose(0, 1).reshape(h, -1)
     head = collapse_headroom(logits, dtype or q.dtype).reshape(b, h, -1).transpose(0, 1).reshape(h, -1)
     head = torch.where(has_choice.transpose(0, 1).reshape(h, -1), head, torch.full_like(head, math.inf))
     return {
         "entropy_mean": torch.nanmean(per_head, dim=1),
         "entropy_min": torch.where(torch.isnan(per_head), torch.full_like(per_head, math.inf), per_head).amin(dim=1),
         "max_logit": seen.transpose(0, 1).reshape(h, -1).amax(dim=1),
-        "pmax_p99": torch.quantile(pmax, 0.99, dim=1),
+        "pmax_p99": torch.nanquantile(pmax, 0.99, dim=1),
         "headroom_min": head.amin(dim=1),
     }

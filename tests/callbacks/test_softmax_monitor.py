@@ -1,0 +1,246 @@
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_stability import get_event_log
+from lightning_stability.callbacks.softmax_monitor import SoftmaxSaturationMonitor
+from lightning_stability.ops.saturation import attention_stats, softmax_stats
+from tests.conftest import MemoryLogger, make_trainer, tiny_gpt
+
+
+class _Grads(pl.Callback):
+    """Keeps the gradients the optimizer is about to use (after the monitor's own hook)."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+class _Probe(pl.Callback):
+    """Records the head's logits and the first attention's q and k of the last forward."""
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.lm_head.register_forward_hook(lambda m, a, out: setattr(self, "logits", out.detach().clone()))
+        attn = pl_module.blocks[0].attn
+
+        def qkv_hook(m, a, out):
+            b, t, c3 = out.shape
+            c = c3 // 3
+            q, k, _ = out.detach().split(c, dim=2)
+            h = attn.n_head
+            self.q = q.view(b, t, h, c // h).transpose(1, 2).clone()
+            self.k = k.view(b, t, h, c // h).transpose(1, 2).clone()
+
+        attn.qkv.register_forward_hook(qkv_hook)
+
+
+def test_output_and_attention_statistics_match_direct_computation(tmp_path):
+    model, loader = tiny_gpt(3)
+    probe = _Probe()
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, attention_rows=1000)  # every row: deterministic
+    make_trainer(tmp_path, 3, [probe, monitor]).fit(model, loader)
+    s = monitor.last_stats
+    expected = softmax_stats(probe.logits)
+    for key in ("logz_mean", "logz_std", "logz_max", "max_logit", "pmax_mean"):
+        assert s[f"out_{key}"] == pytest.approx(float(expected[key]), rel=1e-5, abs=1e-6)
+    assert s["sc_frac"] == 0.0 and s["zero_loss_frac"] == 0.0
+    assert s["sc_headroom_p01"] == pytest.approx(float(expected["sc_headroom_p01"]), rel=1e-5)
+    # the attention call inside blocks.0.attn was attributed to it and measured on every row, causally
+    att = attention_stats(probe.q, probe.k, is_causal=True)
+    assert s["blocks.0.attn/entropy_min"] == pytest.approx(float(att["entropy_mean"].min()), rel=1e-5)
+    assert s["blocks.0.attn/max_logit"] == pytest.approx(float(att["max_logit"].max()), rel=1e-5)
+    assert s["blocks.0.attn/pmax_p99"] == pytest.approx(float(att["pmax_p99"].max()), rel=1e-5)
+    # a non-causal reading would differ: the causal mask really was applied
+    full = attention_stats(probe.q, probe.k)
+    assert s["blocks.0.attn/entropy_min"] != pytest.approx(float(full["entropy_mean"].min()), rel=1e-3)
+    assert 0.0 < s["nlm_cos_max"] <= 1.0
+
+
+class _MHAModel(pl.LightningModule):
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(11, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.head = nn.Linear(16, 11)
+
+    def forward(self, x):
+        h = self.emb(x) * 3
+        if not self.batch_first:
+            h = h.transpose(0, 1)
+        out, self.weights = self.attn(h, h, h, need_weights=True, average_attn_weights=False)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return self.head(out)
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        logits = self(x)
+        return {"loss": F.cross_entropy(logits.flatten(0, 1), x.flatten()), "logits": logits, "targets": x}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_is_measured_against_its_own_weights(tmp_path, batch_first):
+    torch.manual_seed(0)
+    model = _MHAModel(batch_first)
+    data = torch.randint(0, 11, (4, 8))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=4)
+
+    class Keep(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.weights = pl_module.weights.detach().clone()  # (N, H, L, S), before the update
+
+    keep = Keep()
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, attention_rows=1000)
+    make_trainer(tmp_path, 1, [monitor, keep]).fit(model, loader)
+    p = keep.weights.double()
+    ent = -(p * p.clamp_min(1e-300).log()).sum(-1) / math.log(p.shape[-1])  # (N, H, L)
+    per_head = ent.transpose(0, 1).reshape(4, -1).mean(1)
+    assert monitor.last_stats["attn/entropy_min"] == pytest.approx(float(per_head.min()), rel=1e-4)
+    pmax = torch.quantile(p.amax(-1).transpose(0, 1).reshape(4, -1), 0.99, dim=1)
+    assert monitor.last_stats["attn/pmax_p99"] == pytest.approx(float(pmax.max()), rel=1e-4)
+
+
+def test_sampling_is_every_n_steps_and_logged_straight_to_the_loggers(tmp_path):
+    model, loader = tiny_gpt(7)
+    logger = MemoryLogger()
+    monitor = SoftmaxSaturationMonitor(every_n_steps=3)
+    make_trainer(tmp_path, 7, [monitor], logger=logger).fit(model, loader)
+    steps = sorted({step for step, m in logger.records if "stability/softmax/out_logz_mean" in m})
+    assert steps == [0, 3, 6]
+    keys = logger.metrics_at(3)
+    for key in ("out_logz_mean", "sc_headroom_p01", "sc_frac", "zero_loss_frac", "nlm_cos_max", "z_loss_coef"):
+        assert f"stability/softmax/{key}" in keys
+    for key in ("entropy_min", "entropy_median", "max_logit", "pmax_p99", "headroom_min"):
+        assert f"stability/attention/blocks.0.attn/{key}" in keys
+
+
+def _run_with_remedy(tmp_path, remedy: str, **kw):
+    """One optimizer step with ``remedy`` on from the start (through the monitor's state), and the
+    same step by hand without it."""
+    model, loader = tiny_gpt(1)
+    reference = copy.deepcopy(model)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1000, z_loss_ramp=0, **kw)
+    monitor.load_state_dict({"remedy_on": {remedy: 0}})
+    grads = _Grads()
+    make_trainer(tmp_path, 1, [monitor, grads]).fit(model, loader)
+    batch = next(iter(loader))
+    return monitor, grads, reference, batch
+
+
+def test_z_loss_remedy_adds_the_exact_z_loss_gradient(tmp_path):
+    monitor, grads, reference, batch = _run_with_remedy(tmp_path, "z_loss", z_loss_coef=0.05)
+    logits = reference(batch["input_ids"])
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+    loss = loss + 0.05 * torch.logsumexp(logits, -1).pow(2).mean()
+    loss.backward()
+    for name in ("lm_head.weight", "blocks.0.attn.qkv.weight", "tok_emb.weight"):
+        expected = dict(reference.named_parameters())[name].grad
+        torch.testing.assert_close(grads.grads[name], expected, rtol=1e-4, atol=1e-6)
+    # without the remedy the gradient is measurably different
+    reference.zero_grad()
+    logits = reference(batch["input_ids"])
+    F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten()).backward()
+    assert not torch.allclose(grads.grads["lm_head.weight"], reference.lm_head.weight.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_perp_grad_remedy_makes_every_gradient_orthogonal_to_its_weight(tmp_path):
+    monitor, grads, reference, batch = _run_with_remedy(tmp_path, "perp_grad")
+    logits = reference(batch["input_ids"])
+    F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten()).backward()
+    for name, g in grads.grads.items():
+        w = grads.weights[name]
+        original = dict(reference.named_parameters())[name].grad
+        assert abs(float((g * w).sum())) <= 1e-5 * float(g.norm() * w.norm()) + 1e-12, name
+        assert float(g.norm()) == pytest.approx(float(original.norm()), rel=1e-4), name
+
+
+def test_softcap_remedy_bounds_the_logits(tmp_path):
+    model, loader = tiny_gpt(2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, softcap=2.0)
+    monitor.load_state_dict({"remedy_on": {"softcap": 0}})
+    make_trainer(tmp_path, 2, [monitor]).fit(model, loader)
+    assert monitor.last_stats["out_max_logit"] <= 2.0
+    assert monitor.last_stats["out_max_logit"] > 1.0
+
+
+def test_logit_drift_climbs_its_ladder_and_recovers_turning_remedies_off(tmp_path):
+    model, loader = tiny_gpt(14)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5, patience=1, cooldown=2)
+
+    class Relax(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 6:
+                monitor.logz_limit = 1e6  # from here on every sample is healthy
+                self.remedies_then = monitor.active_remedies
+
+    relax = Relax()
+    trainer = make_trainer(tmp_path, 14, [monitor, relax])
+    trainer.fit(model, loader)
+    events = [e for e in get_event_log(trainer) if e.source == "SoftmaxSaturationMonitor"]
+    drift = [e for e in events if e.kind == "logit_drift"]
+    assert [e.action for e in drift] == ["z_loss", "softcap", "advise"]
+    assert drift[0].metrics["logz_mean"] > 0.5
+    assert relax.remedies_then == ["softcap", "z_loss"]
+    recovered = [e for e in events if e.kind == "softmax_recovered"]
+    assert len(recovered) == 1 and set(recovered[0].action.split(",")) == {"z_loss_off", "softcap_off"}
+    assert monitor.active_remedies == []
+
+
+def test_softmax_collapse_is_detected_and_gets_perpendicular_gradients(tmp_path):
+    model, loader = tiny_gpt(3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)  # logits in the thousands: one-hot in float32
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1)
+    trainer = make_trainer(tmp_path, 3, [monitor])
+    trainer.fit(model, loader)
+    kinds = {(e.kind, e.action) for e in get_event_log(trainer)}
+    assert ("collapse_headroom_low", None) in kinds
+    assert ("softmax_collapse", "perp_grad") in kinds
+    assert monitor.last_stats["sc_frac"] > 0.5
+    assert "perp_grad" in monitor.active_remedies
+
+
+def test_state_round_trips(tmp_path):
+    model, loader = tiny_gpt(4)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5)
+    make_trainer(tmp_path, 4, [monitor]).fit(model, loader)
+    state = monitor.state_dict()
+    other = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5)
+    other.load_state_dict(copy.deepcopy(state))
+    assert other.state_dict()["active"] == state["active"]
+    assert other.active_remedies == monitor.active_remedies and "z_loss" in monitor.active_remedies
+    assert torch.equal(other._gen.get_state(), monitor._gen.get_state())  # the row sampler goes on alike
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"collapse_frac": 1.5}, "collapse_frac"),
+        ({"remedies": {"logit_drift": ("rollback",)}}, "unknown remedy 'rollback'"),
+        ({"remedies": {"spikes": ("z_loss",)}}, "unknown detection 'spikes'"),
+        ({"loss_dtype": torch.int32}, "loss_dtype"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SoftmaxSaturationMonitor(**kwargs)
+
+
+def test_unknown_head_is_a_clear_error(tmp_path):
+    model, loader = tiny_gpt(1)
+    with pytest.raises(ValueError, match="head='decoder'"):
+        make_trainer(tmp_path, 1, [SoftmaxSaturationMonitor(head="decoder")]).fit(model, loader)
