@@ -315,7 +315,7 @@ the power-law fits take little of either."""
     if image is None:
         figure = "(matplotlib is not installed, so the loss curves were not plotted.)"
     else:
-        figure = f"![Training loss of the three runs per seed, and of the reference run]({image})"
+        figure = f"![Training loss of the four runs per seed, and of the reference run]({image})"
     efficacy_table, verdicts = efficacy
     rescued, guarded = rescue
     healthy = (
@@ -329,10 +329,12 @@ the power-law fits take little of either."""
     reason = ""
     if rescued < guarded:
         reason = """
-A likely reason the interventions do not hold: at this learning rate an AdamW step moves every
-entry of a weight by about the LR, so a few steps undo a cap or a smoothing of the top singular
-values (the monitor's `update_ratio` shows how far one step moves each spectral norm); and the
-LayerNorm gains and the biases, which are not matrices, are not watched at all.
+A likely reason cap and PSS do not hold: at this learning rate an AdamW step moves every entry of a
+weight by about the LR, so a few steps undo a cap or a smoothing of the top singular values (the
+monitor's `update_ratio` shows how far one step moves each spectral norm); and the loss starts to rise
+before any top singular value grows out of line (compare `first spike at step` with `first at step`),
+so the detections come after the damage. Bounding the spectral norm of every update from the start
+acts on the cause instead, at the price of a Newton-Schulz iteration per weight and step.
 """
     return f"""## SpectralMonitor
 
@@ -376,11 +378,13 @@ The tiny GPT `{spectral.EFFICACY_SIZE.name}` at a learning rate that makes it bl
 0.9/0.95, weight decay 0.1) warmed up linearly over {spectral.EFFICACY_WARMUP} steps to a peak LR of
 {spectral.EFFICACY_LR:g}, {spectral.EFFICACY_LR / demo_lr:.0f}x the demo's, then the demo's cosine
 schedule; batch {BATCH_SIZE} x {BLOCK_SIZE} characters, {settings.efficacy_steps} steps. Each seed
-({seeds}) draws the initial weights; the data are the same. Three runs per seed: no callbacks,
+({seeds}) draws the initial weights; the data are the same. Four runs per seed: no callbacks,
 `SpectralMonitor(ladder=("cap",), check_every_n_steps={settings.efficacy_check_every},
 warmup={settings.efficacy_monitor_warmup})` (the top singular value of a flagged layer set back to its
 last healthy value) and the same with `ladder=("pss",)` (parametric singularity smoothing of the top
-singular values). Both check every {settings.efficacy_check_every} steps instead of on logging steps only,
+singular values), and `SpectralUpdateClip(optimizer, c={spectral.UPDATE_CLIP_C:g})` on every weight matrix from
+the first step (the soft spectral clipping of updates, `sigma -> sigma / sqrt(1 + sigma^2 / c^2)`,
+used as a preventive, with no monitor). The two monitors check every {settings.efficacy_check_every} steps instead of on logging steps only,
 and arm their detections from step {settings.efficacy_monitor_warmup}, so that they have a history before
 the blow-up and can act on it within {settings.efficacy_check_every} steps. The reference is the same
 model at LR {spectral.REFERENCE_LR:g}, with no callbacks. The configuration comes from a sweep for
@@ -510,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w") as f:
             rb_section = render_rollback_section(settings, rb_table, rb_goals, rec_table)
             sp_section = render_spectral_section(
-                settings, sp_table, sp_lines, analysis, ww_version, efficacy, spectral.rescued(runs),
+                settings, sp_table, sp_lines, analysis, ww_version, efficacy, spectral.rescued([r for r in runs if r.arm != "update_clip"]),
                 reference, image,
             )
             f.write(render_doc(settings, machine, table, goals, minutes, rb_section, sp_section))

@@ -13,8 +13,9 @@ Three measurements, each side by side in one process:
    ".[bench]"``; without it the comparison is skipped): seconds, the speed-up, and how far the
    metrics both compute (alpha, stable rank, spectral norm) agree per layer.
 3. **Efficacy**: the tiny GPT at a learning rate that makes it blow up, trained with no callback,
-   with ``SpectralMonitor(ladder=("cap",))`` and with ``SpectralMonitor(ladder=("pss",))`` from the
-   same seeds: loss curves, final loss, whether it diverged, and the number of interventions.
+   with ``SpectralMonitor(ladder=("cap",))``, with ``SpectralMonitor(ladder=("pss",))`` and with
+   ``SpectralUpdateClip(c=3)`` on from the start, from the same seeds: loss curves, final loss,
+   whether it diverged, and the number of interventions.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from lightning_stability import (
     GradientSpikeGuard,
     InMemoryRollback,
     SpectralMonitor,
+    SpectralUpdateClip,
     analyze_model,
     get_event_log,
 )
@@ -353,7 +355,35 @@ REFERENCE_LR = 0.03  # a healthy LR, for the plot and the table's scale
 SPIKE_RISE = 1.3  # a spike: a loss this much above the lowest loss before it (healthy runs: up to ~1.25)
 DIVERGED_RISE = 1.2  # diverged: the final loss this much above the lowest loss before it (healthy: ~1.1)
 TAIL = 20  # the final loss is the mean of the last TAIL losses
-ARMS = ("no callbacks", "cap", "pss")
+UPDATE_CLIP_C = 3.0  # SpectralUpdateClip's c in the preventive arm (c=10, the monitor's default, does not save it)
+ARMS = ("no callbacks", "cap", "pss", "update_clip")
+
+
+class PreventiveUpdateClip(Callback):
+    """``SpectralUpdateClip(optimizer, c)`` on every weight matrix from the first step to the last: the
+    soft spectral clipping of updates, used as a preventive rather than as a monitor's rung."""
+
+    def __init__(self, c: float) -> None:
+        self.c = c
+        self.clip: SpectralUpdateClip | None = None
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.clip = SpectralUpdateClip(trainer.optimizers[0], self.c)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.clip is not None:
+            self.clip.remove()
+            self.clip = None
+
+
+def arm_name(arm: str) -> str:
+    if arm == "no callbacks":
+        return arm
+    if arm == "update_clip":
+        return f"`SpectralUpdateClip(c={UPDATE_CLIP_C:g})` on from the start"
+    return f'`SpectralMonitor(ladder=("{arm}",))`'
 
 
 class LossRecorder(Callback):
@@ -426,9 +456,11 @@ class EfficacyRun:
         return not all(math.isfinite(x) for x in self.losses) or self.final > DIVERGED_RISE * self.best
 
 
-def monitor_for(arm: str, check_every: int, warmup: int) -> SpectralMonitor | None:
+def monitor_for(arm: str, check_every: int, warmup: int) -> Callback | None:
     if arm == "no callbacks":
         return None
+    if arm == "update_clip":
+        return PreventiveUpdateClip(UPDATE_CLIP_C)
     # Detections armed after `warmup` steps, well before the blow-up, and checks every `check_every`
     # steps instead of on logging steps only, so that the monitor can act in time.
     return SpectralMonitor(ladder=(arm,), check_every_n_steps=check_every, warmup=warmup)
@@ -460,7 +492,9 @@ def efficacy_run(
         start = time.perf_counter()
         trainer.fit(model, loader)
         seconds = time.perf_counter() - start
-        events = [e for e in get_event_log(trainer) if monitor is not None and e.source == monitor.source]
+        events = [
+            e for e in get_event_log(trainer) if isinstance(monitor, SpectralMonitor) and e.source == monitor.source
+        ]
     acted = [e for e in events if e.action in ("cap", "pss")]
     return EfficacyRun(
         arm=arm,
@@ -515,11 +549,8 @@ def efficacy_table(runs: Sequence[EfficacyRun], reference: EfficacyRun | None) -
     ]
     rows = list(runs) + ([reference] if reference is not None else [])
     for r in rows:
-        if r is reference:
-            name = f"no callbacks, LR {r.lr:g} (reference)"
-        else:
-            name = "no callbacks" if r.arm == "no callbacks" else f'`ladder=("{r.arm}",)`'
-        monitored = r.arm != "no callbacks"
+        name = f"no callbacks, LR {r.lr:g} (reference)" if r is reference else arm_name(r.arm)
+        monitored = r.arm in ("cap", "pss")
         lines.append(
             f"| {r.seed} | {name} | {_loss(r.best)} | {_optional(r.spike)} | {_loss(r.peak)} | "
             f"{_loss(r.final)} | {'yes' if r.diverged else 'no'} | {r.interventions if monitored else ''} | "
@@ -532,17 +563,20 @@ def efficacy_table(runs: Sequence[EfficacyRun], reference: EfficacyRun | None) -
         finals = ", ".join(_loss(r.final) for r in mine)
         if arm == "no callbacks":
             what, extra = f"no callbacks at LR {EFFICACY_LR:g}", ""
+        elif arm == "update_clip":
+            what, extra = arm_name(arm), ""
         else:
-            what = f'`SpectralMonitor(ladder=("{arm}",))`'
+            what = arm_name(arm)
             extra = f"; {sum(r.interventions for r in mine)} interventions in all"
         verdicts.append(
             f"{what}: diverged in {diverged} of {len(mine)} seeds (final losses {finals}{extra})."
         )
-    saved, guarded = rescued(runs)
-    verdicts.append(
-        f"Rescued (the unguarded run from the same seed diverged, the guarded one did not): {saved} of "
-        f"{guarded} guarded runs."
-    )
+    for arms, what in ((("cap", "pss"), "runs with the monitor's cap or PSS"), (("update_clip",), "preventive update-clipping runs")):
+        saved, guarded = rescued([r for r in runs if r.arm in arms or r.arm == "no callbacks"])
+        verdicts.append(
+            f"Rescued (the unguarded run from the same seed diverged, the guarded one did not): {saved} of "
+            f"{guarded} {what}."
+        )
     return "\n".join(lines), verdicts
 
 
@@ -566,8 +600,9 @@ def plot_efficacy(runs: Sequence[EfficacyRun], reference: EfficacyRun | None, pa
         return False
     seeds = sorted({r.seed for r in runs})
     fig, axes = plt.subplots(1, len(seeds), figsize=(4.2 * len(seeds), 3.4), sharey=True, squeeze=False)
-    colors = {"no callbacks": "tab:red", "cap": "tab:blue", "pss": "tab:green"}
+    colors = {"no callbacks": "tab:red", "cap": "tab:blue", "pss": "tab:green", "update_clip": "tab:purple"}
     labels = {arm: f'ladder=("{arm}",)' for arm in ARMS}
+    labels["update_clip"] = f"SpectralUpdateClip(c={UPDATE_CLIP_C:g})"
     labels["no callbacks"] = f"no callbacks, LR {EFFICACY_LR:g}"
     for ax, seed in zip(axes[0], seeds):
         if reference is not None:
