@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,7 +22,10 @@ from lightning_stability.callbacks._base import (
     log_to_loggers,
 )
 from lightning_stability.ops.saturation import (
+    QKProjection,
+    apply_qk_clip,
     attention_stats,
+    find_qk_projection,
     nlm_alignment,
     perpendicular_grad_,
     sample_rows,
@@ -32,13 +35,13 @@ from lightning_stability.ops.saturation import (
     zero_loss_fraction,
 )
 
-SOFTMAX_REMEDIES = ("z_loss", "softcap", "perp_grad", "advise")
+SOFTMAX_REMEDIES = ("z_loss", "softcap", "perp_grad", "qk_clip", "advise")
 # What each detection may get, in order; ``advise`` is an event naming the structural fix.
 DEFAULT_REMEDIES: dict[str, tuple[str, ...]] = {
     "logit_drift": ("z_loss", "softcap", "advise"),
     "softmax_collapse": ("perp_grad", "advise"),
     "attention_collapse": ("advise",),
-    "attention_logit_growth": ("advise",),
+    "attention_logit_growth": ("qk_clip", "advise"),
 }
 ADVICE = {
     "logit_drift": "add z-loss to the loss (lightning_stability.z_loss) or compute the loss in float32",
@@ -120,6 +123,11 @@ class SoftmaxSaturationMonitor(StabilityCallback):
     - ``softcap``: the head's output becomes ``softcap * tanh(z / softcap)`` (a forward hook);
     - ``perp_grad``: before each optimizer step every gradient is projected orthogonal to its weight and
       rescaled to its norm;
+    - ``qk_clip``: after each step, every head whose largest attention logit exceeded ``qk_clip_tau``
+      (default ``max_logit_limit``) gets its query rows scaled by ``eta^alpha`` and its key rows by
+      ``eta^(1 - alpha)``, ``eta = tau / max_logit`` (Megatron's QK-clip, ``alpha = qk_clip_alpha``);
+      the projections are found for separate ``q_proj``/``k_proj`` linears and fused ``qkv``/``c_attn``
+      linears, or given by ``qk_projections(name, module) -> QKProjection``;
     - ``advise``: an event naming the structural fix the callback cannot make.
 
     Logged (rank zero, straight to the loggers, on every sampled step): ``stability/softmax/out_logz_mean``,
@@ -151,6 +159,9 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         z_loss_coef: float = 1e-4,
         z_loss_ramp: int = 100,
         softcap: float = 30.0,
+        qk_clip_tau: float | None = None,
+        qk_clip_alpha: float = 0.5,
+        qk_projections: Callable[[str, nn.Module], QKProjection | None] | None = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -177,6 +188,11 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self.z_loss_coef = check_positive(owner, "z_loss_coef", z_loss_coef)
         self.z_loss_ramp = check_int(owner, "z_loss_ramp", z_loss_ramp, 0)
         self.softcap = check_positive(owner, "softcap", softcap)
+        self.qk_clip_tau = self.max_logit_limit if qk_clip_tau is None else check_positive(owner, "qk_clip_tau", qk_clip_tau)
+        self.qk_clip_alpha = check_fraction(owner, "qk_clip_alpha", qk_clip_alpha, closed=True)
+        if qk_projections is not None and not callable(qk_projections):
+            raise TypeError(f"{owner}(qk_projections={qk_projections!r}): expected a callable (name, module) -> QKProjection | None")
+        self.qk_projections = qk_projections
         self.seed = int(seed)
         # state (checkpointed)
         self._active: dict[str, dict[str, Any]] = {}  # detection -> {rung, repeats, healthy, target}
@@ -200,6 +216,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self._autocast = False
         self._attn: dict[str, list[dict[str, Tensor]]] = {}
         self._nlm: Tensor | None = None
+        self._no_projection: set[str] = set()  # layers QK-clip found no q/k projections for (warned once)
         self._gen = torch.Generator().manual_seed(self.seed)
 
     # -- state -----------------------------------------------------------------------------------
@@ -407,11 +424,16 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         for layer, calls in self._attn.items():
             for key, value in _layer_attention(calls).items():
                 values[f"{layer}/{key}"] = value
+            if len(calls) == 1:  # per-head maxima, for QK-clip (a module called twice has no one layout)
+                for h, value in enumerate(calls[0]["max_logit"].unbind(0)):
+                    values[f"{layer}/max_logit_head{h}"] = value
         stats = self._gather(trainer, values)
         self.last_stats = stats
         self._samples += 1
         step = trainer.global_step - 1
         self._decide(trainer, stats, step)
+        if "qk_clip" in self._remedy_on:
+            self._qk_clip(trainer, stats)
         self._log(trainer, pl_module, stats)  # sampled steps are few: each is logged
 
     def _loss_dtype(self, logits: Tensor) -> torch.dtype:
@@ -535,9 +557,36 @@ class SoftmaxSaturationMonitor(StabilityCallback):
             return self.z_loss_coef
         return self.z_loss_coef * min(1.0, max(0.0, (self._step_now - start + 1) / self.z_loss_ramp))
 
+    def _qk_clip(self, trainer: pl.Trainer, stats: dict[str, float]) -> None:
+        """Scale q and k of every head above ``qk_clip_tau`` (from this step's forward, the same numbers on
+        every rank, so every replica scales alike)."""
+        for layer in sorted({k.rsplit("/", 1)[0] for k in stats if "/max_logit_head" in k}):
+            heads = [stats[f"{layer}/max_logit_head{h}"] for h in range(_count_heads(stats, layer))]
+            if max(heads) <= self.qk_clip_tau:
+                continue
+            module = self._modules.get(layer)
+            proj = None
+            if module is not None:
+                proj = self.qk_projections(layer, module) if self.qk_projections else find_qk_projection(module)
+            if proj is None or proj.n_head != len(heads):
+                if layer not in self._no_projection:
+                    self._no_projection.add(layer)
+                    rank_zero_warn(
+                        f"{type(self).__name__}: QK-clip cannot find the q/k projections of {layer}; pass "
+                        "qk_projections=lambda name, module: QKProjection(...)."
+                    )
+                continue
+            device = proj.q.weight.device
+            apply_qk_clip(proj, torch.tensor(heads, device=device), self.qk_clip_tau, self.qk_clip_alpha)
+            self.emit(trainer, "qk_clip", "info",
+                      {"max_logit": max(heads), "eta_min": self.qk_clip_tau / max(heads), "heads_clipped":
+                       float(sum(h > self.qk_clip_tau for h in heads))}, "qk_clip", layer)
+
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: dict[str, float]) -> None:
         metrics: dict[str, float] = {}
         for key, value in stats.items():
+            if "/max_logit_head" in key:
+                continue  # per-head maxima serve QK-clip; the layer's maximum is logged
             group = "softmax" if "/" not in key else "attention"
             metrics[f"stability/{group}/{key}"] = value
         metrics["stability/softmax/z_loss_coef"] = self._z_coef()
@@ -602,11 +651,20 @@ def _layer_attention(calls: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     }
 
 
+def _count_heads(stats: Mapping[str, float], layer: str) -> int:
+    h = 0
+    while f"{layer}/max_logit_head{h}" in stats:
+        h += 1
+    return h
+
+
 def _combine(key: str, values: Tensor) -> Tensor:
     """How ranks' values of one statistic combine: extremes by the worst rank, the rest by the mean."""
     name = key.rsplit("/", 1)[-1]
     if name in ("entropy_min", "headroom_min", "sc_headroom_p01"):
         return values.min()
-    if name in ("max_logit", "pmax_p99", "out_logz_max", "out_max_logit", "nlm_cos_max"):
+    if name in ("max_logit", "pmax_p99", "out_logz_max", "out_max_logit", "nlm_cos_max") or name.startswith(
+        "max_logit_head"
+    ):
         return values.max()
     return values.mean()

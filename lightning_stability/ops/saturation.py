@@ -19,12 +19,13 @@ Three instabilities live in softmaxes:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 Reduction = Literal["mean", "sum", "none"]
 _LN2 = math.log(2.0)
@@ -307,3 +308,90 @@ def attention_stats(
         "pmax_p99": torch.nanquantile(pmax, 0.99, dim=1),
         "headroom_min": head.amin(dim=1),
     }
+
+
+# -- QK-clip -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QKProjection:
+    """Where an attention module's queries and keys come from: the rows of one or two ``nn.Linear``
+    weights, laid out head after head (``n_head * head_dim`` query rows, ``n_kv_head * head_dim`` key
+    rows)."""
+
+    q: nn.Linear
+    k: nn.Linear
+    q_rows: slice
+    k_rows: slice
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        nq = self.q_rows.stop - self.q_rows.start
+        nk = self.k_rows.stop - self.k_rows.start
+        if nq != self.n_head * self.head_dim or nk != self.n_kv_head * self.head_dim:
+            raise ValueError(
+                f"QKProjection: {nq} query rows and {nk} key rows do not make {self.n_head} query heads and "
+                f"{self.n_kv_head} key heads of dimension {self.head_dim}"
+            )
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"QKProjection: {self.n_head} query heads are not a multiple of {self.n_kv_head} key heads")
+
+
+def _head_count(module: nn.Module, names: Sequence[str]) -> int | None:
+    for owner in (module, getattr(module, "config", None)):
+        for name in names:
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def find_qk_projection(module: nn.Module) -> QKProjection | None:
+    """The q/k projections of an attention module, where its layout is a known one: separate
+    ``q_proj``/``k_proj`` linears (Hugging Face Llama, Mistral, Qwen, ...; heads from the module or its
+    ``config``), or one fused ``qkv``/``c_attn``/``Wqkv`` linear whose output is ``[q | k | v]`` of
+    equal widths (nanoGPT-style, the demo's ``TinyGPT``; heads from ``n_head``/``num_heads``).
+    ``None`` otherwise (pass your own :class:`QKProjection`)."""
+    q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
+    if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+        n_head = _head_count(module, ("num_heads", "num_attention_heads", "n_head", "n_heads"))
+        head_dim = _head_count(module, ("head_dim",)) or (q.out_features // n_head if n_head else None)
+        if not n_head or not head_dim or k.out_features % head_dim or q.out_features != n_head * head_dim:
+            return None
+        return QKProjection(q, k, slice(0, q.out_features), slice(0, k.out_features), n_head,
+                            k.out_features // head_dim, head_dim)
+    for name in ("qkv", "c_attn", "Wqkv"):
+        fused = getattr(module, name, None)
+        if isinstance(fused, nn.Linear) and fused.out_features % 3 == 0:
+            n_head = _head_count(module, ("n_head", "num_heads", "n_heads", "num_attention_heads"))
+            d = fused.out_features // 3
+            if not n_head or d % n_head:
+                return None
+            return QKProjection(fused, fused, slice(0, d), slice(d, 2 * d), n_head, n_head, d // n_head)
+    return None
+
+
+@torch.no_grad()
+def apply_qk_clip(proj: QKProjection, head_max_logit: Tensor, tau: float = 100.0, alpha: float = 0.5) -> Tensor:
+    """Scale the query and key rows of every head whose largest logit exceeds ``tau`` so that it
+    becomes ``tau`` (:func:`qk_clip_factors`); biases too, so the logits scale exactly. Where key heads
+    are shared (grouped-query attention) only the queries are scaled (by the whole ``eta``), since a
+    shared key head serves heads with different factors. In place, on the device, no host sync.
+    Returns ``eta`` per query head."""
+    if head_max_logit.numel() != proj.n_head:
+        raise ValueError(f"head_max_logit has {head_max_logit.numel()} values for {proj.n_head} heads")
+    fq, fk = qk_clip_factors(head_max_logit, tau, alpha)
+    eta = fq * fk
+    if proj.n_kv_head != proj.n_head:
+        fq, fk = eta, torch.ones(proj.n_kv_head, device=eta.device)
+
+    def scale(linear: nn.Linear, rows: slice, heads: int, factor: Tensor) -> None:
+        w = linear.weight.data[rows]
+        f = factor.to(w.device, w.dtype).repeat_interleave(proj.head_dim)
+        w.mul_(f.unsqueeze(-1))
+        if linear.bias is not None:
+            linear.bias.data[rows].mul_(f)
+
+    scale(proj.q, proj.q_rows, proj.n_head, fq)
+    scale(proj.k, proj.k_rows, proj.n_kv_head, fk)
+    return eta

@@ -244,3 +244,27 @@ def test_unknown_head_is_a_clear_error(tmp_path):
     model, loader = tiny_gpt(1)
     with pytest.raises(ValueError, match="head='decoder'"):
         make_trainer(tmp_path, 1, [SoftmaxSaturationMonitor(head="decoder")]).fit(model, loader)
+
+
+def test_attention_logit_growth_gets_qk_clip_and_the_logits_come_down(tmp_path):
+    model, loader = tiny_gpt(6)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[:64].mul_(6.0)  # q and k rows: logits ~36x larger
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, max_logit_limit=4.0, attention_rows=1000)
+    first = {}
+
+    class First(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:
+                first.update(monitor.last_stats)
+
+    trainer = make_trainer(tmp_path, 6, [monitor, First()])
+    trainer.fit(model, loader)
+    events = [e for e in get_event_log(trainer) if e.source == "SoftmaxSaturationMonitor"]
+    assert ("attention_logit_growth", "qk_clip", "blocks.0.attn") in {(e.kind, e.action, e.target) for e in events}
+    clips = [e for e in events if e.kind == "qk_clip"]
+    assert clips and clips[0].metrics["max_logit"] > 4.0
+    assert first["blocks.0.attn/max_logit"] > 4.0
+    # after the clip, one optimizer step later, the layer's largest logit is back near tau
+    assert monitor.last_stats["blocks.0.attn/max_logit"] < 0.5 * first["blocks.0.attn/max_logit"]
+    assert monitor.last_stats["blocks.0.attn/max_logit"] < 4.0 * 1.3

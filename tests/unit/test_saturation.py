@@ -8,8 +8,11 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from lightning_stability.ops.saturation import (
+    QKProjection,
+    apply_qk_clip,
     attention_stats,
     collapse_headroom,
+    find_qk_projection,
     log_stablemax,
     nlm_alignment,
     perpendicular_grad_,
@@ -253,3 +256,56 @@ def test_attention_stats_on_sampled_rows_with_masks_and_cap():
     assert float(one["headroom_min"]) < 0
     with pytest.raises(ValueError, match="multiple of key heads"):
         attention_stats(torch.zeros(1, 3, 2, 2), torch.zeros(1, 2, 2, 2))
+
+
+class _HFStyle(torch.nn.Module):
+    def __init__(self, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, head_dim
+        self.q_proj = torch.nn.Linear(16, heads * head_dim)
+        self.k_proj = torch.nn.Linear(16, kv_heads * head_dim)
+
+    def logits(self, x):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        return attention_stats(q, k, scale=1.0)["max_logit"]
+
+
+class _Fused(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n_head = 4
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def logits(self, x):
+        b, t, _ = x.shape
+        q, k, _ = self.qkv(x).split(16, dim=2)
+        q, k = (z.view(b, t, 4, 4).transpose(1, 2) for z in (q, k))
+        return attention_stats(q, k, scale=1.0)["max_logit"]
+
+
+@pytest.mark.parametrize("make", [lambda: _HFStyle(4, 4, 4), lambda: _HFStyle(4, 2, 4), _Fused])
+def test_qk_clip_brings_every_head_above_tau_down_to_tau_and_leaves_the_rest(make):
+    torch.manual_seed(0)
+    module = make()
+    proj = find_qk_projection(module)
+    assert proj is not None and proj.n_head == 4
+    x = torch.randn(2, 6, 16) * 3
+    before = module.logits(x).detach()
+    tau = float(before.median())  # some heads above, some below
+    v_before = module.qkv.weight[32:].detach().clone() if isinstance(module, _Fused) else None
+    apply_qk_clip(proj, before, tau=tau, alpha=0.5)
+    after = module.logits(x).detach()
+    above = before > tau
+    assert above.any() and (~above).any()
+    torch.testing.assert_close(after[above], torch.full_like(after[above], tau), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[~above], before[~above], rtol=1e-5, atol=1e-5)
+    if v_before is not None:
+        assert torch.equal(module.qkv.weight[32:], v_before)  # the values are untouched
+
+
+def test_find_qk_projection_returns_none_for_unknown_layouts():
+    assert find_qk_projection(torch.nn.Linear(4, 4)) is None
+    with pytest.raises(ValueError, match="query rows"):
+        QKProjection(torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), slice(0, 8), slice(0, 8), 3, 3, 2)
