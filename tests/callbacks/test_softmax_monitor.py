@@ -268,3 +268,54 @@ def test_attention_logit_growth_gets_qk_clip_and_the_logits_come_down(tmp_path):
     # after the clip, one optimizer step later, the layer's largest logit is back near tau
     assert monitor.last_stats["blocks.0.attn/max_logit"] < 0.5 * first["blocks.0.attn/max_logit"]
     assert monitor.last_stats["blocks.0.attn/max_logit"] < 4.0 * 1.3
+
+
+class _HFLlama(pl.LightningModule):
+    """A tiny random-init Llama (grouped-query attention, RoPE) from Hugging Face transformers."""
+
+    def __init__(self, implementation: str) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, attn_implementation=implementation,
+        )
+        self.llm = transformers.LlamaForCausalLM(config)
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        out = self.llm(input_ids=x, labels=x)
+        return {"loss": out.loss, "logits": out.logits}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # the weights stay put: compare with eager later
+
+
+def test_hugging_face_llama_attention_is_captured_after_rope_with_grouped_query_heads(tmp_path):
+    model = _HFLlama("sdpa")
+    data = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=2)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, attention_rows=1000)
+    make_trainer(tmp_path, 1, [monitor]).fit(model, loader)
+    s = monitor.last_stats
+    # the reference: the same weights in eager attention, which returns its probabilities
+    eager = _HFLlama("eager")
+    eager.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        attentions = eager.llm(input_ids=data, output_attentions=True).attentions
+    for i, p in enumerate(attentions):  # (B, H, T, T), causal
+        layer = f"llm.model.layers.{i}.self_attn"
+        p = p.double()
+        n = torch.arange(1, p.shape[-1] + 1, dtype=torch.float64)
+        ent = -(p * p.clamp_min(1e-300).log()).sum(-1)
+        norm = (ent[..., 1:] / n[1:].log())  # rows that see more than one key
+        per_head = norm.transpose(0, 1).reshape(4, -1).mean(1)
+        assert s[f"{layer}/entropy_min"] == pytest.approx(float(per_head.min()), rel=1e-4)
+        pmax = torch.quantile(p[..., 1:, :].amax(-1).transpose(0, 1).reshape(4, -1), 0.99, dim=1)
+        assert s[f"{layer}/pmax_p99"] == pytest.approx(float(pmax.max()), rel=1e-4)
+    # and QK-clip finds its q_proj/k_proj with grouped key heads
+    from lightning_stability.ops.saturation import find_qk_projection
+
+    proj = find_qk_projection(model.llm.model.layers[0].self_attn)
+    assert proj is not None and (proj.n_head, proj.n_kv_head, proj.head_dim) == (4, 2, 8)
