@@ -60,3 +60,16 @@ def test_every_rank_applies_the_same_spectral_intervention(tmp_path):
     assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == [130]
     assert ranks[0]["sigma"] == ranks[1]["sigma"]
     assert ranks[0]["digest"] == ranks[1]["digest"]
+
+
+def test_every_rank_takes_the_same_softmax_decision_and_the_same_qk_clip(tmp_path):
+    ranks = run_two_ranks("ddp_softmax_script.py", tmp_path)
+    assert ranks[0]["events"] == ranks[1]["events"]
+    kinds = [(e[1], e[2]) for e in ranks[0]["events"]]
+    # log Z drifted on rank 1 only; both ranks turned z-loss on in the same step, and off again
+    drift = [e for e in ranks[0]["events"] if e[1] == "logit_drift"]
+    assert drift and drift[0][2] == "z_loss" and 10 <= drift[0][0] <= 16
+    assert any(k == "softmax_recovered" and "z_loss_off" in (a or "").split(",") for k, a in kinds)
+    assert ("qk_clip", "qk_clip") in kinds
+    assert ranks[0]["stats"] == ranks[1]["stats"]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
