@@ -319,3 +319,56 @@ def test_hugging_face_llama_attention_is_captured_after_rope_with_grouped_query_
 
     proj = find_qk_projection(model.llm.model.layers[0].self_attn)
     assert proj is not None and (proj.n_head, proj.n_kv_head, proj.head_dim) == (4, 2, 8)
+
+
+def test_no_host_reads_on_steps_it_does_not_sample(tmp_path, monkeypatch):
+    """With z-loss and perpendicular gradients on, a step that is not sampled reads nothing from the
+    device (on a GPU each read would be a host sync): not in the hooks, not in the z-loss gradient."""
+    from lightning_stability.callbacks import softmax_monitor as sm
+    from tests.callbacks.test_spectral_monitor import _counting_host_reads
+
+    model, loader = tiny_gpt(25)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=10, z_loss_ramp=0)
+    monitor.load_state_dict({"remedy_on": {"z_loss": 0, "perp_grad": 0}})
+    sampled, silent = [], []
+
+    def wrap(owner, name):
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            with _counting_host_reads([]) as n:
+                out = original(*args, **kwargs)
+            (sampled if monitor._sampling else silent).append(n[0])
+            return out
+
+        monkeypatch.setattr(owner, name, wrapped)
+
+    for hook in ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "_head_hook"):
+        wrap(monitor, hook)
+    wrap(sm, "z_loss_grad")
+    trainer = make_trainer(tmp_path, 25, [monitor])
+    trainer.fit(model, loader)
+    assert monitor._samples == 3  # steps 0, 10 and 20
+    assert len(silent) > 4 * 20 and sum(silent) == 0
+    assert monitor.active_remedies == ["perp_grad", "z_loss"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root, ckpt=None):
+        model, loader = tiny_gpt(40, batches=20)  # step 20 is an epoch boundary: the data resume exactly
+        monitor = SoftmaxSaturationMonitor(every_n_steps=3, logz_limit=0.5, cooldown=50)
+        saver = ModelCheckpoint(dirpath=root, every_n_train_steps=20, save_top_k=-1)
+        trainer = make_trainer(root, 40, [monitor, saver], enable_checkpointing=True)
+        trainer.fit(model, loader, ckpt_path=ckpt)
+        return monitor, model, [(e.step, e.kind, e.action) for e in get_event_log(trainer)]
+
+    straight, straight_model, straight_events = run(tmp_path / "full")
+    resumed, resumed_model, resumed_events = run(tmp_path / "resumed", str(tmp_path / "full" / "epoch=0-step=20.ckpt"))
+    assert "z_loss" in straight.active_remedies  # the resumed half ran with a remedy on
+    for p, q in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    assert straight.state_dict() == resumed.state_dict()
+    assert straight.last_stats == resumed.last_stats
+    assert straight_events == resumed_events
