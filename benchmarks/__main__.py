@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import lightning
 import torch
 
-from benchmarks import rollback, spectral
+from benchmarks import rollback, softmax, spectral
 from benchmarks.overhead import (
     BATCH_SIZE,
     BLOCK_SIZE,
@@ -406,6 +406,27 @@ than before it: the monitor then asks for a rollback, which no callback answers 
 {reason}"""
 
 
+def render_softmax_section(settings: Settings, table: str, lines: list[str]) -> str:
+    setups = "\n".join(f"- **{s.name}**: {s.description}." for s in softmax.SETUPS)
+    goal_text = "\n".join(f"- {line}" for line in lines)
+    return f"""
+## SoftmaxSaturationMonitor
+
+What measuring the output and attention softmaxes costs per step. The goals: at most
+{round((softmax.GOAL_DEFAULT - 1) * 100)}% of step time at the default sampling, at most
+{round((softmax.GOAL_EVERY_STEP - 1) * 100)}% sampling every step.
+
+{setups}
+
+Each fit trains {settings.warmup_steps} untimed steps, then {settings.timed_steps} timed ones; every
+(model, setup) pair is fitted {settings.spectral_repeats} times. The columns read as in the first table.
+
+{table}
+
+{goal_text}
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps, print only (the CI smoke test)")
@@ -445,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     sp_results = spectral.overhead(
         settings.warmup_steps, settings.timed_steps, settings.spectral_repeats, progress
     )
+    sm_results = softmax.overhead(settings.warmup_steps, settings.timed_steps, settings.spectral_repeats, progress)
+    sm_summaries = summarize(sm_results)
+    sm_table = format_table(sm_summaries)
+    sm_lines = softmax.overhead_lines(sm_summaries)
     amortised = [spectral.full_analysis_cost(size, settings.analysis_repeats) for size in MODEL_SIZES]
     sp_summaries = summarize(sp_results)
     sp_table = format_table(sp_summaries)
@@ -488,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     print(sp_table)
     print()
     print("\n".join(sp_lines))
+    print()
+    print(sm_table)
+    print()
+    print("\n".join(sm_lines))
     if analysis is not None:
         print()
         print(analysis[0])
@@ -518,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
                 reference, image,
             )
             f.write(render_doc(settings, machine, table, goals, minutes, rb_section, sp_section))
+            f.write(render_softmax_section(settings, sm_table, sm_lines))
         print(f"wrote {args.out}")
     return 0
 
