@@ -75,6 +75,41 @@ class _Capture(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _Patch:
+    """The cheaper capture: ``torch.nn.functional.scaled_dot_product_attention`` and
+    ``multi_head_attention_forward`` replaced by wrappers for the sampled forward only. It sees every
+    call made through the module attribute (``F.scaled_dot_product_attention(...)``, as PyTorch's own
+    modules, Hugging Face transformers and nanoGPT-style code do) and costs nothing on other ops; a
+    function bound at import (``from torch.nn.functional import scaled_dot_product_attention``) needs
+    ``capture="mode"``."""
+
+    def __init__(self, monitor: SoftmaxSaturationMonitor) -> None:
+        self.monitor = monitor
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> _Patch:
+        monitor = self.monitor
+        sdpa, mha = F.scaled_dot_product_attention, F.multi_head_attention_forward
+        self.saved = {"scaled_dot_product_attention": sdpa, "multi_head_attention_forward": mha}
+
+        def sdpa_wrapper(*args: Any, **kwargs: Any) -> Any:
+            monitor._attention_call(args, kwargs)
+            return sdpa(*args, **kwargs)
+
+        def mha_wrapper(*args: Any, **kwargs: Any) -> Any:
+            monitor._mha_call(args, kwargs)
+            return mha(*args, **kwargs)
+
+        F.scaled_dot_product_attention = sdpa_wrapper  # type: ignore[assignment]
+        F.multi_head_attention_forward = mha_wrapper  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, fn in self.saved.items():
+            setattr(F, name, fn)
+        self.saved = {}
+
+
 class SoftmaxSaturationMonitor(StabilityCallback):
     r"""Measures how saturated the output and attention softmaxes are, and acts before they break.
 
@@ -88,11 +123,13 @@ class SoftmaxSaturationMonitor(StabilityCallback):
     (where the targets are found: ``outputs[targets_key]`` or ``batch[targets_key]``), and the
     alignment ``cos(-g, w)`` of each weight's gradient with the weight (naive loss minimisation).
 
-    **Attention.** During sampled forwards a ``TorchFunctionMode`` sees every call of
+    **Attention.** During sampled forwards the monitor sees every call of
     ``torch.nn.functional.scaled_dot_product_attention`` (and ``nn.MultiheadAttention``'s
-    ``multi_head_attention_forward``), attributes it to the innermost module of the model that made
-    it, and recomputes the scores in float32 for ``attention_rows`` random query rows plus the last
-    (never the whole ``T x T`` for the batch), with the call's scale, mask and causality. Per layer:
+    ``multi_head_attention_forward``): by default (``capture="patch"``) through wrappers put in place of
+    the two functions for that forward, or (``capture="mode"``) through a ``TorchFunctionMode``, which
+    also sees a function bound at import but routes every op of the forward through Python; attributes it to the innermost module of the model that made
+    it, and recomputes the scores in float32 for ``attention_rows`` random query rows plus the last of
+    ``attention_batch`` random sequences of the batch (never the whole ``T x T`` for the batch), with the call's scale, mask and causality. Per layer:
     ``entropy_min`` and ``entropy_median`` (over heads, of each head's mean row entropy divided by
     ``log n_i``, ``n_i`` the keys row ``i`` sees), ``max_logit``, ``pmax_p99``, ``headroom_min``.
 
@@ -145,6 +182,8 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         targets_key: str = "targets",
         attention: bool = True,
         attention_rows: int = 64,
+        attention_batch: int = 4,
+        capture: str = "patch",
         loss_dtype: torch.dtype | None = None,
         warmup: int = 0,
         logz_limit: float = 20.0,
@@ -172,6 +211,10 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self.logits_key, self.targets_key = logits_key, targets_key
         self.attention = bool(attention)
         self.attention_rows = check_int(owner, "attention_rows", attention_rows, 1)
+        self.attention_batch = check_int(owner, "attention_batch", attention_batch, 1)
+        if capture not in ("patch", "mode"):
+            raise ValueError(f"{owner}(capture={capture!r}): expected 'patch' or 'mode'")
+        self.capture = capture
         if loss_dtype is not None and not (isinstance(loss_dtype, torch.dtype) and loss_dtype.is_floating_point):
             raise ValueError(f"{owner}(loss_dtype={loss_dtype!r}): expected a floating-point torch.dtype or None")
         self.loss_dtype = loss_dtype
@@ -209,7 +252,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self._handles: list[Any] = []
         self._handles_capture: list[Any] = []
         self._softcap_handle: Any = None
-        self._capture: _Capture | None = None
+        self._capture: _Capture | _Patch | None = None
         self._stack: list[str] = []
         self._sampling = False
         self._logits: Tensor | None = None
@@ -309,7 +352,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
             mods.register_module_forward_pre_hook(self._push),
             mods.register_module_forward_hook(self._pop, always_call=True),
         ]
-        self._capture = _Capture(self)
+        self._capture = _Patch(self) if self.capture == "patch" else _Capture(self)
         self._capture.__enter__()
 
     def _stop_capture(self) -> None:
@@ -368,6 +411,11 @@ class SoftmaxSaturationMonitor(StabilityCallback):
 
     def _record(self, q: Tensor, k: Tensor, mask: Any, causal: bool, scale: Any) -> None:
         rows = sample_rows(q.shape[2], self.attention_rows, self._gen)
+        if q.shape[0] > self.attention_batch:  # a few sequences of the batch, the same for q, k and mask
+            pick = torch.randperm(q.shape[0], generator=self._gen)[: self.attention_batch].to(q.device)
+            q, k = q.index_select(0, pick), k.index_select(0, pick)
+            if isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[0] > 1:
+                mask = mask.index_select(0, pick.to(mask.device))
         stats = attention_stats(
             q, k, rows=rows, scale=scale, is_causal=causal, attn_mask=mask if isinstance(mask, Tensor) else None,
             dtype=q.dtype,

@@ -41,10 +41,12 @@ class _Probe(pl.Callback):
         attn.qkv.register_forward_hook(qkv_hook)
 
 
-def test_output_and_attention_statistics_match_direct_computation(tmp_path):
+@pytest.mark.parametrize("capture", ["patch", "mode"])
+def test_output_and_attention_statistics_match_direct_computation(tmp_path, capture):
     model, loader = tiny_gpt(3)
     probe = _Probe()
-    monitor = SoftmaxSaturationMonitor(every_n_steps=1, attention_rows=1000)  # every row: deterministic
+    # every row of every sequence: deterministic
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, attention_rows=1000, attention_batch=1000, capture=capture)
     make_trainer(tmp_path, 3, [probe, monitor]).fit(model, loader)
     s = monitor.last_stats
     expected = softmax_stats(probe.logits)
@@ -61,6 +63,8 @@ def test_output_and_attention_statistics_match_direct_computation(tmp_path):
     full = attention_stats(probe.q, probe.k)
     assert s["blocks.0.attn/entropy_min"] != pytest.approx(float(full["entropy_mean"].min()), rel=1e-3)
     assert 0.0 < s["nlm_cos_max"] <= 1.0
+    # after the fit the captured functions are the originals again
+    assert torch.nn.functional.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
 
 
 class _MHAModel(pl.LightningModule):
@@ -233,6 +237,8 @@ def test_state_round_trips(tmp_path):
         ({"remedies": {"logit_drift": ("rollback",)}}, "unknown remedy 'rollback'"),
         ({"remedies": {"spikes": ("z_loss",)}}, "unknown detection 'spikes'"),
         ({"loss_dtype": torch.int32}, "loss_dtype"),
+        ({"capture": "hooks"}, "capture='hooks'"),
+        ({"attention_batch": 0}, "attention_batch"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):
@@ -250,7 +256,7 @@ def test_attention_logit_growth_gets_qk_clip_and_the_logits_come_down(tmp_path):
     model, loader = tiny_gpt(6)
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight[:64].mul_(6.0)  # q and k rows: logits ~36x larger
-    monitor = SoftmaxSaturationMonitor(every_n_steps=1, max_logit_limit=4.0, attention_rows=1000)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, max_logit_limit=4.0, attention_rows=1000, attention_batch=1000)
     first = {}
 
     class First(pl.Callback):
