@@ -30,18 +30,19 @@ from lightning_stability.ops.saturation import (
     perpendicular_grad_,
     sample_rows,
     softcap,
+    softcapped_attention,
     softmax_stats,
     z_loss_grad,
     zero_loss_fraction,
 )
 
-SOFTMAX_REMEDIES = ("z_loss", "softcap", "perp_grad", "qk_clip", "advise")
+SOFTMAX_REMEDIES = ("z_loss", "softcap", "perp_grad", "qk_clip", "attn_softcap", "advise")
 # What each detection may get, in order; ``advise`` is an event naming the structural fix.
 DEFAULT_REMEDIES: dict[str, tuple[str, ...]] = {
     "logit_drift": ("z_loss", "softcap", "advise"),
     "softmax_collapse": ("perp_grad", "advise"),
     "attention_collapse": ("advise",),
-    "attention_logit_growth": ("qk_clip", "advise"),
+    "attention_logit_growth": ("qk_clip", "attn_softcap", "advise"),
 }
 ADVICE = {
     "logit_drift": "add z-loss to the loss (lightning_stability.z_loss) or compute the loss in float32",
@@ -50,7 +51,9 @@ ADVICE = {
         "or compute the loss in float64"
     ),
     "attention_collapse": "add qk-norm (LayerNorm/RMSNorm on q and k) or sigmaReparam to the attention",
-    "attention_logit_growth": "add qk-norm, soft-cap the attention logits, or lower the learning rate",
+    "attention_logit_growth": (
+        "add qk-norm, build the attention soft-cap into the model (as Gemma 2 does), or lower the learning rate"
+    ),
 }
 _OUT_KEYS = ("logz_mean", "logz_std", "logz_max", "max_logit", "pmax_mean")
 _HEAD_NAMES = ("lm_head", "output", "head", "classifier")
@@ -101,6 +104,43 @@ class _Patch:
             return mha(*args, **kwargs)
 
         F.scaled_dot_product_attention = sdpa_wrapper  # type: ignore[assignment]
+        F.multi_head_attention_forward = mha_wrapper  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for name, fn in self.saved.items():
+            setattr(F, name, fn)
+        self.saved = {}
+
+
+class _AttentionSoftcap:
+    """The ``attn_softcap`` remedy, in force for one batch's forward: every
+    ``torch.nn.functional.scaled_dot_product_attention`` call becomes :func:`softcapped_attention`.
+    No fused SDPA kernel soft-caps, so this runs the attention as math and materialises the logits:
+    the first call of a fit warns with what that costs at its shape. ``nn.MultiheadAttention`` reaches
+    SDPA only with ``need_weights=False``; its other path is left uncapped, with a warning."""
+
+    def __init__(self, monitor: SoftmaxSaturationMonitor) -> None:
+        self.monitor = monitor
+        self.saved: dict[str, Any] = {}
+
+    def __enter__(self) -> _AttentionSoftcap:
+        monitor, cap = self.monitor, self.monitor.attention_softcap
+        sdpa, mha = F.scaled_dot_product_attention, F.multi_head_attention_forward
+        self.saved = {"scaled_dot_product_attention": sdpa, "multi_head_attention_forward": mha}
+
+        def capped(*args: Any, **kwargs: Any) -> Any:
+            bound = dict(zip(_SDPA_PARAMS, args))
+            bound.update(kwargs)
+            monitor._softcap_cost(bound["query"], bound["key"])
+            return softcapped_attention(**bound, cap=cap)
+
+        def mha_wrapper(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("need_weights", True):
+                monitor._softcap_skipped("nn.MultiheadAttention with need_weights=True")
+            return mha(*args, **kwargs)
+
+        F.scaled_dot_product_attention = capped  # type: ignore[assignment]
         F.multi_head_attention_forward = mha_wrapper  # type: ignore[assignment]
         return self
 
@@ -165,6 +205,12 @@ class SoftmaxSaturationMonitor(StabilityCallback):
       ``eta^(1 - alpha)``, ``eta = tau / max_logit`` (Megatron's QK-clip, ``alpha = qk_clip_alpha``);
       the projections are found for separate ``q_proj``/``k_proj`` linears and fused ``qkv``/``c_attn``
       linears, or given by ``qk_projections(name, module) -> QKProjection``;
+    - ``attn_softcap``: every ``scaled_dot_product_attention`` call of the model's forwards (training,
+      validation, test, predict) soft-caps its scaled logits, ``attention_softcap * tanh(x /
+      attention_softcap)`` (Gemma 2's attention cap, 50). No fused kernel does this, so attention
+      runs as math while the remedy is on (the first call warns with the memory it costs). The
+      attention statistics stay those of the raw logits, so the detection clears only when the
+      logits themselves come down;
     - ``advise``: an event naming the structural fix the callback cannot make.
 
     Logged (rank zero, straight to the loggers, on every sampled step): ``stability/softmax/out_logz_mean``,
@@ -198,6 +244,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         z_loss_coef: float = 1e-4,
         z_loss_ramp: int = 100,
         softcap: float = 30.0,
+        attention_softcap: float = 50.0,
         qk_clip_tau: float | None = None,
         qk_clip_alpha: float = 0.5,
         qk_projections: Callable[[str, nn.Module], QKProjection | None] | None = None,
@@ -231,6 +278,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self.z_loss_coef = check_positive(owner, "z_loss_coef", z_loss_coef)
         self.z_loss_ramp = check_int(owner, "z_loss_ramp", z_loss_ramp, 0)
         self.softcap = check_positive(owner, "softcap", softcap)
+        self.attention_softcap = check_positive(owner, "attention_softcap", attention_softcap)
         self.qk_clip_tau = self.max_logit_limit if qk_clip_tau is None else check_positive(owner, "qk_clip_tau", qk_clip_tau)
         self.qk_clip_alpha = check_fraction(owner, "qk_clip_alpha", qk_clip_alpha, closed=True)
         if qk_projections is not None and not callable(qk_projections):
@@ -253,6 +301,8 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self._handles_capture: list[Any] = []
         self._softcap_handle: Any = None
         self._capture: _Capture | _Patch | None = None
+        self._attn_softcap: _AttentionSoftcap | None = None
+        self._softcap_warned: set[str] = set()  # what the attention soft-cap has warned about this fit
         self._stack: list[str] = []
         self._sampling = False
         self._logits: Tensor | None = None
@@ -301,6 +351,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self._names = {id(m): n for n, m in pl_module.named_modules() if n}
         self._modules = dict(pl_module.named_modules())
         self._head_name, self._head_module = _find_head(pl_module, self.head)
+        self._softcap_warned = set()
         self._remove_hooks()
         if self._head_module is not None:
             self._handles.append(self._head_module.register_forward_hook(self._head_hook))
@@ -310,7 +361,14 @@ class SoftmaxSaturationMonitor(StabilityCallback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
         self._stop_capture()
+        self._stop_attention_softcap()
         self._remove_hooks()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # a forward that raised leaves no patched function behind
+        self._stop_capture()
+        self._stop_attention_softcap()
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
@@ -342,8 +400,77 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self._logits, self._attn, self._nlm = None, {}, None
         self._step_now = trainer.global_step
         self._sampling = self._due(trainer.global_step)
+        self._start_attention_softcap()  # beneath the capture: the capture sees the raw q and k
         if self._sampling and self.attention:
             self._start_capture()
+
+    # the attention soft-cap applies to every forward of the model while the remedy is on
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._start_attention_softcap()
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._stop_attention_softcap()
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._start_attention_softcap()
+
+    @override
+    def on_test_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._stop_attention_softcap()
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._start_attention_softcap()
+
+    @override
+    def on_predict_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._stop_attention_softcap()
+
+    def _start_attention_softcap(self) -> None:
+        if "attn_softcap" in self._remedy_on and self._attn_softcap is None:
+            self._attn_softcap = _AttentionSoftcap(self).__enter__()
+
+    def _stop_attention_softcap(self) -> None:
+        if self._attn_softcap is not None:
+            self._attn_softcap.__exit__(None, None, None)
+            self._attn_softcap = None
+
+    def _softcap_cost(self, q: Tensor, k: Tensor) -> None:
+        if "cost" in self._softcap_warned:
+            return
+        self._softcap_warned.add("cost")
+        shape = (*q.shape[:-1], k.shape[-2])
+        mib = math.prod(shape) * 4 * 3 / 2**20  # float32 logits, capped logits, probabilities: kept for the backward
+        rank_zero_warn(
+            f"{type(self).__name__}: the attention soft-cap (attn_softcap) runs attention as math, since no fused "
+            f"scaled_dot_product_attention kernel soft-caps: about {mib:.1f} MiB of float32 logits per call at "
+            f"shape {tuple(shape)}, kept for the backward, and slower than a fused kernel. It stays on until "
+            f"{self.cooldown} healthy samples; to avoid it, build the cap into the model (FlexAttention's "
+            "score_mod with torch.compile fuses it)."
+        )
+
+    def _softcap_skipped(self, what: str) -> None:
+        if what not in self._softcap_warned:
+            self._softcap_warned.add(what)
+            rank_zero_warn(f"{type(self).__name__}: the attention soft-cap cannot reach {what}; that attention is not capped.")
 
     def _start_capture(self) -> None:
         self._stack = []
@@ -453,6 +580,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._stop_capture()
+        self._stop_attention_softcap()
         if not self._sampling:
             return
         self._sampling = False
@@ -594,6 +722,8 @@ class SoftmaxSaturationMonitor(StabilityCallback):
                     metrics["z_loss_coef"] = self.z_loss_coef
                 if action == "softcap":
                     metrics["softcap"] = self.softcap
+                if action == "attn_softcap":
+                    metrics["attention_softcap"] = self.attention_softcap
                 self._sync_softcap()
         self.emit(trainer, detection, "warning", metrics, action, target)
 

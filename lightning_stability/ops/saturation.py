@@ -238,6 +238,14 @@ def sample_rows(length: int, count: int, generator: torch.Generator) -> Tensor:
     return torch.sort(torch.cat([picked, torch.tensor([length - 1])])).values
 
 
+def _causal_visible(rows: Tensor, s: int) -> Tensor:
+    """``(R, S)``: which of ``S`` keys each query row sees under ``is_causal``. As in
+    ``scaled_dot_product_attention``, the mask is aligned top-left: row ``i`` sees keys ``j <= i``,
+    also when there are more keys than queries (a KV cache needs an explicit mask)."""
+    key = torch.arange(s, device=rows.device)
+    return key.view(1, -1) <= rows.view(-1, 1)
+
+
 @torch.no_grad()
 def attention_stats(
     q: Tensor,
@@ -252,8 +260,8 @@ def attention_stats(
     """Per-head statistics of the attention of ``q (B, H, T, D)`` on ``k (B, Hk, S, D)`` for the
     query ``rows`` (default all), recomputed in float32 without materialising ``T x S`` for every row.
 
-    ``scale`` defaults to ``1 / sqrt(D)``; ``is_causal`` masks keys after the query (aligned to the
-    end, as ``scaled_dot_product_attention`` does when ``T < S``); ``attn_mask`` is a boolean mask
+    ``scale`` defaults to ``1 / sqrt(D)``; ``is_causal`` masks keys after the query (row ``i`` sees
+    keys ``j <= i``, top-left aligned as in ``scaled_dot_product_attention``); ``attn_mask`` is a boolean mask
     (True attends) or an additive float mask broadcastable to ``(B, H, T, S)``; ``cap`` soft-caps the
     scaled logits; grouped-query ``k`` (``H`` a multiple of ``Hk``) is expanded here. ``dtype`` is the
     dtype the attention runs in, for the precision headroom.
@@ -280,8 +288,7 @@ def attention_stats(
         logits = softcap(logits, cap)
     visible = torch.ones(b, h, idx.numel(), s, dtype=torch.bool, device=q.device)
     if is_causal:
-        key = torch.arange(s, device=q.device)
-        visible = visible & (key.view(1, -1) <= (idx + (s - t)).view(-1, 1))
+        visible = visible & _causal_visible(idx, s)
     if attn_mask is not None:
         mask = attn_mask.expand(b, h, t, s)[:, :, idx]
         if mask.dtype == torch.bool:
@@ -308,6 +315,46 @@ def attention_stats(
         "pmax_p99": torch.nanquantile(pmax, 0.99, dim=1),
         "headroom_min": head.amin(dim=1),
     }
+
+
+def softcapped_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    cap: float = 50.0,
+) -> Tensor:
+    """``scaled_dot_product_attention`` with the scaled logits soft-capped, ``cap tanh(q.k scale / cap)``
+    (Gemma 2 used 50), before the mask is added: the same arguments and result layout ``(..., T, Dv)``.
+
+    No fused SDPA kernel applies a cap, so this is the math: it materialises the ``(..., T, S)`` logits
+    (and autograd keeps them for the backward), computes the softmax in float32 and returns the
+    query's dtype. ``enable_gqa`` expands grouped key/value heads (dim -3) as SDPA does.
+    """
+    if attn_mask is not None and is_causal:
+        raise ValueError("softcapped_attention: pass attn_mask or is_causal, not both (as scaled_dot_product_attention)")
+    d = query.shape[-1]
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        groups = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(groups, dim=-3), value.repeat_interleave(groups, dim=-3)
+    factor = scale if scale is not None else 1.0 / math.sqrt(d)
+    logits = softcap(torch.matmul(query.float(), key.float().transpose(-2, -1)) * factor, cap)  # (..., T, S)
+    if is_causal:
+        t = query.shape[-2]
+        logits = logits.masked_fill(~_causal_visible(torch.arange(t, device=query.device), key.shape[-2]), float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask.float()
+    p = torch.softmax(logits, dim=-1)
+    if dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    return torch.matmul(p.to(value.dtype), value)
 
 
 # -- QK-clip -------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_stability import get_event_log
 from lightning_stability.callbacks.softmax_monitor import SoftmaxSaturationMonitor
-from lightning_stability.ops.saturation import attention_stats, softmax_stats
+from lightning_stability.ops.saturation import attention_stats, softcapped_attention, softmax_stats
 from tests.conftest import MemoryLogger, make_trainer, tiny_gpt
 
 
@@ -274,6 +274,74 @@ def test_attention_logit_growth_gets_qk_clip_and_the_logits_come_down(tmp_path):
     # after the clip, one optimizer step later, the layer's largest logit is back near tau
     assert monitor.last_stats["blocks.0.attn/max_logit"] < 0.5 * first["blocks.0.attn/max_logit"]
     assert monitor.last_stats["blocks.0.attn/max_logit"] < 4.0 * 1.3
+
+
+class _AttentionIO(pl.Callback):
+    """Records, per training step, the first layer's q, k, v and what its attention returned."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, tuple] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        attn = pl_module.blocks[0].attn
+        seen = {}
+
+        def qkv_hook(m, a, out):
+            b, t, c3 = out.shape
+            h = attn.n_head
+            seen["qkv"] = [z.detach().view(b, t, h, c3 // 3 // h).transpose(1, 2).clone() for z in out.split(c3 // 3, 2)]
+
+        def proj_hook(m, args):
+            self.steps[trainer.global_step] = (*seen["qkv"], args[0].detach().clone())
+
+        attn.qkv.register_forward_hook(qkv_hook)
+        attn.proj.register_forward_pre_hook(proj_hook)
+
+
+def _attention_out(q, k, v, cap=None):
+    b, h, t, d = q.shape
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True) if cap is None else softcapped_attention(
+        q, k, v, is_causal=True, cap=cap)
+    return y.transpose(1, 2).reshape(b, t, h * d)
+
+
+def test_attention_softcap_remedy_caps_every_forward_while_on_and_leaves_nothing_behind(tmp_path):
+    original = F.scaled_dot_product_attention
+    model, loader = tiny_gpt(4)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[:64].mul_(6.0)  # q and k rows: logits ~36x larger
+    monitor = SoftmaxSaturationMonitor(
+        every_n_steps=1, max_logit_limit=4.0, remedies={"attention_logit_growth": ("attn_softcap",)},
+        attention_softcap=2.0,
+    )
+    io = _AttentionIO()
+    trainer = make_trainer(tmp_path, 4, [io, monitor])
+    with pytest.warns(UserWarning, match="runs attention as math"):
+        trainer.fit(model, loader)
+    events = [e for e in get_event_log(trainer) if e.source == "SoftmaxSaturationMonitor"]
+    on = [e for e in events if e.action == "attn_softcap"]
+    # decided at the end of the first step (the event carries the step count after it)
+    assert [(e.kind, e.step, e.target) for e in on] == [("attention_logit_growth", 1, "blocks.0.attn")]
+    assert on[0].metrics["attention_softcap"] == 2.0
+    # step 0 ran plain attention; from step 1 every forward is capped at 2, a different function here
+    q, k, v, y = io.steps[0]
+    torch.testing.assert_close(y, _attention_out(q, k, v), rtol=1e-5, atol=1e-6)
+    for step in (1, 2, 3):
+        q, k, v, y = io.steps[step]
+        torch.testing.assert_close(y, _attention_out(q, k, v, cap=2.0), rtol=1e-5, atol=1e-6)
+        assert (y - _attention_out(q, k, v)).abs().max() > 1e-2
+    # the statistics are those of the raw logits: the cap does not hide the growth from the detection
+    assert monitor.last_stats["blocks.0.attn/max_logit"] > 4.0
+    assert F.scaled_dot_product_attention is original
+    # validation (and test, predict) forwards are capped too while the remedy is on
+    monitor.on_validation_batch_start(trainer, model, None, 0)
+    assert F.scaled_dot_product_attention is not original
+    with torch.no_grad():
+        model(next(iter(loader))["input_ids"])
+    q, k, v, y = io.steps[trainer.global_step]
+    torch.testing.assert_close(y, _attention_out(q, k, v, cap=2.0), rtol=1e-5, atol=1e-6)
+    monitor.on_validation_batch_end(trainer, model, None, None, 0)
+    assert F.scaled_dot_product_attention is original
 
 
 class _HFLlama(pl.LightningModule):

@@ -20,6 +20,7 @@ from lightning_stability.ops.saturation import (
     sample_rows,
     significand_bits,
     softcap,
+    softcapped_attention,
     softmax_stats,
     stablemax,
     stablemax_cross_entropy,
@@ -197,7 +198,7 @@ def _eager_attention(q, k, scale, causal, mask=None, cap=None):
     t, n = q.shape[2], k.shape[2]
     visible = torch.ones(t, n, dtype=torch.bool)
     if causal:
-        visible = torch.tril(visible, diagonal=n - t)
+        visible = torch.tril(visible)  # top-left aligned, as scaled_dot_product_attention's is_causal
     visible = visible.expand_as(s).clone()
     if mask is not None:
         visible &= mask.expand_as(s)
@@ -309,3 +310,59 @@ def test_find_qk_projection_returns_none_for_unknown_layouts():
     assert find_qk_projection(torch.nn.Linear(4, 4)) is None
     with pytest.raises(ValueError, match="query rows"):
         QKProjection(torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), slice(0, 8), slice(0, 8), 3, 3, 2)
+
+
+@pytest.mark.parametrize("case", ["causal", "bool_mask", "float_mask", "gqa", "cross"])
+def test_softcapped_attention_with_a_far_cap_is_scaled_dot_product_attention(case):
+    b, h, t, d = 2, 4, 10, 8
+    q = torch.randn(b, h, t, d, generator=_gen(30))
+    k = torch.randn(b, h, t + (3 if case == "cross" else 0), d, generator=_gen(31))
+    v = torch.randn(b, h, k.shape[2], 6, generator=_gen(32))
+    kwargs: dict = {"scale": 0.2}
+    if case == "causal" or case == "cross":
+        kwargs["is_causal"] = True
+    elif case == "bool_mask":
+        kwargs["attn_mask"] = torch.rand(b, 1, t, t, generator=_gen(33)) > 0.4
+        kwargs["attn_mask"][..., 0] = True
+    elif case == "float_mask":
+        kwargs["attn_mask"] = torch.randn(1, h, t, t, generator=_gen(34))
+    else:
+        k, v = k[:, :2], v[:, :2]
+        kwargs["enable_gqa"] = True
+    expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert_close(softcapped_attention(q, k, v, cap=1e7, **kwargs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_softcapped_attention_caps_the_logits_and_differentiates_like_the_formula():
+    b, h, t, d = 1, 2, 7, 4
+    q = (torch.randn(b, h, t, d, generator=_gen(35)) * 6).requires_grad_()
+    k = (torch.randn(b, h, t, d, generator=_gen(36)) * 6).requires_grad_()
+    v = torch.randn(b, h, t, d, generator=_gen(37)).requires_grad_()
+    out = softcapped_attention(q, k, v, is_causal=True, cap=5.0)
+    # the formula in float64: cap tanh(q.k / sqrt(d) / cap), causal mask, softmax, @ v
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    logits = 5.0 * torch.tanh(q64 @ k64.transpose(-2, -1) / math.sqrt(d) / 5.0)
+    logits = logits.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    ref = torch.softmax(logits, -1) @ v64
+    assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    # the logits here reach far above the cap: uncapped attention is a different function
+    assert (out - F.scaled_dot_product_attention(q, k, v, is_causal=True)).abs().max() > 0.1
+    grad = torch.randn(out.shape, generator=_gen(38))
+    out.backward(grad)
+    ref.backward(grad.double())
+    for ours, theirs in ((q, q64), (k, k64), (v, v64)):
+        assert_close(ours.grad.double(), theirs.grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="attn_mask or is_causal"):
+        softcapped_attention(q, k, v, attn_mask=torch.ones(t, t, dtype=torch.bool), is_causal=True)
+
+
+def test_attention_stats_causal_mask_is_top_left_aligned_as_in_sdpa():
+    # more keys than queries: SDPA's is_causal lets row i see keys 0..i, not the last i + S - T
+    q = torch.randn(1, 2, 5, 4, generator=_gen(40)) * 3
+    k = torch.randn(1, 2, 9, 4, generator=_gen(41)) * 3
+    causal = attention_stats(q, k, is_causal=True)
+    explicit = attention_stats(q, k, attn_mask=torch.ones(5, 9, dtype=torch.bool).tril().view(1, 1, 5, 9))
+    bottom_right = attention_stats(q, k, attn_mask=torch.ones(5, 9, dtype=torch.bool).tril(4).view(1, 1, 5, 9))
+    for key in ("entropy_mean", "max_logit", "pmax_p99"):
+        assert_close(causal[key], explicit[key])
+    assert not torch.allclose(causal["entropy_mean"], bottom_right["entropy_mean"])
