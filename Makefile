@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml
 	# the CPU build of torch first, pinned: an unpinned torch pulls several GB of CUDA packages
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# litgpt, for the attention-capture tests on its models: without its dependencies, whose
+	# huggingface-hub<1.4 pin conflicts with transformers 5 (its model needs only what [dev] brings)
+	$(PY) -m pip install --quiet --no-deps litgpt==0.5.13
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -42,7 +42,9 @@ DEFAULT_REMEDIES: dict[str, tuple[str, ...]] = {
     "logit_drift": ("z_loss", "softcap", "advise"),
     "softmax_collapse": ("perp_grad", "advise"),
     "attention_collapse": ("advise",),
-    "attention_logit_growth": ("qk_clip", "attn_softcap", "advise"),
+    # attn_softcap is a rung to opt into: on examples/attention_logit_growth.py climbing to it after QK-clip
+    # ended worse than QK-clip alone (docs/softmax.md)
+    "attention_logit_growth": ("qk_clip", "advise"),
 }
 ADVICE = {
     "logit_drift": "add z-loss to the loss (lightning_stability.z_loss) or compute the loss in float32",

@@ -396,8 +396,9 @@ def _head_count(module: nn.Module, names: Sequence[str]) -> int | None:
 def find_qk_projection(module: nn.Module) -> QKProjection | None:
     """The q/k projections of an attention module, where its layout is a known one: separate
     ``q_proj``/``k_proj`` linears (Hugging Face Llama, Mistral, Qwen, ...; heads from the module or its
-    ``config``), or one fused ``qkv``/``c_attn``/``Wqkv`` linear whose output is ``[q | k | v]`` of
-    equal widths (nanoGPT-style, the demo's ``TinyGPT``; heads from ``n_head``/``num_heads``).
+    ``config``), or one fused ``qkv``/``c_attn``/``Wqkv`` linear whose output is ``[q | k | v]``
+    (nanoGPT-style, the demo's ``TinyGPT``; litgpt, whose key/value part has ``n_query_groups`` heads of
+    ``head_size``; heads from the module or its ``config``).
     ``None`` otherwise (pass your own :class:`QKProjection`)."""
     q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
     if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
@@ -409,12 +410,18 @@ def find_qk_projection(module: nn.Module) -> QKProjection | None:
                             k.out_features // head_dim, head_dim)
     for name in ("qkv", "c_attn", "Wqkv"):
         fused = getattr(module, name, None)
-        if isinstance(fused, nn.Linear) and fused.out_features % 3 == 0:
-            n_head = _head_count(module, ("n_head", "num_heads", "n_heads", "num_attention_heads"))
-            d = fused.out_features // 3
-            if not n_head or d % n_head:
-                return None
-            return QKProjection(fused, fused, slice(0, d), slice(d, 2 * d), n_head, n_head, d // n_head)
+        if not isinstance(fused, nn.Linear):
+            continue
+        n_head = _head_count(module, ("n_head", "num_heads", "n_heads", "num_attention_heads"))
+        if not n_head:
+            return None
+        # grouped key heads where the module or its config says so (litgpt: n_query_groups, head_size)
+        n_kv = _head_count(module, ("n_query_groups", "num_key_value_heads", "n_kv_heads", "n_kv_head")) or n_head
+        head_dim = _head_count(module, ("head_size", "head_dim")) or fused.out_features // (n_head + 2 * n_kv)
+        q_width, k_width = n_head * head_dim, n_kv * head_dim
+        if n_head % n_kv or fused.out_features != q_width + 2 * k_width:
+            return None
+        return QKProjection(fused, fused, slice(0, q_width), slice(q_width, q_width + k_width), n_head, n_kv, head_dim)
     return None
 
 

@@ -446,3 +446,72 @@ def test_resume_continues_exactly(tmp_path):
     assert straight.state_dict() == resumed.state_dict()
     assert straight.last_stats == resumed.last_stats
     assert straight_events == resumed_events
+
+
+class _LitGPT(pl.LightningModule):
+    """A tiny random-init litgpt GPT (RoPE, grouped-query attention, fused qkv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        litgpt_config = pytest.importorskip("litgpt.config")
+        litgpt_model = pytest.importorskip("litgpt.model")
+        torch.manual_seed(0)
+        config = litgpt_config.Config(
+            block_size=32, vocab_size=40, padded_vocab_size=40, n_layer=2, n_head=4, n_query_groups=2, n_embd=32,
+            bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=64,
+        )
+        self.gpt = litgpt_model.GPT(config)
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        logits = self.gpt(x)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)  # the weights stay put: compare afterwards
+
+
+def test_litgpt_attention_is_captured_after_rope_and_qk_clip_finds_its_grouped_fused_qkv(tmp_path):
+    from lightning_stability.ops.saturation import apply_qk_clip, find_qk_projection
+
+    model = _LitGPT()
+    data = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(2))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=2)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, attention_rows=1000)
+    make_trainer(tmp_path, 1, [monitor]).fit(model, loader)
+    s = monitor.last_stats
+    # the reference: q and k as litgpt hands them to its attention (after RoPE, keys expanded per query head)
+    seen = {}
+    attn = model.gpt.transformer.h[0].attn
+    original = attn.scaled_dot_product_attention
+
+    def spy(q, k, v, mask=None):
+        seen["q"], seen["k"] = q.detach().clone(), k.detach().clone()
+        return original(q, k, v, mask)
+
+    attn.scaled_dot_product_attention = spy
+    with torch.no_grad():
+        model.gpt(data)
+    ref = attention_stats(seen["q"], seen["k"], is_causal=True)
+    layer = "gpt.transformer.h.0.attn"
+    assert s[f"{layer}/entropy_min"] == pytest.approx(float(ref["entropy_mean"].min()), rel=1e-5)
+    assert s[f"{layer}/max_logit"] == pytest.approx(float(ref["max_logit"].max()), rel=1e-5)
+    # a reading before RoPE (straight from the qkv projection) would be another number
+    b, t = data.shape
+    q_raw, k_raw, _ = attn.qkv(model.gpt.transformer.h[0].norm_1(model.gpt.transformer.wte(data))).detach().split(
+        (32, 16, 16), dim=-1)
+    q_raw = q_raw.view(b, t, 4, 8).transpose(1, 2)
+    k_raw = k_raw.view(b, t, 2, 8).transpose(1, 2)
+    before_rope = attention_stats(q_raw, k_raw, is_causal=True)
+    assert s[f"{layer}/max_logit"] != pytest.approx(float(before_rope["max_logit"].max()), rel=1e-3)
+    # QK-clip finds the fused [q | k | v] with two key groups, and scaling by it scales every head's logits
+    proj = find_qk_projection(attn)
+    assert proj is not None and (proj.n_head, proj.n_kv_head, proj.head_dim) == (4, 2, 8)
+    assert (proj.q_rows, proj.k_rows) == (slice(0, 32), slice(32, 48))
+    head_max = ref["max_logit"]
+    tau = float(head_max.min()) * 0.5  # every head above tau: each comes down to tau
+    apply_qk_clip(proj, head_max, tau=tau)
+    with torch.no_grad():
+        model.gpt(data)
+    after = attention_stats(seen["q"], seen["k"], is_causal=True)
+    torch.testing.assert_close(after["max_logit"], torch.full_like(after["max_logit"], tau), rtol=1e-4, atol=1e-5)
