@@ -135,6 +135,9 @@ class _AttentionSoftcap:
             bound = dict(zip(_SDPA_PARAMS, args))
             bound.update(kwargs)
             monitor._softcap_cost(bound["query"], bound["key"])
+            if isinstance(monitor._capture, _Capture):
+                # a TorchFunctionMode does not see this Python function: record the call here
+                monitor._attention_call(args, kwargs)
             return softcapped_attention(**bound, cap=cap)
 
         def mha_wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -304,7 +304,7 @@ def attention_stats(
     has_choice = n > 1
     norm = torch.where(has_choice, ent / torch.log(n.clamp_min(2).float()), torch.full_like(ent, math.nan))
     per_head = norm.transpose(0, 1).reshape(h, -1)  # (H, B * R)
-    seen = logits.masked_fill(~visible, float("-inf")).amax(dim=-1)  # (B, H, R)
+    seen = logits.amax(dim=-1)  # (B, H, R); hidden keys are -inf already
     pmax = torch.where(has_choice, p.amax(dim=-1), torch.full_like(ent, math.nan)).transpose(0, 1).reshape(h, -1)
     head = collapse_headroom(logits, dtype or q.dtype).reshape(b, h, -1).transpose(0, 1).reshape(h, -1)
     head = torch.where(has_choice.transpose(0, 1).reshape(h, -1), head, torch.full_like(head, math.inf))

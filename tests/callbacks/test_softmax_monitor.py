@@ -305,14 +305,15 @@ def _attention_out(q, k, v, cap=None):
     return y.transpose(1, 2).reshape(b, t, h * d)
 
 
-def test_attention_softcap_remedy_caps_every_forward_while_on_and_leaves_nothing_behind(tmp_path):
+@pytest.mark.parametrize("capture", ["patch", "mode"])
+def test_attention_softcap_remedy_caps_every_forward_while_on_and_leaves_nothing_behind(tmp_path, capture):
     original = F.scaled_dot_product_attention
     model, loader = tiny_gpt(4)
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight[:64].mul_(6.0)  # q and k rows: logits ~36x larger
     monitor = SoftmaxSaturationMonitor(
         every_n_steps=1, max_logit_limit=4.0, remedies={"attention_logit_growth": ("attn_softcap",)},
-        attention_softcap=2.0,
+        attention_softcap=2.0, capture=capture,
     )
     io = _AttentionIO()
     trainer = make_trainer(tmp_path, 4, [io, monitor])
@@ -330,7 +331,9 @@ def test_attention_softcap_remedy_caps_every_forward_while_on_and_leaves_nothing
         q, k, v, y = io.steps[step]
         torch.testing.assert_close(y, _attention_out(q, k, v, cap=2.0), rtol=1e-5, atol=1e-6)
         assert (y - _attention_out(q, k, v)).abs().max() > 1e-2
-    # the statistics are those of the raw logits: the cap does not hide the growth from the detection
+    # the statistics are those of the raw logits, measured on every capped step too: the cap does not
+    # hide the growth from the detection
+    assert monitor._samples == 4
     assert monitor.last_stats["blocks.0.attn/max_logit"] > 4.0
     assert F.scaled_dot_product_attention is original
     # validation (and test, predict) forwards are capped too while the remedy is on
