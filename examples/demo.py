@@ -2,12 +2,13 @@
 
     python examples/demo.py                 # about 15 seconds on a laptop CPU
     python examples/demo.py --no-faults     # a clean run: nothing to detect, nothing to undo
-    tensorboard --logdir runs/demo          # the curves
+    tensorboard --logdir runs/demo          # the curves; the Custom Scalars tab has the stability panels
 
 Three callbacks watch the run: ``GradientSpikeGuard`` repairs or skips bad steps, ``SpectralMonitor``
 tracks the singular spectrum of every weight (and would cap or smooth a layer whose top singular value
 runs away), ``InMemoryRollback`` keeps snapshots in memory and goes back to the last good one when the
-state itself is corrupted.
+state itself is corrupted. ``StabilityPanels`` lays their metrics out as TensorBoard panels and writes
+the event timeline to TensorBoard's Text tab.
 The run writes TensorBoard logs, ``stability_events.jsonl`` (the event log) and, after a rollback,
 ``quarantine.json`` (the batches that were not replayed) under ``runs/demo``.
 """
@@ -21,7 +22,13 @@ import warnings
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_stability import GradientSpikeGuard, InMemoryRollback, SpectralMonitor, get_event_log
+from lightning_stability import (
+    GradientSpikeGuard,
+    InMemoryRollback,
+    SpectralMonitor,
+    StabilityPanels,
+    get_event_log,
+)
 from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
 
 # The faults the demo injects, by optimizer step: what a bad node, a bad batch or a bad kernel does.
@@ -56,7 +63,8 @@ def main() -> None:
     trainer = pl.Trainer(
         max_steps=args.steps,
         logger=TensorBoardLogger(args.logdir, name="demo"),
-        callbacks=[FaultInjector(faults), guard, spectral, rollback],  # the injector first, so the others see its faults
+        # the injector first, so the others see its faults; the panels last
+        callbacks=[FaultInjector(faults), guard, spectral, rollback, StabilityPanels()],
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -9,6 +9,7 @@ from lightning_stability.callbacks import (
     InMemoryRollback,
     SoftmaxSaturationMonitor,
     SpectralMonitor,
+    StabilityPanels,
     TrainingHalted,
     read_quarantine,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "SpectralMonitor",
     "SpectralUpdateClip",
     "StabilityEvent",
+    "StabilityPanels",
     "TrainingHalted",
     "__version__",
     "analyze_model",

@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters from Lightning hooks to the math in ``lightning_stability.ops``."""
 
 from lightning_stability.callbacks._base import TrainingHalted
+from lightning_stability.callbacks.panels import StabilityPanels
 from lightning_stability.callbacks.rollback import InMemoryRollback, read_quarantine
 from lightning_stability.callbacks.softmax_monitor import SoftmaxSaturationMonitor
 from lightning_stability.callbacks.spectral_monitor import SpectralMonitor
@@ -11,6 +12,7 @@ __all__ = [
     "InMemoryRollback",
     "SoftmaxSaturationMonitor",
     "SpectralMonitor",
+    "StabilityPanels",
     "TrainingHalted",
     "read_quarantine",
 ]

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_stability import GradientSpikeGuard, SoftmaxSaturationMonitor, StabilityPanels, get_event_log
+from lightning_stability.callbacks.panels import TIMELINE_TAG, stability_layout
+from lightning_stability.demos import FaultInjector
+from tests.conftest import make_trainer, tiny_gpt
+
+
+def _read(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    acc = EventAccumulator(log_dir, size_guidance={"tensors": 0, "scalars": 0})
+    acc.Reload()
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    texts = [t.tensor_proto.string_val[0].decode() for t in acc.Tensors(f"{TIMELINE_TAG}/text_summary")]
+    return layout, set(acc.Tags()["scalars"]), texts
+
+
+def test_panels_lay_out_the_attached_monitors_metrics_and_write_the_timeline(tmp_path):
+    model, loader = tiny_gpt(12)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    panels = StabilityPanels()
+    trainer = make_trainer(
+        tmp_path, 12,
+        [FaultInjector({6: ("grad_nan", None)}), GradientSpikeGuard(), SoftmaxSaturationMonitor(every_n_steps=2), panels],
+        logger=logger, log_every_n_steps=1,
+    )
+    trainer.fit(model, loader)
+    layout, scalars, texts = _read(logger.log_dir)
+    # one category per attached monitor, and Interventions; no Spectra or Rollback panels
+    assert [c.title for c in layout.category] == ["Spikes", "Softmax", "Interventions"]
+    charts = {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+    assert charts == {title: spec[1] for cat in stability_layout(["GradientSpikeGuard", "SoftmaxSaturationMonitor"]).values()
+                      for title, spec in cat.items()}
+
+    def shown(title):
+        return {tag for tag in scalars if any(re.match(p, tag) for p in charts[title])}
+
+    # the charts select the tags the monitors really logged, and only those
+    assert shown("gradient norm") == {"stability/grad/norm"}
+    assert shown("attention max logit, per layer") == {"stability/attention/blocks.0.attn/max_logit"}
+    assert shown("output log Z") == {"stability/softmax/out_logz_mean", "stability/softmax/out_logz_std",
+                                     "stability/softmax/out_logz_max"}
+    events = list(get_event_log(trainer))
+    assert any(e.kind == "nonfinite" and e.step == 6 for e in events)
+    assert shown("events by kind (cumulative)") >= {"stability/events/nonfinite"}
+    # the timeline holds every event once, with its step, kind and action
+    timeline = "\n".join(texts)
+    rows = [line for line in timeline.splitlines() if line.startswith("| ") and not line.startswith("| step")]
+    assert len(rows) == len(events)
+    for e in events:
+        assert f"| {e.step} | {e.source} | {e.kind} | {e.severity} | {e.action or '-'} |" in timeline
+    # the progress bar counts
+    bar = trainer.progress_bar_metrics
+    assert bar["spikes"] == sum(1 for e in events if e.source == "GradientSpikeGuard" and e.severity != "info") >= 1
+    assert bar["interventions"] == sum(1 for e in events if e.action) >= 1
+
+
+def test_without_a_tensorboard_logger_it_warns_once_and_the_fit_completes(tmp_path):
+    model, loader = tiny_gpt(4)
+    trainer = make_trainer(tmp_path, 4, [GradientSpikeGuard(), StabilityPanels()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader)
+    assert [str(w.message) for w in caught if "StabilityPanels" in str(w.message)] == [
+        "StabilityPanels: no TensorBoardLogger among the trainer's loggers, so no panels are written; "
+        "pass logger=TensorBoardLogger(save_dir) to the Trainer."
+    ]
+    assert trainer.global_step == 4
+    assert "interventions" in trainer.progress_bar_metrics
+
+
+def test_layout_has_only_interventions_without_monitors():
+    assert list(stability_layout([])) == ["Interventions"]
+    with pytest.raises(KeyError):
+        stability_layout(["SpectralMonitor"])["Softmax"]
+    assert set(stability_layout(["SpectralMonitor", "InMemoryRollback"])) == {"Spectra", "Rollback", "Interventions"}
