@@ -16,11 +16,13 @@ from lightning_stability.callbacks import (
 from lightning_stability.events import EventLog, StabilityEvent, get_event_log, read_events
 from lightning_stability.ops.saturation import stablemax_cross_entropy, z_loss
 from lightning_stability.ops.spectral import SpectralUpdateClip, analyze_model
+from lightning_stability.plugins import FP8Precision
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EventLog",
+    "FP8Precision",
     "GradientSpikeGuard",
     "InMemoryRollback",
     "SoftmaxSaturationMonitor",

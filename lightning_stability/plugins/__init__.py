@@ -1,1 +1,5 @@
-"""Precision plugins (FP8, low-bit optimizers) and the flag resolver."""
+"""Precision plugins: FP8 (emulated everywhere; Transformer Engine on Hopper to come)."""
+
+from lightning_stability.plugins.fp8 import EmulatedFP8Linear, FP8Precision
+
+__all__ = ["EmulatedFP8Linear", "FP8Precision"]

@@ -1,0 +1,399 @@
+"""``FP8Precision``: FP8 training with per-layer health metrics and per-layer fallback to bf16."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from collections.abc import Callable, Generator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_stability.events import get_event_log
+from lightning_stability.ops.fp8 import (
+    E4M3,
+    E5M2,
+    FP8Format,
+    amax_from_history,
+    current_scale,
+    delayed_scale,
+    fp8_health,
+    fp8_linear,
+    roll_history,
+)
+
+BACKENDS = ("auto", "te", "emulated")
+RECIPES = ("delayed", "current")
+FORMATS = {"hybrid": (E4M3, E5M2), "e4m3": (E4M3, E4M3)}
+ROLES = ("input", "weight", "grad")
+HEAD_NAMES = ("lm_head", "output", "head", "classifier")
+_HEALTH_KEYS = ("amax", "scale", "headroom", "overflow_frac", "underflow_frac", "snr_db")
+
+
+def fp8_shape_reason(linear: nn.Linear) -> str | None:
+    """Why an FP8 GEMM cannot run this layer, or ``None``: Transformer Engine needs ``in_features``
+    divisible by 16 and ``out_features`` by 8."""
+    if linear.in_features % 16:
+        return f"in_features={linear.in_features} is not divisible by 16"
+    if linear.out_features % 8:
+        return f"out_features={linear.out_features} is not divisible by 8"
+    return None
+
+
+class EmulatedFP8Linear(nn.Linear):
+    """An ``nn.Linear`` whose matmul runs through the FP8 emulator (:func:`fp8_linear`) on the same
+    parameters (float32 master weights), with Transformer Engine's scaling: per role (input, weight,
+    output gradient) an amax history and a scale. Delayed scaling uses the scale computed from the
+    history before this call, then records this call's amax; current scaling uses the tensor's own.
+
+    ``fallback`` runs the layer as a plain linear (bf16 under the plugin's autocast) instead."""
+
+    amax_history: Tensor  # (history, role): role 0 input, 1 weight, 2 output gradient
+    scale: Tensor  # (role,)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recipe: str = "delayed",
+                 formats: tuple[FP8Format, FP8Format] = (E4M3, E5M2), margin: int = 0, amax_history_len: int = 1024,
+                 amax_compute_algo: str = "max", device: Any = None, dtype: Any = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.recipe, self.formats, self.margin, self.amax_compute_algo = recipe, formats, margin, amax_compute_algo
+        self.register_buffer("amax_history", torch.zeros(amax_history_len, 3, device=device))  # (L, role)
+        self.register_buffer("scale", torch.ones(3, device=device))
+        self.fallback = False
+        self.health_due = False
+        self.health: dict[str, dict[str, Tensor]] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> EmulatedFP8Linear:
+        """A converted copy sharing ``linear``'s parameters (the optimizer keeps seeing the same tensors)."""
+        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device, **kwargs)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        return new
+
+    def reset_scaling(self) -> None:
+        self.amax_history.zero_()
+        self.scale.fill_(1.0)
+
+    def _scale(self, role: int, x: Tensor) -> Tensor:
+        fmt = self.formats[1] if role == 2 else self.formats[0]
+        if self.recipe == "current":
+            s = current_scale(x, fmt, self.margin)
+            self.scale[role] = s
+        else:
+            s = self.scale[role].clone()  # the scale this call uses; the history update comes after
+            amax = x.detach().abs().amax().float()
+            self.amax_history[:, role] = roll_history(self.amax_history[:, role].clone(), amax)
+            self.scale[role] = delayed_scale(
+                amax_from_history(self.amax_history[:, role], self.amax_compute_algo),  # type: ignore[arg-type]
+                self.scale[role], fmt, self.margin,
+            )
+        if self.health_due and self.training:
+            self.health[ROLES[role]] = fp8_health(x, s, fmt)
+        return s
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fallback:
+            return F.linear(x, self.weight, self.bias)
+        tokens = x.numel() // max(1, x.shape[-1])
+        if tokens % 8:
+            raise ValueError(
+                f"FP8 GEMMs need the number of tokens (all dimensions but the last) divisible by 8; this batch "
+                f"has {tokens} for input shape {tuple(x.shape)}. Pad the batch or sequence, or keep this layer in "
+                "high precision (FP8Precision(keep=[...]))."
+            )
+        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            xs = self._scale(0, x)
+            ws = self._scale(1, self.weight)
+            g_scale = self.scale[2:3].clone().reshape(())
+            y = fp8_linear(x, self.weight, self.bias, xs, ws, g_scale, *self.formats)
+        if y.requires_grad:
+            y.register_hook(lambda grad: self._grad_hook(grad, g_scale))
+        return y.to(out_dtype)
+
+    def _grad_hook(self, grad: Tensor, g_scale: Tensor) -> None:
+        # runs before the emulator's backward reads g_scale: set it to the scale this backward uses
+        g_scale.copy_(self._scale(2, grad))
+
+
+class FP8Precision(Precision):
+    r"""FP8 training: the linear layers that can run in FP8 do, the rest under bf16 autocast, with
+    float32 master weights.
+
+    ``backend="auto"`` picks Transformer Engine when it imports and the GPU is SM 8.9 or newer, else the
+    emulator (:class:`EmulatedFP8Linear`), and says which at fit start; ``"emulated"`` always emulates;
+    ``"te"`` is not available yet (a clear error). The emulator reproduces FP8's rounding and
+    saturation exactly (formats ``"hybrid"``: E4M3 forward, E5M2 gradients; ``"e4m3"``; or any
+    ``formats=(FP8Format.custom(e, m), ...)`` to sweep precision) and Transformer Engine's delayed
+    scaling (``amax_history_len``, ``amax_compute_algo``, ``margin``) or current scaling.
+
+    **Which layers.** Every ``nn.Linear`` whose shape an FP8 GEMM accepts (``in_features % 16 == 0``,
+    ``out_features % 8 == 0``), except the first and the last linear layer (``keep_first_last``), the
+    output head (``lm_head``, ``output``, ``head``, ``classifier``) and names matching ``keep`` (fnmatch
+    patterns). ``converted_layers`` lists the converted names, ``skipped_layers`` maps the others to the
+    reason.
+
+    **Health** (every ``health_every_n_steps`` steps, every step while a layer is unhealthy), per
+    converted layer and role (``input``, ``weight``, ``grad``): ``stability/fp8/<layer>/<role>/amax``,
+    ``scale``, ``headroom`` (bits: ``log2(fp8_max / (amax scale))``), ``overflow_frac`` (counted before
+    the saturating cast), ``underflow_frac``, ``snr_db``; per layer the worst role's
+    ``stability/fp8/<layer>/overflow_frac`` and ``underflow_frac``; ``stability/fp8/fallback_layers``.
+
+    **Fallback.** A layer whose overflow fraction exceeds ``overflow_limit`` or whose underflow fraction
+    exceeds ``underflow_limit`` in ``patience`` consecutive samples, whose amax is not finite, or that an
+    event of another stability callback names as its target, runs in bf16 on the same parameters for
+    ``cooldown`` steps with its amax history reset, then FP8 is tried again. Every switch is an event
+    (``fp8_fallback``, ``fp8_retry``); the state is checkpointed (``state_dict``).
+    """
+
+    precision = "fp8"  # type: ignore[assignment]  # Lightning's literal lists only its own strings
+
+    def __init__(
+        self,
+        backend: str = "auto",
+        recipe: str = "delayed",
+        fp8_format: str = "hybrid",
+        formats: tuple[FP8Format, FP8Format] | None = None,
+        margin: int = 0,
+        amax_history_len: int = 1024,
+        amax_compute_algo: str = "max",
+        keep: Sequence[str] = (),
+        keep_first_last: bool = True,
+        health_every_n_steps: int = 50,
+        overflow_limit: float = 0.01,
+        underflow_limit: float = 0.5,
+        patience: int = 3,
+        cooldown: int = 200,
+        autocast_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        owner = type(self).__name__
+        if backend not in BACKENDS:
+            raise ValueError(f"{owner}(backend={backend!r}): expected one of {list(BACKENDS)}")
+        if recipe not in RECIPES:
+            raise ValueError(f"{owner}(recipe={recipe!r}): expected one of {list(RECIPES)}")
+        if fp8_format not in FORMATS:
+            raise ValueError(f"{owner}(fp8_format={fp8_format!r}): expected one of {list(FORMATS)}")
+        if amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(f"{owner}(amax_compute_algo={amax_compute_algo!r}): expected 'max' or 'most_recent'")
+        for name, value, low in (("amax_history_len", amax_history_len, 1), ("health_every_n_steps", health_every_n_steps, 1),
+                                 ("patience", patience, 1), ("cooldown", cooldown, 1), ("margin", margin, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{owner}({name}={value!r}): expected an int >= {low}")
+        for name, fraction in (("overflow_limit", overflow_limit), ("underflow_limit", underflow_limit)):
+            if not (isinstance(fraction, (int, float)) and 0.0 <= fraction <= 1.0):
+                raise ValueError(f"{owner}({name}={fraction!r}): expected a fraction in [0, 1]")
+        if isinstance(keep, str):
+            raise TypeError(f"{owner}(keep={keep!r}): expected a sequence of fnmatch patterns, not a str")
+        if backend == "te":
+            raise ValueError(
+                f"{owner}(backend='te'): the Transformer Engine backend is not available in this release. Use "
+                "FP8Precision(backend='emulated') to study FP8 numerics on any device."
+            )
+        self.backend = "emulated"
+        self.requested_backend = backend
+        self.recipe, self.margin = recipe, margin
+        self.formats = formats if formats is not None else FORMATS[fp8_format]
+        self.amax_history_len, self.amax_compute_algo = amax_history_len, amax_compute_algo
+        self.keep, self.keep_first_last = tuple(keep), keep_first_last
+        self.health_every_n_steps = health_every_n_steps
+        self.overflow_limit, self.underflow_limit = float(overflow_limit), float(underflow_limit)
+        self.patience, self.cooldown = patience, cooldown
+        self.autocast_dtype = autocast_dtype
+        self.converted_layers: list[str] = []
+        self.skipped_layers: dict[str, str] = {}
+        self.last_health: dict[str, float] = {}
+        self._layers: dict[str, EmulatedFP8Linear] = {}
+        self._state: dict[str, dict[str, int]] = {}  # layer -> {"bad": samples in a row, "until": step or -1}
+        self._flagged: set[str] = set()  # layers named by other callbacks' events since the last step
+        self._unsubscribe: Callable[[], None] | None = None
+        self._announced = False
+
+    # -- conversion --------------------------------------------------------------------------------
+    @override
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        ends = {linears[0][0], linears[-1][0]} if linears and self.keep_first_last else set()
+        self.converted_layers, self.skipped_layers, self._layers = [], {}, {}
+        for name, linear in linears:
+            reason = self._skip_reason(name, linear, ends)
+            if reason is not None:
+                self.skipped_layers[name] = reason
+                continue
+            if not isinstance(linear, EmulatedFP8Linear):
+                linear = EmulatedFP8Linear.from_linear(
+                    linear, recipe=self.recipe, formats=self.formats, margin=self.margin,
+                    amax_history_len=self.amax_history_len, amax_compute_algo=self.amax_compute_algo,
+                )
+                parent_name, _, child = name.rpartition(".")
+                setattr(module.get_submodule(parent_name) if parent_name else module, child, linear)
+            self._layers[name] = linear
+            self.converted_layers.append(name)
+            self._state.setdefault(name, {"bad": 0, "until": -1})
+        return module
+
+    def _skip_reason(self, name: str, linear: nn.Linear, ends: set[str]) -> str | None:
+        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+            return "output head (kept in high precision)"
+        if name in ends:
+            return "first or last linear layer (keep_first_last=True)"
+        for pattern in self.keep:
+            if fnmatch.fnmatchcase(name, pattern):
+                return f"matches keep pattern {pattern!r}"
+        return fp8_shape_reason(linear)
+
+    # -- the forward -------------------------------------------------------------------------------
+    @override
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        device = next((layer.weight.device.type for layer in self._layers.values()), "cpu")
+        return torch.autocast(device, dtype=self.autocast_dtype)
+
+    @override
+    @contextlib.contextmanager
+    def train_step_context(self) -> Generator[None, None, None]:
+        with self.forward_context():
+            yield
+
+    # -- the step: health, decisions ---------------------------------------------------------------
+    def _due(self, step: int) -> bool:
+        return step % self.health_every_n_steps == 0 or any(s["bad"] > 0 for s in self._state.values())
+
+    @override
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Any, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        trainer = model.trainer
+        step = trainer.global_step
+        self._start(trainer)
+        due = self._due(step)
+        for layer in self._layers.values():
+            layer.health_due, layer.health = due, {}
+        out = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        for layer in self._layers.values():
+            layer.health_due = False
+        self._step(trainer, step, due)
+        return out
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        if self._unsubscribe is None:
+            self._unsubscribe = get_event_log(trainer).subscribe(self._on_event)
+        if not self._announced:
+            self._announced = True
+            rank_zero_info(
+                f"FP8Precision: backend {self.backend!r} (requested {self.requested_backend!r}); "
+                f"{len(self.converted_layers)} layers in FP8, {len(self.skipped_layers)} kept in high precision."
+            )
+
+    def _on_event(self, event: Any) -> None:
+        if event.target in self._layers and event.source != "FP8Precision" and event.severity != "info":
+            self._flagged.add(event.target)
+
+    def _step(self, trainer: pl.Trainer, step: int, due: bool) -> None:
+        values: dict[str, Tensor] = {}
+        if due:
+            for name, layer in self._layers.items():
+                for role, health in layer.health.items():
+                    for key in _HEALTH_KEYS:
+                        values[f"{name}/{role}/{key}"] = health[key]
+        stats = _gather(trainer, values)
+        flagged = _gather_flags(trainer, sorted(self._layers), self._flagged)
+        self._flagged = set()
+        self.last_health = stats
+        metrics: dict[str, float] = {}
+        for name, layer in self._layers.items():
+            state = self._state[name]
+            if layer.fallback:
+                if step >= state["until"]:
+                    layer.fallback = False
+                    layer.reset_scaling()
+                    state["bad"], state["until"] = 0, -1
+                    self._emit(trainer, "fp8_retry", "info", {"cooldown": float(self.cooldown)}, "fp8", name)
+                continue
+            over = max((stats.get(f"{name}/{r}/overflow_frac", 0.0) for r in ROLES), default=0.0)
+            under = max((stats.get(f"{name}/{r}/underflow_frac", 0.0) for r in ROLES), default=0.0)
+            amaxes = [stats[f"{name}/{r}/amax"] for r in ROLES if f"{name}/{r}/amax" in stats]
+            if due:
+                metrics[f"stability/fp8/{name}/overflow_frac"] = over
+                metrics[f"stability/fp8/{name}/underflow_frac"] = under
+            nonfinite = any(not math.isfinite(a) for a in amaxes)
+            if due and (over > self.overflow_limit or under > self.underflow_limit):
+                state["bad"] += 1
+            elif due:
+                state["bad"] = 0
+            reason = ("nonfinite_amax" if nonfinite else "event" if name in flagged
+                      else "health" if state["bad"] >= self.patience else None)
+            if reason is not None:
+                layer.fallback = True
+                layer.reset_scaling()
+                state["bad"], state["until"] = 0, step + self.cooldown
+                self._emit(trainer, "fp8_fallback", "warning",
+                           {"overflow_frac": over, "underflow_frac": under, "until_step": float(state["until"])},
+                           f"bf16:{reason}", name)
+        if due:
+            metrics.update({f"stability/fp8/{k}": v for k, v in stats.items()})
+            metrics["stability/fp8/fallback_layers"] = float(sum(layer.fallback for layer in self._layers.values()))
+            from lightning_stability.callbacks._base import log_to_loggers
+
+            log_to_loggers(trainer, metrics)
+
+    def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str,
+              target: str) -> None:
+        get_event_log(trainer).emit(trainer.global_step, kind, "FP8Precision", severity, metrics, action, target)
+
+    @property
+    def fallback_layers(self) -> list[str]:
+        """The converted layers running in bf16 now."""
+        return [name for name, layer in self._layers.items() if layer.fallback]
+
+    # -- state ---------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "layers": {name: dict(state) for name, state in self._state.items()},
+            "fallback": sorted(self.fallback_layers),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state = {str(k): {"bad": int(v.get("bad", 0)), "until": int(v.get("until", -1))}
+                       for k, v in dict(state_dict.get("layers", {})).items()}
+        fallback = set(state_dict.get("fallback", ()))
+        for name, layer in self._layers.items():
+            layer.fallback = name in fallback
+            self._state.setdefault(name, {"bad": 0, "until": -1})
+
+    @override
+    def teardown(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+
+def _gather(trainer: pl.Trainer, values: dict[str, Tensor]) -> dict[str, float]:
+    """On the host, the same on every rank: one all-gather under DDP, the worst rank's value (the
+    largest amax, overflow and underflow; the smallest headroom, scale and SNR)."""
+    keys = sorted(values)
+    if not keys:
+        return {}
+    vec = torch.stack([values[k].float().reshape(()) for k in keys])
+    if trainer.world_size > 1:
+        gathered = trainer.strategy.all_gather(vec)  # (world, n)
+        low = torch.tensor([k.rsplit("/", 1)[-1] in ("headroom", "scale", "snr_db") for k in keys], device=vec.device)
+        vec = torch.where(low, gathered.amin(0), gathered.amax(0))
+    return dict(zip(keys, vec.cpu().tolist()))
+
+
+def _gather_flags(trainer: pl.Trainer, names: list[str], flagged: set[str]) -> set[str]:
+    """The layers any rank's events named (every rank falls back alike)."""
+    if trainer.world_size == 1 or not names:
+        return set(flagged)
+    local = torch.tensor([float(n in flagged) for n in names], device=trainer.strategy.root_device)
+    total = trainer.strategy.reduce(local, reduce_op="sum")
+    return {n for n, v in zip(names, total.tolist()) if v > 0}
