@@ -36,6 +36,12 @@ _CHARTS: dict[str, list[tuple[str, str, list[str]]]] = {
         ("Softmax", "attention entropy (min), per layer", [r"stability/attention/.*/entropy_min$"]),
         ("Softmax", "attention max logit, per layer", [r"stability/attention/.*/max_logit$"]),
     ],
+    "FP8Precision": [
+        ("Precision", "FP8 overflow fraction, per layer", [r"stability/fp8/[^/]+/overflow_frac$"]),
+        ("Precision", "FP8 underflow fraction, per layer", [r"stability/fp8/[^/]+/underflow_frac$"]),
+        ("Precision", "FP8 headroom (bits), per layer and role", [r"stability/fp8/.*/headroom$"]),
+        ("Precision", "layers fallen back to bf16", [r"stability/fp8/fallback_layers$"]),
+    ],
     "InMemoryRollback": [
         ("Rollback", "rollbacks and lost steps", [r"stability/rollback/count$", r"stability/rollback/lost_steps$"]),
         ("Rollback", "Training Overhead Ratio", [r"stability/rollback/tor$"]),
@@ -81,6 +87,8 @@ class StabilityPanels(Callback):
                    chart (``SpectralMonitor``)
     Softmax        output log Z, collapse headroom and fractions, attention entropy and max logit per
                    layer (``SoftmaxSaturationMonitor``)
+    Precision      FP8 overflow and underflow fractions per layer, headroom, layers in fallback
+                   (``FP8Precision``)
     Rollback       rollbacks, lost steps, the Training Overhead Ratio (``InMemoryRollback``)
     Interventions  every ``stability/events/<kind>`` count, over time
     ============== ====================================================================================
@@ -125,7 +133,8 @@ class StabilityPanels(Callback):
         if not trainer.is_global_zero:
             return
         self._writer = logger.experiment
-        sources = [type(cb).__name__ for cb in trainer.callbacks]  # type: ignore[attr-defined]
+        plugins = [trainer.precision_plugin, *trainer.callbacks]  # type: ignore[attr-defined]
+        sources = [type(p).__name__ for p in plugins]
         self._writer.add_custom_scalars(stability_layout(sources))
 
     @override

@@ -19,7 +19,8 @@ def _read(log_dir):
     acc = EventAccumulator(log_dir, size_guidance={"tensors": 0, "scalars": 0})
     acc.Reload()
     layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
-    texts = [t.tensor_proto.string_val[0].decode() for t in acc.Tensors(f"{TIMELINE_TAG}/text_summary")]
+    tag = f"{TIMELINE_TAG}/text_summary"
+    texts = [t.tensor_proto.string_val[0].decode() for t in acc.Tensors(tag)] if tag in acc.Tags()["tensors"] else []
     return layout, set(acc.Tags()["scalars"]), texts
 
 
@@ -82,3 +83,20 @@ def test_layout_has_only_interventions_without_monitors():
     with pytest.raises(KeyError):
         stability_layout(["SpectralMonitor"])["Softmax"]
     assert set(stability_layout(["SpectralMonitor", "InMemoryRollback"])) == {"Spectra", "Rollback", "Interventions"}
+
+
+def test_fp8_precision_gets_its_panel(tmp_path):
+    from lightning_stability import FP8Precision
+
+    model, loader = tiny_gpt(3)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = make_trainer(tmp_path, 3, [StabilityPanels()], logger=logger, log_every_n_steps=1,
+                           plugins=[FP8Precision(backend="emulated", health_every_n_steps=1)])
+    trainer.fit(model, loader)
+    layout, scalars, _ = _read(logger.log_dir)
+    assert [c.title for c in layout.category] == ["Precision", "Interventions"]
+    (precision,) = [c for c in layout.category if c.title == "Precision"]
+    overflow = next(ch for ch in precision.chart if ch.title.startswith("FP8 overflow"))
+    shown = {t for t in scalars if any(re.match(p, t) for p in overflow.multiline.tag)}
+    assert shown == {"stability/fp8/blocks.0.attn.proj/overflow_frac", "stability/fp8/blocks.0.mlp.0/overflow_frac",
+                     "stability/fp8/blocks.0.mlp.2/overflow_frac"}
