@@ -7,6 +7,7 @@ TensorBoard; those load only when a component that needs them is used.
 from lightning_stability.callbacks import (
     GradientSpikeGuard,
     InMemoryRollback,
+    LowBitOptimizer,
     SoftmaxSaturationMonitor,
     SpectralMonitor,
     StabilityPanels,
@@ -25,6 +26,7 @@ __all__ = [
     "FP8Precision",
     "GradientSpikeGuard",
     "InMemoryRollback",
+    "LowBitOptimizer",
     "SoftmaxSaturationMonitor",
     "SpectralMonitor",
     "SpectralUpdateClip",

@@ -1,6 +1,7 @@
 """Lightning callbacks: thin adapters from Lightning hooks to the math in ``lightning_stability.ops``."""
 
 from lightning_stability.callbacks._base import TrainingHalted
+from lightning_stability.callbacks.low_bit_optimizer import LowBitOptimizer
 from lightning_stability.callbacks.panels import StabilityPanels
 from lightning_stability.callbacks.rollback import InMemoryRollback, read_quarantine
 from lightning_stability.callbacks.softmax_monitor import SoftmaxSaturationMonitor
@@ -10,6 +11,7 @@ from lightning_stability.callbacks.spike_guard import GradientSpikeGuard
 __all__ = [
     "GradientSpikeGuard",
     "InMemoryRollback",
+    "LowBitOptimizer",
     "SoftmaxSaturationMonitor",
     "SpectralMonitor",
     "StabilityPanels",
