@@ -36,7 +36,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_stability import SoftmaxSaturationMonitor, get_event_log
+from lightning_stability import SoftmaxSaturationMonitor, get_event_log, resolve_precision
 from lightning_stability.demos import TinyGPT, make_dataloader
 
 LR = 3e-2
@@ -94,7 +94,7 @@ class Recorder(pl.Callback):
                 self.max_logits.append((trainer.global_step - 1, max(logits)))
 
 
-def run(arm: str, steps: int, seed: int, root: str) -> dict[str, Any]:
+def run(arm: str, steps: int, seed: int, root: str, precision: str = "32-true") -> dict[str, Any]:
     loader, dataset = make_dataloader(block_size=64, batch_size=16, n_samples=16 * steps)
     pl.seed_everything(seed, verbose=False)
     model = FastQKV(len(dataset.vocab), block_size=64, d_model=64, n_layer=2, n_head=4, lr=LR, warmup_steps=50,
@@ -107,9 +107,11 @@ def run(arm: str, steps: int, seed: int, root: str) -> dict[str, Any]:
     remedies = {"attention_logit_growth": ladders[arm], "attention_collapse": (), "softmax_collapse": (), "logit_drift": ()}
     monitor = SoftmaxSaturationMonitor(every_n_steps=10, remedies=remedies)
     recorder = Recorder(monitor)
+    setup = resolve_precision(precision)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, callbacks=[monitor, recorder], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator="cpu", devices=1, max_steps=steps, callbacks=[monitor, recorder, *setup.pop("callbacks")],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, **setup,
     )
     start = time.perf_counter()
     trainer.fit(model, loader)
@@ -179,11 +181,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=1, help="repeat every run from seeds 0 .. N-1")
     parser.add_argument("--out", default="runs/attention_logit_growth")
+    parser.add_argument("--precision", default="32-true", help="a precision flag: bf16-mixed, fp8, fp8-emulated, adamw8bit, fp8+adamw8bit, ... (lightning-stability doctor)")
     args = parser.parse_args()
     for pattern in (".*does not have many workers.*", ".*LeafSpec.*", ".*runs attention as math.*", ".*add qk-norm.*"):
         warnings.filterwarnings("ignore", pattern)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    results = [run(arm, args.steps, seed, args.out) for seed in range(args.seeds) for arm in ARMS]
+    results = [run(arm, args.steps, seed, args.out, args.precision) for seed in range(args.seeds) for arm in ARMS]
     print(f"\nTiny GPT, LR {LR:g}, qkv at {QKV_LR_SCALE:g}x (reference: 1x), {args.steps} steps\n")
     print(f"{'seed':>4s} {'run':13s} {'flagged at':>10s} {'behind from':>11s} {'lead (steps)':>12s} "
           f"{'remedy events':>13s} {'final loss':>10s} {'vs reference':>12s} {'seconds':>8s}")

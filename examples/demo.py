@@ -28,6 +28,7 @@ from lightning_stability import (
     SpectralMonitor,
     StabilityPanels,
     get_event_log,
+    resolve_precision,
 )
 from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--logdir", default="runs")
     parser.add_argument("--no-faults", action="store_true", help="train without injected faults")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="32-true", help="a precision flag: bf16-mixed, fp8, fp8-emulated, adamw8bit, fp8+adamw8bit, ... (lightning-stability doctor)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
@@ -60,11 +62,13 @@ def main() -> None:
     guard = GradientSpikeGuard()
     rollback = InMemoryRollback(every_n_steps=50, commit_after=10)
     spectral = SpectralMonitor(full_every_n_steps=200)  # sigma_max of every layer every step; full spectra too
+    precision = resolve_precision(args.precision)  # {"precision": ..., "plugins": [...], "callbacks": [...]}
     trainer = pl.Trainer(
         max_steps=args.steps,
         logger=TensorBoardLogger(args.logdir, name="demo"),
         # the injector first, so the others see its faults; the panels last
-        callbacks=[FaultInjector(faults), guard, spectral, rollback, StabilityPanels()],
+        callbacks=[FaultInjector(faults), guard, spectral, rollback, StabilityPanels(), *precision.pop("callbacks")],
+        **precision,
         log_every_n_steps=10,
         enable_checkpointing=False,
         enable_model_summary=False,

@@ -33,7 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_stability import SoftmaxSaturationMonitor, get_event_log, stablemax_cross_entropy
+from lightning_stability import (
+    SoftmaxSaturationMonitor,
+    get_event_log,
+    resolve_precision,
+    stablemax_cross_entropy,
+)
 
 P = 113
 
@@ -78,7 +83,7 @@ def split(seed: int, fraction: float = 0.4) -> tuple[torch.Tensor, torch.Tensor]
     return pairs[order[:n]], pairs[order[n:]]
 
 
-def run(name: str, steps: int, seed: int, root: str) -> dict[str, Any]:
+def run(name: str, steps: int, seed: int, root: str, precision: str = "32-true") -> dict[str, Any]:
     pl.seed_everything(seed, verbose=False)
     train, test = split(seed)
     model = ModularAddition("stablemax" if name == "stablemax" else "cross-entropy", train, test)
@@ -87,9 +92,10 @@ def run(name: str, steps: int, seed: int, root: str) -> dict[str, Any]:
     if name == "perp_grad":
         monitor.load_state_dict({"remedy_on": {"perp_grad": 0}})  # on from the first step
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)), batch_size=1)
+    setup = resolve_precision(precision)
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=steps, callbacks=[monitor], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator="cpu", max_steps=steps, callbacks=[monitor, *setup.pop("callbacks")], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **setup,
     )
     start = time.perf_counter()
     trainer.fit(model, loader)
@@ -137,13 +143,14 @@ def main() -> None:
     parser.add_argument("--stablemax", action="store_true", help="add a run with stablemax_cross_entropy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/grokking")
+    parser.add_argument("--precision", default="32-true", help="a precision flag: bf16-mixed, fp8, fp8-emulated, adamw8bit, fp8+adamw8bit, ... (lightning-stability doctor)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*softmax_collapse.*")
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     names = ("cross-entropy", "perp_grad") + (("stablemax",) if args.stablemax else ())
-    results = [run(name, args.steps, args.seed, args.out) for name in names]
+    results = [run(name, args.steps, args.seed, args.out, args.precision) for name in names]
     print(f"\nModular addition mod {P}, 40% of pairs for training, {args.steps} full-batch steps, seed {args.seed}\n")
     print(f"{'run':14s} {'train acc':>9s} {'test acc':>9s} {'sc_frac':>8s} {'zero-loss':>9s} {'headroom p01':>13s} "
           f"{'headroom low at':>16s} {'collapse at':>12s} {'seconds':>8s}")

@@ -17,7 +17,7 @@ from lightning_stability.callbacks import (
 from lightning_stability.events import EventLog, StabilityEvent, get_event_log, read_events
 from lightning_stability.ops.saturation import stablemax_cross_entropy, z_loss
 from lightning_stability.ops.spectral import SpectralUpdateClip, analyze_model
-from lightning_stability.plugins import FP8Precision
+from lightning_stability.plugins import FP8Precision, resolve_precision
 
 __version__ = "0.1.0"
 
@@ -38,6 +38,7 @@ __all__ = [
     "get_event_log",
     "read_events",
     "read_quarantine",
+    "resolve_precision",
     "stablemax_cross_entropy",
     "z_loss",
 ]

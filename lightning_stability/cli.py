@@ -27,6 +27,13 @@ def _events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from lightning_stability.plugins.flags import doctor_report
+
+    print(doctor_report())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lightning_stability import __version__
 
@@ -36,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="summarise a run's stability_events.jsonl")
     events.add_argument("logdir", help="a run's log directory or its stability_events.jsonl")
     events.set_defaults(func=_events)
+    doctor = sub.add_parser("doctor", help="the GPU, Transformer Engine and bitsandbytes here, and what each precision flag does")
+    doctor.set_defaults(func=_doctor)
     return parser
 
 

@@ -1,5 +1,7 @@
-"""Precision plugins: FP8 (emulated everywhere; Transformer Engine on Hopper to come)."""
+"""Precision: the FP8 plugin (emulated everywhere; Transformer Engine on Hopper to come) and the flag
+resolver that composes it with the low-bit optimizer callback."""
 
+from lightning_stability.plugins.flags import resolve_precision
 from lightning_stability.plugins.fp8 import EmulatedFP8Linear, FP8Precision
 
-__all__ = ["EmulatedFP8Linear", "FP8Precision"]
+__all__ = ["EmulatedFP8Linear", "FP8Precision", "resolve_precision"]

@@ -34,3 +34,11 @@ def test_behind_from_is_the_first_step_of_the_last_stretch_above_the_reference()
     ours = [1.0] * 10 + [2.0] * 10 + [1.0] * 20 + [2.0] * 20  # behind twice: only the last stretch counts
     assert example.behind_from(ours, ref) == 40 + 2  # the 20-step mean passes 1.1 two steps in
     assert example.behind_from(ref, ref) is None
+
+
+def test_example_takes_a_precision_flag(tmp_path):
+    example = _load()
+    plain = example.run("no remedy", 12, 0, str(tmp_path))
+    fp8 = example.run("no remedy", 12, 0, str(tmp_path), precision="fp8-emulated")
+    assert plain["losses"][0] != fp8["losses"][0]  # the FP8 quantisation is in the forward
+    assert abs(plain["losses"][0] - fp8["losses"][0]) < 0.05 * plain["losses"][0]
