@@ -86,3 +86,13 @@ class MemoryLogger(Logger):
             if s == step:
                 out.update(metrics)
         return out
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """GPU-marked tests run where CUDA is; elsewhere they are skipped with the reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

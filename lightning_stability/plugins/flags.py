@@ -8,6 +8,7 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 
 from lightning_stability.callbacks.low_bit_optimizer import TARGETS, LowBitOptimizer
+from lightning_stability.plugins._te import te_usable
 from lightning_stability.plugins.fp8 import FP8Precision
 
 # Lightning's own precision strings (``Trainer(precision=...)``), passed through as they are
@@ -90,10 +91,14 @@ def doctor_report() -> str:
         lines.append("bitsandbytes: not installed (pip install bitsandbytes)")
     lines.append("")
     lines.append("flag                 what it does here")
-    for flag in FP8_FLAGS:
-        recipe = "current scaling" if flag == "fp8-current" else "delayed scaling"
-        # the Transformer Engine backend is not in this release: every FP8 flag emulates for now
-        lines.append(f"{flag:<20} FP8Precision: emulated FP8 ({recipe}); the Transformer Engine backend is not in this release")
+    for flag, kwargs in FP8_FLAGS.items():
+        recipe = kwargs.get("recipe", "delayed")
+        usable, why = te_usable(recipe)
+        if kwargs["backend"] == "emulated" or not usable:
+            what = f"emulated FP8 ({recipe} scaling)" + ("" if kwargs["backend"] == "emulated" else f": {why}")
+        else:
+            what = f"Transformer Engine FP8 ({recipe} scaling; {why})"
+        lines.append(f"{flag:<20} FP8Precision: {what}")
     for flag in OPTIMIZER_FLAGS:
         cls_name = TARGETS[flag][0]
         where = "on CPU, unpaged with a warning" if flag.startswith("paged-") and not torch.cuda.is_available() else ""

@@ -28,9 +28,11 @@ from lightning_stability.ops.fp8 import (
     fp8_linear,
     roll_history,
 )
+from lightning_stability.plugins import _te
 
 BACKENDS = ("auto", "te", "emulated")
-RECIPES = ("delayed", "current")
+RECIPES = ("delayed", "current", "block", "mxfp8", "nvfp4")
+EMULATED_RECIPES = ("delayed", "current")
 FORMATS = {"hybrid": (E4M3, E5M2), "e4m3": (E4M3, E4M3)}
 ROLES = ("input", "weight", "grad")
 HEAD_NAMES = ("lm_head", "output", "head", "classifier")
@@ -128,9 +130,10 @@ class FP8Precision(Precision):
     r"""FP8 training: the linear layers that can run in FP8 do, the rest under bf16 autocast, with
     float32 master weights.
 
-    ``backend="auto"`` picks Transformer Engine when it imports and the GPU is SM 8.9 or newer, else the
-    emulator (:class:`EmulatedFP8Linear`), and says which at fit start; ``"emulated"`` always emulates;
-    ``"te"`` is not available yet (a clear error). The emulator reproduces FP8's rounding and
+    ``backend="auto"`` picks Transformer Engine when it imports and the GPU can run the recipe (SM 8.9+
+    for per-tensor scaling, 9.0+ for ``"block"``, 10.0+ for ``"mxfp8"``/``"nvfp4"``), else the emulator
+    (:class:`EmulatedFP8Linear`), and says which at fit start; ``"te"`` insists (a clear error naming
+    the fix where it cannot run); ``"emulated"`` always emulates. The emulator reproduces FP8's rounding and
     saturation exactly (formats ``"hybrid"``: E4M3 forward, E5M2 gradients; ``"e4m3"``; or any
     ``formats=(FP8Format.custom(e, m), ...)`` to sweep precision) and Transformer Engine's delayed
     scaling (``amax_history_len``, ``amax_compute_algo``, ``margin``) or current scaling.
@@ -193,12 +196,24 @@ class FP8Precision(Precision):
         if isinstance(keep, str):
             raise TypeError(f"{owner}(keep={keep!r}): expected a sequence of fnmatch patterns, not a str")
         if backend == "te":
+            _te.check_te(recipe)  # a clear error naming the fix where TE cannot run here
+            self.backend, self.backend_reason = "te", _te.te_usable(recipe)[1]
+        elif backend == "auto":
+            usable, why = _te.te_usable(recipe)
+            self.backend, self.backend_reason = ("te", why) if usable else ("emulated", why)
+        else:
+            self.backend, self.backend_reason = "emulated", "requested"
+        if self.backend == "emulated" and recipe not in EMULATED_RECIPES:
             raise ValueError(
-                f"{owner}(backend='te'): the Transformer Engine backend is not available in this release. Use "
-                "FP8Precision(backend='emulated') to study FP8 numerics on any device."
+                f"{owner}(recipe={recipe!r}): the emulator runs per-tensor scaling ({list(EMULATED_RECIPES)}); "
+                f"block-scaled recipes need Transformer Engine on a GPU with SM>={_te.RECIPE_SM[recipe][0]}."
+                f"{_te.RECIPE_SM[recipe][1]} ({self.backend_reason})."
             )
-        self.backend = "emulated"
         self.requested_backend = backend
+        self.fp8_format = fp8_format
+        self._te_recipe: Any = (
+            _te.make_recipe(recipe, fp8_format, margin, amax_history_len, amax_compute_algo) if self.backend == "te" else None
+        )
         self.recipe, self.margin = recipe, margin
         self.formats = formats if formats is not None else FORMATS[fp8_format]
         self.amax_history_len, self.amax_compute_algo = amax_history_len, amax_compute_algo
@@ -210,7 +225,7 @@ class FP8Precision(Precision):
         self.converted_layers: list[str] = []
         self.skipped_layers: dict[str, str] = {}
         self.last_health: dict[str, float] = {}
-        self._layers: dict[str, EmulatedFP8Linear] = {}
+        self._layers: dict[str, EmulatedFP8Linear | _te.TELayer] = {}
         self._state: dict[str, dict[str, int]] = {}  # layer -> {"bad": samples in a row, "until": step or -1}
         self._flagged: set[str] = set()  # layers named by other callbacks' events since the last step
         self._unsubscribe: Callable[[], None] | None = None
@@ -227,14 +242,20 @@ class FP8Precision(Precision):
             if reason is not None:
                 self.skipped_layers[name] = reason
                 continue
-            if not isinstance(linear, EmulatedFP8Linear):
-                linear = EmulatedFP8Linear.from_linear(
-                    linear, recipe=self.recipe, formats=self.formats, margin=self.margin,
-                    amax_history_len=self.amax_history_len, amax_compute_algo=self.amax_compute_algo,
-                )
-                parent_name, _, child = name.rpartition(".")
-                setattr(module.get_submodule(parent_name) if parent_name else module, child, linear)
-            self._layers[name] = linear
+            parent_name, _, child = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            if self.backend == "te":
+                converted = _te.convert_linear(linear)
+                setattr(parent, child, converted)
+                self._layers[name] = _te.TELayer(converted, self.recipe, self.formats)
+            else:
+                if not isinstance(linear, EmulatedFP8Linear):
+                    linear = EmulatedFP8Linear.from_linear(
+                        linear, recipe=self.recipe, formats=self.formats, margin=self.margin,
+                        amax_history_len=self.amax_history_len, amax_compute_algo=self.amax_compute_algo,
+                    )
+                    setattr(parent, child, linear)
+                self._layers[name] = linear
             self.converted_layers.append(name)
             self._state.setdefault(name, {"bad": 0, "until": -1})
         return module
@@ -252,8 +273,13 @@ class FP8Precision(Precision):
     # -- the forward -------------------------------------------------------------------------------
     @override
     def forward_context(self) -> contextlib.AbstractContextManager:
-        device = next((layer.weight.device.type for layer in self._layers.values()), "cpu")
-        return torch.autocast(device, dtype=self.autocast_dtype)
+        """bf16 autocast for what does not run in FP8; with Transformer Engine, its FP8 autocast inside."""
+        device = next((_weight(layer).device.type for layer in self._layers.values()), "cpu")
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device, dtype=self.autocast_dtype))
+        if self.backend == "te":
+            stack.enter_context(_te.fp8_autocast(enabled=True, recipe=self._te_recipe))
+        return stack
 
     @override
     @contextlib.contextmanager
@@ -287,7 +313,7 @@ class FP8Precision(Precision):
         if not self._announced:
             self._announced = True
             rank_zero_info(
-                f"FP8Precision: backend {self.backend!r} (requested {self.requested_backend!r}); "
+                f"FP8Precision: backend {self.backend!r} (requested {self.requested_backend!r}: {self.backend_reason}); "
                 f"{len(self.converted_layers)} layers in FP8, {len(self.skipped_layers)} kept in high precision."
             )
 
@@ -374,6 +400,10 @@ class FP8Precision(Precision):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+
+
+def _weight(layer: EmulatedFP8Linear | _te.TELayer) -> Tensor:
+    return (layer.module if isinstance(layer, _te.TELayer) else layer).get_parameter("weight")
 
 
 def _gather(trainer: pl.Trainer, values: dict[str, Tensor]) -> dict[str, float]:

@@ -62,6 +62,7 @@ def test_doctor_says_what_each_flag_does_here(capsys):
     assert "torch " in out and "Transformer Engine:" in out and "bitsandbytes:" in out
     lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
     assert "emulated FP8 (current scaling)" in lines["fp8-current"]
+    assert "emulated FP8 (delayed scaling)" in lines["fp8-emulated"]
     assert "AdamW8bit" in lines["adamw8bit"]
 
 
