@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import lightning
 import torch
 
-from benchmarks import rollback, softmax, spectral
+from benchmarks import precision, rollback, softmax, spectral
 from benchmarks.overhead import (
     BATCH_SIZE,
     BLOCK_SIZE,
@@ -493,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         progress=progress,
     )
     efficacy = spectral.efficacy_table(runs, reference)
+    precision_start = time.perf_counter()
+    precision_settings = precision.QUICK if args.quick else precision.FULL
+    precision_parts = precision.run(precision_settings, progress)
+    precision_seconds = time.perf_counter() - precision_start
     minutes = (time.perf_counter() - start) / 60
     summaries = summarize(results)
     table = format_table(summaries)
@@ -526,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     print(efficacy[0])
     print()
     print("\n".join(efficacy[1]))
+    precision_section = precision.render_section(
+        precision_settings, precision_parts, precision_seconds,
+        f"CPU: {cpu_model()}, {threads} cores; torch {torch.__version__}; lightning_stability at commit "
+        f"`{source_version()}`; run on {datetime.date.today().isoformat()}.",
+    )
+    print(precision_section)
     if args.quick:
         print(
             "(--quick: too few steps for the figures to mean anything; this run only checks that nothing crashes)"
@@ -548,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             f.write(render_doc(settings, machine, table, goals, minutes, rb_section, sp_section))
             f.write(render_softmax_section(settings, sm_table, sm_lines))
+            f.write(precision_section)
         print(f"wrote {args.out}")
     return 0
 

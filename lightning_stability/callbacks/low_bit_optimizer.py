@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,6 +104,7 @@ class LowBitOptimizer(Callback):
             for old, new in zip(old_optimizers, new_optimizers):
                 if getattr(sched, "optimizer", None) is old:
                     sched.optimizer = new  # type: ignore[union-attr]
+                    _mark_step_calls(new)
         trainer.strategy.optimizers = new_optimizers
         rank_zero_info(
             "LowBitOptimizer: " + ", ".join(f"{a} -> {b}" for a, b in self.swapped)
@@ -174,6 +176,22 @@ class LowBitOptimizer(Callback):
         for pid in self._overridden:  # the manager is one per process: leave nothing behind
             manager.pid2config.pop(pid, None)
         self._overridden = []
+
+
+def _mark_step_calls(optimizer: torch.optim.Optimizer) -> None:
+    """What a torch LR scheduler does to the optimizer it is built on, for one rebound to it: the
+    optimizer's ``step`` records that it ran (the scheduler warns about a replaced ``step`` otherwise)."""
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+        return step(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+    optimizer.step = wrapper  # type: ignore[method-assign]
 
 
 def _family_of(name: str) -> str | None:

@@ -154,7 +154,8 @@ class FP8Precision(Precision):
     exceeds ``underflow_limit`` in ``patience`` consecutive samples, whose amax is not finite, or that an
     event of another stability callback names as its target, runs in bf16 on the same parameters for
     ``cooldown`` steps with its amax history reset, then FP8 is tried again. Every switch is an event
-    (``fp8_fallback``, ``fp8_retry``); the state is checkpointed (``state_dict``).
+    (``fp8_fallback``, ``fp8_retry``); the state is checkpointed (``state_dict``). With
+    ``fallback=False`` it only watches: an ``fp8_unhealthy`` warning per layer and incident, no switch.
     """
 
     precision = "fp8"  # type: ignore[assignment]  # Lightning's literal lists only its own strings
@@ -176,6 +177,7 @@ class FP8Precision(Precision):
         patience: int = 3,
         cooldown: int = 200,
         autocast_dtype: torch.dtype = torch.bfloat16,
+        fallback: bool = True,
     ) -> None:
         owner = type(self).__name__
         if backend not in BACKENDS:
@@ -222,6 +224,7 @@ class FP8Precision(Precision):
         self.overflow_limit, self.underflow_limit = float(overflow_limit), float(underflow_limit)
         self.patience, self.cooldown = patience, cooldown
         self.autocast_dtype = autocast_dtype
+        self.fallback = bool(fallback)
         self.converted_layers: list[str] = []
         self.skipped_layers: dict[str, str] = {}
         self.last_health: dict[str, float] = {}
@@ -257,7 +260,7 @@ class FP8Precision(Precision):
                     setattr(parent, child, linear)
                 self._layers[name] = linear
             self.converted_layers.append(name)
-            self._state.setdefault(name, {"bad": 0, "until": -1})
+            self._state.setdefault(name, {"bad": 0, "until": -1, "warned": 0})
         return module
 
     def _skip_reason(self, name: str, linear: nn.Linear, ends: set[str]) -> str | None:
@@ -355,7 +358,16 @@ class FP8Precision(Precision):
                 state["bad"] = 0
             reason = ("nonfinite_amax" if nonfinite else "event" if name in flagged
                       else "health" if state["bad"] >= self.patience else None)
-            if reason is not None:
+            if reason is not None and not self.fallback:
+                # watching only: one warning per incident (until the layer is healthy again)
+                if not state.get("warned"):
+                    state["warned"] = 1
+                    self._emit(trainer, "fp8_unhealthy", "warning", {"overflow_frac": over, "underflow_frac": under},
+                               None, name)
+                state["bad"] = 0 if reason == "health" else state["bad"]
+            elif reason is None and due and state["bad"] == 0:
+                state["warned"] = 0
+            if reason is not None and self.fallback:
                 layer.fallback = True
                 layer.reset_scaling()
                 state["bad"], state["until"] = 0, step + self.cooldown
@@ -369,7 +381,7 @@ class FP8Precision(Precision):
 
             log_to_loggers(trainer, metrics)
 
-    def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str,
+    def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None,
               target: str) -> None:
         get_event_log(trainer).emit(trainer.global_step, kind, "FP8Precision", severity, metrics, action, target)
 
@@ -388,12 +400,13 @@ class FP8Precision(Precision):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._state = {str(k): {"bad": int(v.get("bad", 0)), "until": int(v.get("until", -1))}
+        self._state = {str(k): {"bad": int(v.get("bad", 0)), "until": int(v.get("until", -1)),
+                                "warned": int(v.get("warned", 0))}
                        for k, v in dict(state_dict.get("layers", {})).items()}
         fallback = set(state_dict.get("fallback", ()))
         for name, layer in self._layers.items():
             layer.fallback = name in fallback
-            self._state.setdefault(name, {"bad": 0, "until": -1})
+            self._state.setdefault(name, {"bad": 0, "until": -1, "warned": 0})
 
     @override
     def teardown(self) -> None:

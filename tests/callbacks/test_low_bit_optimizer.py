@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -37,7 +39,10 @@ def test_adamw_becomes_adamw8bit_with_groups_schedule_and_32bit_exceptions(tmp_p
     record = _Record()
     swap = LowBitOptimizer()
     trainer = make_trainer(tmp_path, 20, [swap, record])
-    trainer.fit(model, loader)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader)
+    assert not [w for w in caught if "overridden after learning rate scheduler" in str(w.message)]
     opt = trainer.optimizers[0]
     assert type(opt) is bnb.optim.AdamW8bit and swap.swapped == [("AdamW", "AdamW8bit")]
     # TinyGPT's two groups: decayed weights and the rest, hyperparameters carried over

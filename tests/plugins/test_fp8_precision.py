@@ -186,3 +186,16 @@ def test_emulated_fp8_trains_like_float32_and_coarser_formats_drift_further(tmp_
     assert finals["fp8"] != finals["fp32"]  # the quantisation is really in the loop
     assert abs(finals["fp8"] - finals["fp32"]) < 0.02 * finals["fp32"]
     assert abs(finals["e3m1"] - finals["fp32"]) > abs(finals["fp8"] - finals["fp32"])
+
+
+def test_watch_only_warns_once_per_incident_and_never_switches(tmp_path):
+    model, loader = tiny_gpt(10)
+    plugin = FP8Precision(backend="emulated", health_every_n_steps=1, patience=1, overflow_limit=0.1, fallback=False)
+    trainer = make_trainer(tmp_path, 10, [_Jump(5, "blocks.0.mlp.0")], plugins=[plugin])
+    trainer.fit(model, loader)
+    events = [e for e in get_event_log(trainer) if e.source == "FP8Precision"]
+    assert not [e for e in events if e.kind == "fp8_fallback"] and plugin.fallback_layers == []
+    unhealthy = [e for e in events if e.kind == "fp8_unhealthy"]
+    assert unhealthy[0].target == "blocks.0.mlp.0" and unhealthy[0].step == 5 and unhealthy[0].action is None
+    # one warning for the incident, however many unhealthy samples it spans
+    assert len([e for e in unhealthy if e.target == "blocks.0.mlp.0"]) == 1
