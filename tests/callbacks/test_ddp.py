@@ -73,3 +73,18 @@ def test_every_rank_takes_the_same_softmax_decision_and_the_same_qk_clip(tmp_pat
     assert ("qk_clip", "qk_clip") in kinds
     assert ranks[0]["stats"] == ranks[1]["stats"]
     assert ranks[0]["digest"] == ranks[1]["digest"]
+
+
+def test_every_rank_falls_back_the_same_fp8_layer_in_the_same_step(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    ranks = run_two_ranks("ddp_precision_script.py", tmp_path)
+    # the overflow was on rank 1 only; the gathered health makes both ranks switch the layer in step 8
+    # and back after the cool-down, and the 8-bit optimizer keeps the replicas identical
+    assert ranks[0]["events"] == ranks[1]["events"]
+    events = [tuple(e) for e in ranks[0]["events"]]
+    fallbacks = {e[3] for e in events if e[1] == "fp8_fallback"}
+    assert "blocks.0.mlp.0" in fallbacks and all(e[0] == 8 for e in events if e[1] == "fp8_fallback")
+    assert {e[3] for e in events if e[1] == "fp8_retry" and e[0] == 13} == fallbacks
+    assert ranks[0]["optimizer"] == ranks[1]["optimizer"] == "AdamW8bit"
+    assert ranks[0]["health"] == ranks[1]["health"]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
