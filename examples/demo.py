@@ -9,13 +9,15 @@ tracks the singular spectrum of every weight (and would cap or smooth a layer wh
 runs away), ``InMemoryRollback`` keeps snapshots in memory and goes back to the last good one when the
 state itself is corrupted. ``StabilityPanels`` lays their metrics out as TensorBoard panels and writes
 the event timeline to TensorBoard's Text tab.
-The run writes TensorBoard logs, ``stability_events.jsonl`` (the event log) and, after a rollback,
-``quarantine.json`` (the batches that were not replayed) under ``runs/demo``.
+The run writes TensorBoard logs, ``stability_events.jsonl`` (the event log), after a rollback
+``quarantine.json`` (the batches that were not replayed), and the stability report (``report.html``
+with its plots, ``report.md``) under ``runs/demo``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 
@@ -31,6 +33,7 @@ from lightning_stability import (
     resolve_precision,
 )
 from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
+from lightning_stability.report import write_report
 
 # The faults the demo injects, by optimizer step: what a bad node, a bad batch or a bad kernel does.
 FAULTS = {
@@ -110,6 +113,8 @@ def main() -> None:
     print(f"Training Overhead Ratio {rollback.tor:.3f} ({rollback.lost_steps} steps lost of {trainer.global_step}); "
           f"snapshots hold {rollback.summary['snapshot_bytes'] / 2**20:.1f} MiB of host memory")
     print(f"TensorBoard logs and the event log: {trainer.log_dir}  (tensorboard --logdir {args.logdir})")
+    html_path, _, _ = write_report(trainer.log_dir, os.path.join(trainer.log_dir, "report.html"))
+    print(f"The stability report: {html_path} (and report.md beside it)")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,19 @@ def _events(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from lightning_stability.report import ReportError, write_report
+
+    try:
+        html_path, md_path, lines = write_report(args.logdir, args.output)
+    except ReportError as err:
+        print(f"lightning-stability report: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(f"- {line}" for line in lines))
+    print(f"wrote {html_path} and {md_path}")
+    return 0
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from lightning_stability.plugins.flags import doctor_report
 
@@ -43,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="summarise a run's stability_events.jsonl")
     events.add_argument("logdir", help="a run's log directory or its stability_events.jsonl")
     events.set_defaults(func=_events)
+    report = sub.add_parser("report", help="an HTML report with plots and a Markdown summary of a run's stability")
+    report.add_argument("logdir", help="a run's log directory (TensorBoard event files, stability_events.jsonl)")
+    report.add_argument("-o", "--output", default="report.html", help="the HTML file to write (the .md goes beside it)")
+    report.set_defaults(func=_report)
     doctor = sub.add_parser("doctor", help="the GPU, Transformer Engine and bitsandbytes here, and what each precision flag does")
     doctor.set_defaults(func=_doctor)
     return parser
