@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
+DOCS_STAMP := $(VENV)/.installed-docs
 
-.PHONY: demo test bench bench-quick lint clean
+.PHONY: demo test bench bench-quick lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/gpt_stability.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -35,9 +36,17 @@ bench: $(BENCH_STAMP)
 bench-quick: $(BENCH_STAMP)
 	$(PY) -m benchmarks --quick
 
+# the documentation site: mkdocs-material, the API reference from the docstrings; --strict fails on any warning
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet torch==2.13.0 -e ".[dev,docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 lint: $(STAMP)
 	$(PY) -m ruff check lightning_stability tests benchmarks examples
 	$(PY) -m mypy lightning_stability
 
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache
+	rm -rf $(VENV) runs lightning_logs .pytest_cache site

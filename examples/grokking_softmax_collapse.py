@@ -1,7 +1,7 @@
 """Grokking at the edge of numerical stability: modular addition, Softmax Collapse, and two fixes.
 
-    python examples/grokking.py                  # two runs, under two minutes on 2 CPU cores
-    python examples/grokking.py --stablemax      # and a third run with StableMax
+    python examples/grokking_softmax_collapse.py                  # two runs, under two minutes on 2 CPU cores
+    python examples/grokking_softmax_collapse.py --stablemax      # and a third run with StableMax
 
 Modular addition ``(a + b) mod 113`` learned by an MLP from 40% of all pairs, full batch, AdamW with no
 weight decay (the grokking-at-the-edge work's setting). Runs from the same seed:

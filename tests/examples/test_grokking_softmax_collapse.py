@@ -6,7 +6,7 @@ import os
 
 
 def _load():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "grokking.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "grokking_softmax_collapse.py")
     spec = importlib.util.spec_from_file_location("grokking_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,13 +1,15 @@
 """Train a tiny GPT on CPU with the stability callbacks, inject a few faults, and show what was done.
 
-    python examples/demo.py                 # about 15 seconds on a laptop CPU
-    python examples/demo.py --no-faults     # a clean run: nothing to detect, nothing to undo
+    python examples/gpt_stability.py                 # about 15 seconds on a laptop CPU
+    python examples/gpt_stability.py --no-faults     # a clean run: nothing to detect, nothing to undo
+    python examples/gpt_stability.py --precision fp8-emulated+adamw8bit
     tensorboard --logdir runs/demo          # the curves; the Custom Scalars tab has the stability panels
 
-Three callbacks watch the run: ``GradientSpikeGuard`` repairs or skips bad steps, ``SpectralMonitor``
+Four callbacks watch the run: ``GradientSpikeGuard`` repairs or skips bad steps, ``SpectralMonitor``
 tracks the singular spectrum of every weight (and would cap or smooth a layer whose top singular value
-runs away), ``InMemoryRollback`` keeps snapshots in memory and goes back to the last good one when the
-state itself is corrupted. ``StabilityPanels`` lays their metrics out as TensorBoard panels and writes
+runs away), ``SoftmaxSaturationMonitor`` samples the output and attention softmaxes every 50 steps (and
+would act on logit drift, collapse or runaway attention logits), ``InMemoryRollback`` keeps snapshots in
+memory and goes back to the last good one when the state itself is corrupted. ``StabilityPanels`` lays their metrics out as TensorBoard panels and writes
 the event timeline to TensorBoard's Text tab.
 The run writes TensorBoard logs, ``stability_events.jsonl`` (the event log), after a rollback
 ``quarantine.json`` (the batches that were not replayed), and the stability report (``report.html``
@@ -27,6 +29,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_stability import (
     GradientSpikeGuard,
     InMemoryRollback,
+    SoftmaxSaturationMonitor,
     SpectralMonitor,
     StabilityPanels,
     get_event_log,
@@ -70,7 +73,8 @@ def main() -> None:
         max_steps=args.steps,
         logger=TensorBoardLogger(args.logdir, name="demo"),
         # the injector first, so the others see its faults; the panels last
-        callbacks=[FaultInjector(faults), guard, spectral, rollback, StabilityPanels(), *precision.pop("callbacks")],
+        callbacks=[FaultInjector(faults), guard, spectral, SoftmaxSaturationMonitor(), rollback, StabilityPanels(),
+                   *precision.pop("callbacks")],
         **precision,
         log_every_n_steps=10,
         enable_checkpointing=False,
