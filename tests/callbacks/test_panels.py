@@ -100,3 +100,60 @@ def test_fp8_precision_gets_its_panel(tmp_path):
     shown = {t for t in scalars if any(re.match(p, t) for p in overflow.multiline.tag)}
     assert shown == {"stability/fp8/blocks.0.attn.proj/overflow_frac", "stability/fp8/blocks.0.mlp.0/overflow_frac",
                      "stability/fp8/blocks.0.mlp.2/overflow_frac"}
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_real_tensorboard_server_serves_our_layout_and_tags(tmp_path):
+    import json as _json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    model, loader = tiny_gpt(8)
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    make_trainer(tmp_path, 8, [FaultInjector({4: ("grad_nan", None)}), GradientSpikeGuard(),
+                               SoftmaxSaturationMonitor(every_n_steps=2), StabilityPanels()],
+                 logger=logger, log_every_n_steps=1).fit(model, loader)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port),
+         "--reload_interval", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    def get(path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return _json.loads(response.read())
+
+    try:
+        deadline = time.time() + 90
+        layout = None
+        while time.time() < deadline:
+            try:
+                layout = get("/data/plugin/custom_scalars/layout")
+                if layout:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert layout, "TensorBoard did not serve a custom-scalars layout"
+        assert [c["title"] for c in layout["category"]] == ["Spikes", "Softmax", "Interventions"]
+        charts = {ch["title"]: ch["multiline"]["tag"] for c in layout["category"] for ch in c["chart"]}
+        assert charts["gradient norm"] == [r"stability/grad/norm(/opt\d+)?$"]
+        tags = get("/data/plugin/scalars/tags")
+        (run_tags,) = [t for run, t in tags.items() if run.startswith("tb")]
+        assert "stability/grad/norm" in run_tags and "stability/softmax/sc_headroom_p01" in run_tags
+        assert "stability/events/nonfinite" in run_tags
+        # the event timeline in the Text tab
+        assert get("/data/plugin/text/tags") == {"tb/version_0": [f"{TIMELINE_TAG}/text_summary"]}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
