@@ -18,7 +18,8 @@ from lightning_stability.events import StabilityEvent, get_event_log
 # callback that logs it is attached.
 _CHARTS: dict[str, list[tuple[str, str, list[str]]]] = {
     "GradientSpikeGuard": [
-        ("Spikes", "gradient norm", [r"stability/grad/norm(/opt\d+)?$"]),
+        ("Spikes", "gradient norm, baseline and spike threshold",
+         [r"stability/grad/norm(_baseline|_threshold)?(/opt\d+)?$"]),
         ("Spikes", "gradient-norm z-score", [r"stability/grad/norm_zscore.*"]),
         ("Spikes", "spike fraction (per-element)", [r"stability/grad/spike_fraction.*"]),
         ("Spikes", "loss z-score", [r"stability/loss/zscore.*"]),

@@ -137,6 +137,8 @@ class GradientSpikeGuard(StabilityCallback):
     ================================  ==============================================================
     ``stability/grad/norm``           global L2 norm of the gradients (before any clipping)
     ``stability/grad/norm_zscore``    robust z-score of the norm against the baseline
+    ``stability/grad/norm_baseline``  the baseline median of the norm
+    ``stability/grad/norm_threshold`` the norm above which a step is a gradient spike (both rules)
     ``stability/grad/spike_fraction`` share of elements with ``g^2 > theta v``
     ``stability/loss/zscore``         robust z-score of the loss against the baseline
     ``stability/events/<kind>``       cumulative count of this guard's events of each kind
@@ -309,6 +311,7 @@ class GradientSpikeGuard(StabilityCallback):
         stats = {
             "grad_norm": grad_norm,
             "grad_baseline": gb.median,
+            "grad_threshold": gb.threshold(self.grad_zscore, self.grad_ratio),
             "grad_zscore": gb.zscore(grad_norm),
             "grad_ratio": gb.ratio(grad_norm),
             "spike_count": spike_count,
@@ -550,6 +553,9 @@ class GradientSpikeGuard(StabilityCallback):
         }
         if math.isfinite(stats["grad_zscore"]):
             metrics[f"stability/grad/norm_zscore{suffix}"] = stats["grad_zscore"]
+        if math.isfinite(stats["grad_threshold"]):  # with the norm on one chart: where a spike begins
+            metrics[f"stability/grad/norm_baseline{suffix}"] = stats["grad_baseline"]
+            metrics[f"stability/grad/norm_threshold{suffix}"] = stats["grad_threshold"]
         if math.isfinite(stats.get("loss_zscore", math.nan)):
             metrics[f"stability/loss/zscore{suffix}"] = stats["loss_zscore"]
         metrics.update(self.event_count_metrics())

@@ -69,6 +69,14 @@ class Baseline:
     def zscore(self, value: float, rel_floor: float = 1e-2) -> float:
         return robust_zscore(value, self.median, self.mad, rel_floor)
 
+    def threshold(self, zscore: float, ratio: float, rel_floor: float = 1e-2) -> float:
+        """The smallest value with both ``zscore(value) >= zscore`` and ``ratio(value) >= ratio``: where a
+        spike begins under both rules (``nan`` before the window has a median)."""
+        if not math.isfinite(self.median) or not math.isfinite(self.mad):
+            return math.nan
+        scale = max(MAD_TO_STD * self.mad, rel_floor * abs(self.median), 1e-12)
+        return max(self.median + zscore * scale, ratio * self.median)
+
     def ratio(self, value: float) -> float:
         """``value / median``; ``inf`` for a non-finite value, ``nan`` where the median is not positive."""
         if not math.isfinite(value):

@@ -45,7 +45,8 @@ def test_panels_lay_out_the_attached_monitors_metrics_and_write_the_timeline(tmp
         return {tag for tag in scalars if any(re.match(p, tag) for p in charts[title])}
 
     # the charts select the tags the monitors really logged, and only those
-    assert shown("gradient norm") == {"stability/grad/norm"}
+    assert shown("gradient norm, baseline and spike threshold") == {
+        "stability/grad/norm", "stability/grad/norm_baseline", "stability/grad/norm_threshold"}
     assert shown("attention max logit, per layer") == {"stability/attention/blocks.0.attn/max_logit"}
     assert shown("output log Z") == {"stability/softmax/out_logz_mean", "stability/softmax/out_logz_std",
                                      "stability/softmax/out_logz_max"}
@@ -147,7 +148,8 @@ def test_a_real_tensorboard_server_serves_our_layout_and_tags(tmp_path):
         assert layout, "TensorBoard did not serve a custom-scalars layout"
         assert [c["title"] for c in layout["category"]] == ["Spikes", "Softmax", "Interventions"]
         charts = {ch["title"]: ch["multiline"]["tag"] for c in layout["category"] for ch in c["chart"]}
-        assert charts["gradient norm"] == [r"stability/grad/norm(/opt\d+)?$"]
+        assert charts["gradient norm, baseline and spike threshold"] == [
+            r"stability/grad/norm(_baseline|_threshold)?(/opt\d+)?$"]
         tags = get("/data/plugin/scalars/tags")
         (run_tags,) = [t for run, t in tags.items() if run.startswith("tb")]
         assert "stability/grad/norm" in run_tags and "stability/softmax/sc_headroom_p01" in run_tags

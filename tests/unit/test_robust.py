@@ -100,3 +100,16 @@ def test_baseline_ratio():
     assert b.ratio(5.0) == 2.5
     assert b.ratio(float("nan")) == math.inf
     assert math.isnan(Baseline(-1.0, 0.1, 3).ratio(1.0))
+
+
+def test_threshold_is_where_both_spike_rules_begin():
+    from lightning_stability.ops.robust import MAD_TO_STD, Baseline
+
+    b = Baseline(median=2.0, mad=0.5, count=10)
+    t = b.threshold(zscore=6.0, ratio=2.0)
+    assert t == max(2.0 + 6.0 * MAD_TO_STD * 0.5, 4.0)
+    assert b.zscore(t) == pytest.approx(6.0) and b.ratio(t) >= 2.0
+    assert b.zscore(t * 0.999) < 6.0  # just below: not a spike by the z-score rule
+    narrow = Baseline(median=2.0, mad=0.0, count=10)  # the ratio rule decides when the spread is tiny
+    assert narrow.threshold(zscore=6.0, ratio=5.0) == 10.0
+    assert math.isnan(Baseline(median=math.nan, mad=math.nan, count=0).threshold(6.0, 2.0))
