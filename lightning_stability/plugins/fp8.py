@@ -39,9 +39,19 @@ HEAD_NAMES = ("lm_head", "output", "head", "classifier")
 _HEALTH_KEYS = ("amax", "scale", "headroom", "overflow_frac", "underflow_frac", "snr_db")
 
 
-def fp8_shape_reason(linear: nn.Linear) -> str | None:
+# block-scaled recipes quantise in blocks along both dimensions: their GEMMs need whole blocks
+_BLOCK_MULTIPLE = {"block": 128, "mxfp8": 32, "nvfp4": 32}
+
+
+def fp8_shape_reason(linear: nn.Linear, recipe: str = "delayed") -> str | None:
     """Why an FP8 GEMM cannot run this layer, or ``None``: Transformer Engine needs ``in_features``
-    divisible by 16 and ``out_features`` by 8."""
+    divisible by 16 and ``out_features`` by 8, and block-scaled recipes whole blocks (128 for
+    ``"block"``, 32 for MXFP8 and NVFP4) along both."""
+    multiple = _BLOCK_MULTIPLE.get(recipe)
+    if multiple is not None:
+        for name in ("in_features", "out_features"):
+            if getattr(linear, name) % multiple:
+                return f"{name}={getattr(linear, name)} is not divisible by {multiple} (recipe {recipe!r})"
     if linear.in_features % 16:
         return f"in_features={linear.in_features} is not divisible by 16"
     if linear.out_features % 8:
@@ -271,7 +281,7 @@ class FP8Precision(Precision):
         for pattern in self.keep:
             if fnmatch.fnmatchcase(name, pattern):
                 return f"matches keep pattern {pattern!r}"
-        return fp8_shape_reason(linear)
+        return fp8_shape_reason(linear, self.recipe)
 
     # -- the forward -------------------------------------------------------------------------------
     @override

@@ -62,6 +62,17 @@ def test_auto_picks_te_on_hopper_with_tes_delayed_scaling_recipe(fake_te):
     fake_te.recipe.Float8BlockScaling.assert_called_once_with(fp8_format=fake_te.recipe.Format.HYBRID)
 
 
+def test_block_scaling_converts_only_layers_of_whole_blocks(fake_te):
+    from lightning_stability.demos import TinyGPT
+
+    model = TinyGPT(40, block_size=16, d_model=128, n_layer=1, n_head=2)
+    model.blocks[0].narrow = nn.Linear(128, 64)
+    plugin = FP8Precision(backend="te", recipe="block")
+    plugin.convert_module(model)
+    assert plugin.converted_layers == ["blocks.0.attn.proj", "blocks.0.mlp.0", "blocks.0.mlp.2"]
+    assert plugin.skipped_layers["blocks.0.narrow"] == "out_features=64 is not divisible by 128 (recipe 'block')"
+
+
 def test_hardware_rules_and_their_errors(fake_te, monkeypatch):
     fake_te.sm["value"] = (8, 0)
     plugin = FP8Precision()  # auto: the emulator, saying why
