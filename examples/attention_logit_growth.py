@@ -27,7 +27,6 @@ writes a plot to ``runs/attention_logit_growth/attention_logit_growth.png`` (wit
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 import warnings
@@ -37,7 +36,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_stability import SoftmaxSaturationMonitor, get_event_log, resolve_precision
-from lightning_stability.demos import TinyGPT, make_dataloader
+from lightning_stability.demos import TinyGPT, make_dataloader, warmup_cosine
 
 LR = 3e-2
 QKV_LR_SCALE = 10.0
@@ -64,13 +63,8 @@ class FastQKV(TinyGPT):
         ]
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.95))
 
-        def schedule(step: int) -> float:  # the demo model's warmup and cosine decay
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, hp.max_steps - hp.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        # the demo model's warmup and cosine decay
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, hp.warmup_steps, hp.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

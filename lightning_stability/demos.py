@@ -88,6 +88,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int) -> float:
+    """The learning-rate factor of the tiny GPT: linear warmup, then cosine decay to 10%."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class TinyGPT(pl.LightningModule):
     """A GPT-style character model: token and position embeddings, pre-LN blocks, an ``lm_head``."""
 
@@ -143,13 +151,7 @@ class TinyGPT(pl.LightningModule):
         else:
             raise ValueError(f"TinyGPT(optimizer={hp.optimizer!r}): expected 'adamw', 'adamw8bit' or 'sgd'")
 
-        def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, hp.max_steps - hp.warmup_steps))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: warmup_cosine(step, hp.warmup_steps, hp.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

@@ -1,19 +1,10 @@
 from __future__ import annotations
 
-import importlib.util
-import os
-
-
-def _load():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "attention_logit_growth.py")
-    spec = importlib.util.spec_from_file_location("attention_logit_growth_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.examples import load_example
 
 
 def test_example_flags_the_fast_qkv_run_and_qk_clip_acts(tmp_path):
-    example = _load()
+    example = load_example("attention_logit_growth")
     reference = example.run("reference", 40, 0, str(tmp_path))
     fast = example.run("no remedy", 40, 0, str(tmp_path))
     clipped = example.run("qk_clip", 40, 0, str(tmp_path))
@@ -29,7 +20,7 @@ def test_example_flags_the_fast_qkv_run_and_qk_clip_acts(tmp_path):
 
 
 def test_behind_from_is_the_first_step_of_the_last_stretch_above_the_reference():
-    example = _load()
+    example = load_example("attention_logit_growth")
     ref = [1.0] * 60
     ours = [1.0] * 10 + [2.0] * 10 + [1.0] * 20 + [2.0] * 20  # behind twice: only the last stretch counts
     assert example.behind_from(ours, ref) == 40 + 2  # the 20-step mean passes 1.1 two steps in
@@ -37,7 +28,7 @@ def test_behind_from_is_the_first_step_of_the_last_stretch_above_the_reference()
 
 
 def test_example_takes_a_precision_flag(tmp_path):
-    example = _load()
+    example = load_example("attention_logit_growth")
     plain = example.run("no remedy", 12, 0, str(tmp_path))
     fp8 = example.run("no remedy", 12, 0, str(tmp_path), precision="fp8-emulated")
     assert plain["losses"][0] != fp8["losses"][0]  # the FP8 quantisation is in the forward

@@ -1,20 +1,12 @@
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
-
-def _load():
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "grokking_softmax_collapse.py")
-    spec = importlib.util.spec_from_file_location("grokking_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.examples import load_example
 
 
 def test_grokking_example_runs_and_the_perpendicular_gradient_is_on(tmp_path):
-    grokking = _load()
+    grokking = load_example("grokking_softmax_collapse")
     plain = grokking.run("cross-entropy", 40, 0, str(tmp_path))
     perp = grokking.run("perp_grad", 40, 0, str(tmp_path))
     # the same seed and data: the runs differ only by the remedy, and it changed the training

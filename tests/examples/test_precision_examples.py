@@ -1,21 +1,12 @@
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-
-def _load(name):
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.examples import load_example
 
 
 def test_fp8_sweep_runs_and_the_narrowest_format_is_flagged():
-    sweep = _load("fp8_precision_sweep")
+    sweep = load_example("fp8_precision_sweep")
     reference = sweep.run("reference", 12, fallback=False)
     fp8 = sweep.run("e4m3/e5m2", 12, fallback=False)
     narrow = sweep.run("e2m0", 12, fallback=False)
@@ -27,7 +18,7 @@ def test_fp8_sweep_runs_and_the_narrowest_format_is_flagged():
 
 def test_low_bit_example_reports_smaller_state():
     pytest.importorskip("bitsandbytes")
-    example = _load("low_bit_optimizers")
+    example = load_example("low_bit_optimizers")
     plain = example.run("AdamW", 6)
     small = example.run("AdamW8bit, all 8-bit", 6)
     assert plain["optimizer"] == "AdamW" and small["optimizer"] == "AdamW8bit"

@@ -1,20 +1,12 @@
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_example", os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.examples import EXAMPLES, load_example
 
 
 def test_gpt_stability_demo_detects_its_fault_and_writes_the_report(tmp_path):
@@ -29,7 +21,7 @@ def test_gpt_stability_demo_detects_its_fault_and_writes_the_report(tmp_path):
 
 
 def test_spike_recovery_handles_a_spike_and_a_corrupted_weight():
-    example = _load("spike_recovery")
+    example = load_example("spike_recovery")
     spike = example.run("gradient x100", steps=130)
     assert spike["detected"] == "grad_spike@120" and spike["actions"] == "clip" and spike["finite"]
     weight = example.run("NaN weight", steps=130)
@@ -41,7 +33,7 @@ def test_spike_recovery_handles_a_spike_and_a_corrupted_weight():
 def test_lightning_cli_example_builds_the_callbacks_and_the_precision_flag(tmp_path):
     pytest.importorskip("jsonargparse")
     pytest.importorskip("bitsandbytes")
-    example = _load("lightning_cli")
+    example = load_example("lightning_cli")
     cli = example.main(["fit", "--config", os.path.join(EXAMPLES, "lightning_cli.yaml"), "--trainer.max_steps=4",
                         "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}",
                         "--precision", "fp8-emulated+adamw8bit"])
