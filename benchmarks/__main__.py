@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import lightning
 import torch
 
+from benchmarks import efficacy as fault_efficacy
 from benchmarks import precision, rollback, softmax, spectral
 from benchmarks.overhead import (
     BATCH_SIZE,
@@ -497,6 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     precision_settings = precision.QUICK if args.quick else precision.FULL
     precision_parts = precision.run(precision_settings, progress)
     precision_seconds = time.perf_counter() - precision_start
+    faults_start = time.perf_counter()
+    faults_settings = fault_efficacy.QUICK if args.quick else fault_efficacy.FULL
+    faults_table, faults_lines = fault_efficacy.evaluate(faults_settings, progress)
+    faults_seconds = time.perf_counter() - faults_start
     minutes = (time.perf_counter() - start) / 60
     summaries = summarize(results)
     table = format_table(summaries)
@@ -536,6 +541,12 @@ def main(argv: list[str] | None = None) -> int:
         f"`{source_version()}`; run on {datetime.date.today().isoformat()}.",
     )
     print(precision_section)
+    faults_section = fault_efficacy.render_section(
+        faults_settings, faults_table, faults_lines, faults_seconds,
+        f"CPU: {cpu_model()}, {threads} cores; torch {torch.__version__}; lightning_stability at commit "
+        f"`{source_version()}`; run on {datetime.date.today().isoformat()}.",
+    )
+    print(faults_section)
     if args.quick:
         print(
             "(--quick: too few steps for the figures to mean anything; this run only checks that nothing crashes)"
@@ -559,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(render_doc(settings, machine, table, goals, minutes, rb_section, sp_section))
             f.write(render_softmax_section(settings, sm_table, sm_lines))
             f.write(precision_section)
+            f.write(faults_section)
         print(f"wrote {args.out}")
     return 0
 

@@ -322,13 +322,13 @@ layer's overflow fraction passes 1% or its underflow fraction 50% in 3 samples i
 """
 
 
-def replace_section(path: str, section: str) -> None:
-    """Put ``section`` in place of the file's Precision section (or at its end)."""
+def replace_section(path: str, section: str, heading: str = "## Precision") -> None:
+    """Put ``section`` in place of the file's section under ``heading`` (or at its end)."""
     text = ""
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-    start = text.find("\n## Precision")
+    start = text.find("\n" + heading)
     if start == -1:
         text = text.rstrip("\n") + "\n" + section
     else:

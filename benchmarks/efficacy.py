@@ -1,0 +1,276 @@
+"""Efficacy on injected faults: does a guard see each fault, act on it, leave clean runs alone, and end
+where a clean run ends? Our callbacks at their defaults against no guard, Lightning's ``SpikeDetection``
+and an OLMo-style rule, on the tiny GPT, every run seeded and repeated over seeds.
+
+    python -m benchmarks.efficacy            # rewrites the Efficacy section of docs/benchmarks.md
+    python -m benchmarks.efficacy --quick    # the CI smoke test: a few steps, prints, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks.spike import SpikeDetection
+
+from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log
+from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
+
+ARMS = ("no guard", "SpikeDetection", "OLMo-style rule", "ours")
+# fault name -> FaultInjector faults relative to the fault step (a burst spans several steps), or an LR spike
+FAULTS: dict[str, dict[int, tuple[str, float | None]]] = {
+    "gradient x10": {0: ("grad_scale", 10.0)},
+    "gradient x100": {0: ("grad_scale", 100.0)},
+    "gradient x1000": {0: ("grad_scale", 1000.0)},
+    "1% of gradient x1000": {0: ("grad_sparse", 1000.0)},
+    "NaN gradient": {0: ("grad_nan", None)},
+    "NaN loss": {0: ("loss_nan", None)},
+    "shuffled labels, 5 steps": {i: ("labels_shuffle", None) for i in range(5)},
+    "learning rate x100": {},
+}
+LR_SPIKE = 100.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    fault_step: int
+    clean_steps: int
+    seeds: tuple[int, ...]
+
+
+FULL = Settings(steps=260, fault_step=160, clean_steps=600, seeds=(0, 1, 2))
+QUICK = Settings(steps=45, fault_step=40, clean_steps=45, seeds=(0,))
+
+
+class OLMoRule(Callback):
+    """The baseline OLMo-style rule: skip the update when the loss or the gradient norm exceeds the mean
+    plus 6 standard deviations of the last 128 accepted steps (after 32 of them)."""
+
+    def __init__(self, window: int = 128, sigmas: float = 6.0, warmup: int = 32) -> None:
+        self.losses: deque[float] = deque(maxlen=window)
+        self.norms: deque[float] = deque(maxlen=window)
+        self.sigmas, self.warmup = sigmas, warmup
+        self.detections: list[int] = []
+        self._loss = math.nan
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._loss = float(loss.detach())
+
+    def _outlier(self, value: float, history: deque[float]) -> bool:
+        if not math.isfinite(value):
+            return True
+        if len(history) < self.warmup:
+            return False
+        return value > statistics.fmean(history) + self.sigmas * statistics.pstdev(history)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if self._outlier(self._loss, self.losses) or self._outlier(norm, self.norms):
+            self.detections.append(trainer.global_step)
+            for p in pl_module.parameters():
+                p.grad = None  # skip the update
+            return
+        self.losses.append(self._loss)
+        self.norms.append(norm)
+
+
+class LRSpike(Callback):
+    """Multiplies every learning rate by ``factor`` for the optimizer step at ``step`` only."""
+
+    def __init__(self, step: int, factor: float) -> None:
+        self.step, self.factor = step, factor
+        self._saved: list[float] | None = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step == self.step:
+            self._saved = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] *= self.factor
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._saved is not None:
+            for g, lr in zip(trainer.optimizers[0].param_groups, self._saved):
+                g["lr"] = lr
+            self._saved = None
+
+
+class Losses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float("nan"))
+
+
+@dataclass
+class Run:
+    arm: str
+    fault: str
+    seed: int
+    detections: list[int]
+    final: float  # mean of the last 20 finite losses; nan if halted
+    halted: int | None  # the step SpikeDetection stopped training at
+
+
+def run(arm: str, fault: str | None, seed: int, settings: Settings, steps: int | None = None) -> Run:
+    steps = steps or settings.steps
+    with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        loader, dataset = make_dataloader(block_size=64, batch_size=16, n_samples=16 * steps)
+        pl.seed_everything(seed, verbose=False)
+        model = TinyGPT(len(dataset.vocab), block_size=64, d_model=64, n_layer=2, n_head=4, max_steps=steps)
+        callbacks: list[Callback] = []
+        if fault is not None:
+            spec = FAULTS[fault]
+            callbacks.append(FaultInjector({settings.fault_step + d: f for d, f in spec.items()}, seed=seed))
+            if not spec:
+                callbacks.append(LRSpike(settings.fault_step, LR_SPIKE))
+        guard: Any = None
+        if arm == "SpikeDetection":
+            guard = SpikeDetection(exclude_batches_path=root)
+        elif arm == "OLMo-style rule":
+            guard = OLMoRule()
+        elif arm == "ours":
+            callbacks += [GradientSpikeGuard(), InMemoryRollback(every_n_steps=50, commit_after=10)]
+        if guard is not None:
+            callbacks.append(guard)
+        losses = Losses()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, default_root_dir=root,
+                             callbacks=[*callbacks, losses], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        halted = None
+        try:
+            trainer.fit(model, loader)
+        except RuntimeError as err:  # SpikeDetection stops training by raising
+            if "Training spike detected" not in str(err):
+                raise
+            halted = trainer.global_step
+        if arm == "ours":
+            detections = [e.step for e in get_event_log(trainer) if e.source == "GradientSpikeGuard" and e.severity != "info"]
+        elif arm == "OLMo-style rule":
+            detections = list(guard.detections)
+        elif arm == "SpikeDetection":
+            detections = [halted] if halted is not None else []
+        else:
+            detections = []
+    finite = [x for x in losses.losses if math.isfinite(x)][-20:]
+    final = statistics.fmean(finite) if finite and halted is None else math.nan
+    return Run(arm, fault or "clean", seed, detections, final, halted)
+
+
+def evaluate(settings: Settings, progress: Callable[[str], None]) -> tuple[str, list[str]]:
+    clean = {(arm, seed): run(arm, None, seed, settings) for arm in ARMS for seed in settings.seeds}
+    long_clean = {(arm, seed): run(arm, None, seed, settings, settings.clean_steps) for arm in ARMS if arm != "no guard"
+                  for seed in settings.seeds}
+    rows = ["| fault | guard | detected (seeds) | steps to detection | final loss vs. clean (per seed) |",
+            "|---|---|---:|---:|---|"]
+    per_arm: dict[str, dict[str, Any]] = {a: {"hits": 0, "faults": 0, "late": [], "ratios": [], "fault_alerts": 0,
+                                              "all_alerts": 0} for a in ARMS}
+    for fault in FAULTS:
+        for arm in ARMS:
+            runs = [run(arm, fault, seed, settings) for seed in settings.seeds]
+            window = range(settings.fault_step, settings.fault_step + 5 + max(FAULTS[fault] or {0: 0}))
+            hits = [r for r in runs if any(d in window for d in r.detections)]
+            delays = [min(d for d in r.detections if d in window) - settings.fault_step for r in hits]
+            ratios = [r.final / clean[("no guard", r.seed)].final for r in runs]
+            stats = per_arm[arm]
+            stats["hits"] += len(hits)
+            stats["faults"] += len(runs)
+            stats["ratios"] += [x for x in ratios if math.isfinite(x)]
+            stats["all_alerts"] += sum(len(r.detections) for r in runs)
+            stats["fault_alerts"] += sum(sum(d in window for d in r.detections) for r in runs)
+            detected = "-" if arm == "no guard" else f"{len(hits)}/{len(runs)}"
+            delay = "-" if not delays else f"{statistics.fmean(delays):.1f}"
+            shown = ", ".join("halted" if r.halted is not None else f"{x:.3f}x" for r, x in zip(runs, ratios))
+            rows.append(f"| {fault} | {arm} | {detected} | {delay} | {shown} |")
+            progress(f"{fault} / {arm}: detected {detected}, final {shown}")
+    lines = []
+    for arm in ARMS[1:]:
+        stats = per_arm[arm]
+        clean_runs = [long_clean[(arm, s)] for s in settings.seeds]
+        false_alerts = sum(len(r.detections) for r in clean_runs)
+        clean_steps = settings.clean_steps * len(clean_runs)
+        precision = stats["fault_alerts"] / max(1, stats["all_alerts"] + false_alerts)
+        worst = max((abs(x - 1) for x in stats["ratios"]), default=math.nan)
+        lines.append(
+            f"{arm}: recall {stats['hits']}/{stats['faults']} fault runs; precision {precision:.2f}; "
+            f"{1000 * false_alerts / clean_steps:.2f} false alerts per 1000 clean steps ({false_alerts} in "
+            f"{clean_steps}); final loss within {worst:.1%} of the clean run where the run finished"
+        )
+    return "\n".join(rows), lines
+
+
+def render_section(settings: Settings, table: str, lines: list[str], seconds: float, machine: str) -> str:
+    faults = ", ".join(FAULTS)
+    summary = "\n".join(f"- {line}." for line in lines)
+    return f"""
+## Efficacy on injected faults
+
+```bash
+python -m benchmarks.efficacy   # rewrites this section only ({seconds / 60:.1f} minutes for the run below)
+```
+
+{machine}
+
+The tiny GPT (d64-L2) trains {settings.steps} steps; at step {settings.fault_step} one fault is injected
+({faults}; the label burst spans 5 steps, the learning-rate spike multiplies every rate by
+{LR_SPIKE:g} for one step). Guards: none; Lightning's `SpikeDetection()` at its defaults (it stops
+training when it sees a loss spike); an OLMo-style rule implemented here (skip the update when the loss
+or the gradient norm exceeds mean + 6 std of the last 128 accepted steps); ours: `GradientSpikeGuard()`
+and `InMemoryRollback(every_n_steps=50)` at their defaults. Seeds {", ".join(map(str, settings.seeds))}
+draw the initial weights. A detection counts when it falls within 5 steps of the fault (of its last
+step for the burst); false alerts are detections in clean runs of {settings.clean_steps} steps per seed.
+The final loss (mean of the last 20 steps) is relative to the unguarded clean run of the same seed.
+
+{table}
+
+{summary}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.__main__ import available_cores, cpu_model, source_version
+    from benchmarks.precision import replace_section
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.efficacy", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps, print only (the CI smoke test)")
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    settings = QUICK if args.quick else FULL
+    threads = available_cores()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    table, lines = evaluate(settings, lambda line: print(line, flush=True))
+    seconds = time.perf_counter() - start
+    machine = (f"CPU: {cpu_model()}, {threads} cores; torch {torch.__version__}; lightning_stability at commit "
+               f"`{source_version()}`; run on {datetime.date.today().isoformat()}.")
+    section = render_section(settings, table, lines, seconds, machine)
+    print(section)
+    if not args.quick:
+        replace_section(args.out, section, "## Efficacy on injected faults")
+        print(f"wrote the Efficacy section of {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
