@@ -125,7 +125,7 @@ class Run:
     fault: str
     seed: int
     detections: list[int]
-    final: float  # mean of the last 20 finite losses; nan if halted
+    final: float  # mean of the last 20 losses: inf if any is not finite (the run diverged), nan if halted
     halted: int | None  # the step SpikeDetection stopped training at
 
 
@@ -170,8 +170,11 @@ def run(arm: str, fault: str | None, seed: int, settings: Settings, steps: int |
             detections = [halted] if halted is not None else []
         else:
             detections = []
-    finite = [x for x in losses.losses if math.isfinite(x)][-20:]
-    final = statistics.fmean(finite) if finite and halted is None else math.nan
+    tail = losses.losses[-20:]
+    if halted is not None or not tail:
+        final = math.nan
+    else:
+        final = statistics.fmean(tail) if all(math.isfinite(x) for x in tail) else math.inf
     return Run(arm, fault or "clean", seed, detections, final, halted)
 
 
@@ -182,7 +185,7 @@ def evaluate(settings: Settings, progress: Callable[[str], None]) -> tuple[str, 
     rows = ["| fault | guard | detected (seeds) | steps to detection | final loss vs. clean (per seed) |",
             "|---|---|---:|---:|---|"]
     per_arm: dict[str, dict[str, Any]] = {a: {"hits": 0, "faults": 0, "late": [], "ratios": [], "fault_alerts": 0,
-                                              "all_alerts": 0} for a in ARMS}
+                                              "all_alerts": 0, "diverged": 0, "halted": 0} for a in ARMS}
     for fault in FAULTS:
         for arm in ARMS:
             runs = [run(arm, fault, seed, settings) for seed in settings.seeds]
@@ -193,26 +196,36 @@ def evaluate(settings: Settings, progress: Callable[[str], None]) -> tuple[str, 
             stats = per_arm[arm]
             stats["hits"] += len(hits)
             stats["faults"] += len(runs)
-            stats["ratios"] += [x for x in ratios if math.isfinite(x)]
+            stats["ratios"] += [x for x in ratios if not math.isnan(x)]
+            stats["diverged"] += sum(math.isinf(x) for x in ratios)
+            stats["halted"] += sum(r.halted is not None for r in runs)
             stats["all_alerts"] += sum(len(r.detections) for r in runs)
             stats["fault_alerts"] += sum(sum(d in window for d in r.detections) for r in runs)
             detected = "-" if arm == "no guard" else f"{len(hits)}/{len(runs)}"
             delay = "-" if not delays else f"{statistics.fmean(delays):.1f}"
-            shown = ", ".join("halted" if r.halted is not None else f"{x:.3f}x" for r, x in zip(runs, ratios))
+            shown = ", ".join("halted" if r.halted is not None else "diverged (NaN)" if math.isinf(x) else f"{x:.3f}x"
+                              for r, x in zip(runs, ratios))
             rows.append(f"| {fault} | {arm} | {detected} | {delay} | {shown} |")
             progress(f"{fault} / {arm}: detected {detected}, final {shown}")
     lines = []
+    unguarded = per_arm["no guard"]
+    finite = [x for x in unguarded["ratios"] if math.isfinite(x)]
+    lines.append(f"no guard: final loss up to {max(finite, default=math.nan):.3f}x the clean run's where it stayed finite; "
+                 f"{unguarded['diverged']} of {unguarded['faults']} fault runs diverged to NaN")
     for arm in ARMS[1:]:
         stats = per_arm[arm]
         clean_runs = [long_clean[(arm, s)] for s in settings.seeds]
         false_alerts = sum(len(r.detections) for r in clean_runs)
         clean_steps = settings.clean_steps * len(clean_runs)
         precision = stats["fault_alerts"] / max(1, stats["all_alerts"] + false_alerts)
-        worst = max((abs(x - 1) for x in stats["ratios"]), default=math.nan)
+        finished = [x for x in stats["ratios"] if math.isfinite(x)]
+        worst = max((abs(x - 1) for x in finished), default=math.nan)
+        diverged = stats["diverged"]
         lines.append(
             f"{arm}: recall {stats['hits']}/{stats['faults']} fault runs; precision {precision:.2f}; "
             f"{1000 * false_alerts / clean_steps:.2f} false alerts per 1000 clean steps ({false_alerts} in "
-            f"{clean_steps}); final loss within {worst:.1%} of the clean run where the run finished"
+            f"{clean_steps}); final loss within {worst:.1%} of the clean run where the run finished and stayed "
+            f"finite; {diverged} runs diverged, {stats['halted']} halted"
         )
     return "\n".join(rows), lines
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -28,7 +29,7 @@ def test_te_backend_trains_with_each_recipe(te, tmp_path, recipe):
     plugin = FP8Precision(backend="te", recipe=recipe, health_every_n_steps=5)
     losses = []
 
-    class Record(__import__("lightning.pytorch").pytorch.Callback):
+    class Record(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
