@@ -80,31 +80,21 @@ class _Capture(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _Patch:
-    """The cheaper capture: ``torch.nn.functional.scaled_dot_product_attention`` and
-    ``multi_head_attention_forward`` replaced by wrappers for the sampled forward only. It sees every
-    call made through the module attribute (``F.scaled_dot_product_attention(...)``, as PyTorch's own
-    modules, Hugging Face transformers and nanoGPT-style code do) and costs nothing on other ops; a
-    function bound at import (``from torch.nn.functional import scaled_dot_product_attention``) needs
-    ``capture="mode"``."""
+class _FunctionPatch:
+    """``torch.nn.functional.scaled_dot_product_attention`` and ``multi_head_attention_forward`` replaced
+    by ``wrap(sdpa, mha)``'s two functions while entered, the originals put back on exit."""
 
     def __init__(self, monitor: SoftmaxSaturationMonitor) -> None:
         self.monitor = monitor
         self.saved: dict[str, Any] = {}
 
-    def __enter__(self) -> _Patch:
-        monitor = self.monitor
+    def wrap(self, sdpa: Callable[..., Any], mha: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        raise NotImplementedError
+
+    def __enter__(self) -> _FunctionPatch:
         sdpa, mha = F.scaled_dot_product_attention, F.multi_head_attention_forward
         self.saved = {"scaled_dot_product_attention": sdpa, "multi_head_attention_forward": mha}
-
-        def sdpa_wrapper(*args: Any, **kwargs: Any) -> Any:
-            monitor._attention_call(args, kwargs)
-            return sdpa(*args, **kwargs)
-
-        def mha_wrapper(*args: Any, **kwargs: Any) -> Any:
-            monitor._mha_call(args, kwargs)
-            return mha(*args, **kwargs)
-
+        sdpa_wrapper, mha_wrapper = self.wrap(sdpa, mha)
         F.scaled_dot_product_attention = sdpa_wrapper  # type: ignore[assignment]
         F.multi_head_attention_forward = mha_wrapper  # type: ignore[assignment]
         return self
@@ -115,21 +105,36 @@ class _Patch:
         self.saved = {}
 
 
-class _AttentionSoftcap:
+class _Patch(_FunctionPatch):
+    """The cheaper capture: the two attention functions replaced by wrappers for the sampled forward
+    only. It sees every call made through the module attribute (``F.scaled_dot_product_attention(...)``,
+    as PyTorch's own modules, Hugging Face transformers and nanoGPT-style code do) and costs nothing on
+    other ops; a function bound at import (``from torch.nn.functional import
+    scaled_dot_product_attention``) needs ``capture="mode"``."""
+
+    def wrap(self, sdpa: Callable[..., Any], mha: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        monitor = self.monitor
+
+        def sdpa_wrapper(*args: Any, **kwargs: Any) -> Any:
+            monitor._attention_call(args, kwargs)
+            return sdpa(*args, **kwargs)
+
+        def mha_wrapper(*args: Any, **kwargs: Any) -> Any:
+            monitor._mha_call(args, kwargs)
+            return mha(*args, **kwargs)
+
+        return sdpa_wrapper, mha_wrapper
+
+
+class _AttentionSoftcap(_FunctionPatch):
     """The ``attn_softcap`` remedy, in force for one batch's forward: every
     ``torch.nn.functional.scaled_dot_product_attention`` call becomes :func:`softcapped_attention`.
     No fused SDPA kernel soft-caps, so this runs the attention as math and materialises the logits:
     the first call of a fit warns with what that costs at its shape. ``nn.MultiheadAttention`` reaches
     SDPA only with ``need_weights=False``; its other path is left uncapped, with a warning."""
 
-    def __init__(self, monitor: SoftmaxSaturationMonitor) -> None:
-        self.monitor = monitor
-        self.saved: dict[str, Any] = {}
-
-    def __enter__(self) -> _AttentionSoftcap:
+    def wrap(self, sdpa: Callable[..., Any], mha: Callable[..., Any]) -> tuple[Callable[..., Any], Callable[..., Any]]:
         monitor, cap = self.monitor, self.monitor.attention_softcap
-        sdpa, mha = F.scaled_dot_product_attention, F.multi_head_attention_forward
-        self.saved = {"scaled_dot_product_attention": sdpa, "multi_head_attention_forward": mha}
 
         def capped(*args: Any, **kwargs: Any) -> Any:
             bound = dict(zip(_SDPA_PARAMS, args))
@@ -145,14 +150,7 @@ class _AttentionSoftcap:
                 monitor._softcap_skipped("nn.MultiheadAttention with need_weights=True")
             return mha(*args, **kwargs)
 
-        F.scaled_dot_product_attention = capped  # type: ignore[assignment]
-        F.multi_head_attention_forward = mha_wrapper  # type: ignore[assignment]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, fn in self.saved.items():
-            setattr(F, name, fn)
-        self.saved = {}
+        return capped, mha_wrapper
 
 
 class SoftmaxSaturationMonitor(StabilityCallback):
@@ -429,7 +427,8 @@ class SoftmaxSaturationMonitor(StabilityCallback):
 
     def _start_attention_softcap(self) -> None:
         if "attn_softcap" in self._remedy_on and self._attn_softcap is None:
-            self._attn_softcap = _AttentionSoftcap(self).__enter__()
+            self._attn_softcap = _AttentionSoftcap(self)
+            self._attn_softcap.__enter__()
 
     def _stop_attention_softcap(self) -> None:
         if self._attn_softcap is not None:
