@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_stability.callbacks._base import log_to_loggers
 from lightning_stability.events import get_event_log
 from lightning_stability.ops.fp8 import (
     E4M3,
@@ -294,12 +295,6 @@ class FP8Precision(Precision):
             stack.enter_context(_te.fp8_autocast(enabled=True, recipe=self._te_recipe))
         return stack
 
-    @override
-    @contextlib.contextmanager
-    def train_step_context(self) -> Generator[None, None, None]:
-        with self.forward_context():
-            yield
-
     # -- the step: health, decisions ---------------------------------------------------------------
     def _due(self, step: int) -> bool:
         return step % self.health_every_n_steps == 0 or any(s["bad"] > 0 for s in self._state.values())
@@ -387,8 +382,6 @@ class FP8Precision(Precision):
         if due:
             metrics.update({f"stability/fp8/{k}": v for k, v in stats.items()})
             metrics["stability/fp8/fallback_layers"] = float(sum(layer.fallback for layer in self._layers.values()))
-            from lightning_stability.callbacks._base import log_to_loggers
-
             log_to_loggers(trainer, metrics)
 
     def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None,
