@@ -19,7 +19,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import lightning
 import torch
@@ -114,6 +116,50 @@ def source_version() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def section_machine(threads: int) -> str:
+    """The machine line of a section that can be rewritten on its own."""
+    return (f"CPU: {cpu_model()}, {threads} cores; torch {torch.__version__}; lightning_stability at commit "
+            f"`{source_version()}`; run on {datetime.date.today().isoformat()}.")
+
+
+def replace_section(path: str, section: str, heading: str) -> None:
+    """Put ``section`` in place of the file's section under ``heading`` (or at its end)."""
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    start = text.find("\n" + heading)
+    if start == -1:
+        text = text.rstrip("\n") + "\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end:] if end != -1 else "")
+    with open(path, "w") as f:
+        f.write(text.rstrip("\n") + "\n")
+
+
+def run_section(argv: list[str] | None, prog: str, description: str, heading: str, quick: Any, full: Any,
+                compute: Callable[[Any, Callable[[str], None]], Any], render: Callable[[Any, Any, float, str], str]) -> int:
+    """``python -m benchmarks.<section> [--quick] [--out FILE]``: compute one section, print it, and (not
+    with ``--quick``) rewrite that section of the benchmarks page."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help="a few steps, print only (the CI smoke test)")
+    parser.add_argument("--out", default="docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    settings = quick if args.quick else full
+    threads = available_cores()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    result = compute(settings, lambda line: print(line, flush=True))
+    section = render(settings, result, time.perf_counter() - start, section_machine(threads))
+    print(section)
+    if not args.quick:
+        replace_section(args.out, section, heading)
+        print(f"wrote the section {heading[3:]!r} of {args.out}")
+    return 0
 
 
 def load_average() -> str:
@@ -500,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     precision_seconds = time.perf_counter() - precision_start
     faults_start = time.perf_counter()
     faults_settings = fault_efficacy.QUICK if args.quick else fault_efficacy.FULL
-    faults_table, faults_lines = fault_efficacy.evaluate(faults_settings, progress)
+    faults_result = fault_efficacy.evaluate(faults_settings, progress)
     faults_seconds = time.perf_counter() - faults_start
     minutes = (time.perf_counter() - start) / 60
     summaries = summarize(results)
@@ -536,16 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(efficacy[1]))
     precision_section = precision.render_section(
-        precision_settings, precision_parts, precision_seconds,
-        f"CPU: {cpu_model()}, {threads} cores; torch {torch.__version__}; lightning_stability at commit "
-        f"`{source_version()}`; run on {datetime.date.today().isoformat()}.",
-    )
+        precision_settings, precision_parts, precision_seconds, section_machine(threads))
     print(precision_section)
-    faults_section = fault_efficacy.render_section(
-        faults_settings, faults_table, faults_lines, faults_seconds,
-        f"CPU: {cpu_model()}, {threads} cores; torch {torch.__version__}; lightning_stability at commit "
-        f"`{source_version()}`; run on {datetime.date.today().isoformat()}.",
-    )
+    faults_section = fault_efficacy.render_section(faults_settings, faults_result, faults_seconds, section_machine(threads))
     print(faults_section)
     if args.quick:
         print(

@@ -8,13 +8,10 @@ and an OLMo-style rule, on the tiny GPT, every run seeded and repeated over seed
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import math
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +23,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.callbacks.spike import SpikeDetection
 
+from benchmarks.spectral import LossRecorder
 from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log
 from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
 
@@ -110,15 +108,6 @@ class LRSpike(Callback):
             self._saved = None
 
 
-class Losses(Callback):
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        self.losses.append(float(outputs["loss"]) if isinstance(outputs, dict) else float("nan"))
-
-
 @dataclass
 class Run:
     arm: str
@@ -151,7 +140,7 @@ def run(arm: str, fault: str | None, seed: int, settings: Settings, steps: int |
             callbacks += [GradientSpikeGuard(), InMemoryRollback(every_n_steps=50, commit_after=10)]
         if guard is not None:
             callbacks.append(guard)
-        losses = Losses()
+        losses = LossRecorder()
         trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, default_root_dir=root,
                              callbacks=[*callbacks, losses], logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)
@@ -230,11 +219,15 @@ def evaluate(settings: Settings, progress: Callable[[str], None]) -> tuple[str, 
     return "\n".join(rows), lines
 
 
-def render_section(settings: Settings, table: str, lines: list[str], seconds: float, machine: str) -> str:
+SECTION = "## Efficacy on injected faults"
+
+
+def render_section(settings: Settings, result: tuple[str, list[str]], seconds: float, machine: str) -> str:
+    table, lines = result
     faults = ", ".join(FAULTS)
     summary = "\n".join(f"- {line}." for line in lines)
     return f"""
-## Efficacy on injected faults
+{SECTION}
 
 ```bash
 python -m benchmarks.efficacy   # rewrites this section only ({seconds / 60:.1f} minutes for the run below)
@@ -259,30 +252,10 @@ The final loss (mean of the last 20 steps) is relative to the unguarded clean ru
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.__main__ import available_cores, cpu_model, source_version
-    from benchmarks.precision import replace_section
+    from benchmarks.__main__ import run_section
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.efficacy", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps, print only (the CI smoke test)")
-    parser.add_argument("--out", default="docs/benchmarks.md")
-    args = parser.parse_args(argv)
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    settings = QUICK if args.quick else FULL
-    threads = available_cores()
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    table, lines = evaluate(settings, lambda line: print(line, flush=True))
-    seconds = time.perf_counter() - start
-    machine = (f"CPU: {cpu_model()}, {threads} cores; torch {torch.__version__}; lightning_stability at commit "
-               f"`{source_version()}`; run on {datetime.date.today().isoformat()}.")
-    section = render_section(settings, table, lines, seconds, machine)
-    print(section)
-    if not args.quick:
-        replace_section(args.out, section, "## Efficacy on injected faults")
-        print(f"wrote the Efficacy section of {args.out}")
-    return 0
+    return run_section(argv, "python -m benchmarks.efficacy", __doc__.splitlines()[0], SECTION, QUICK, FULL, evaluate,
+                       render_section)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,6 @@ process, runs interleaved, medians over repeats.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
 import statistics
 import sys
 import tempfile
@@ -262,13 +259,16 @@ def sweep(settings: Settings, progress: Callable[[str], None]) -> tuple[str, lis
     return "\n".join(table), lines, base
 
 
+SECTION = "## Precision: 8-bit optimizers and FP8"
+
+
 def render_section(settings: Settings, parts: dict[str, Any], seconds: float, machine: str) -> str:
     state_t, state_lines = parts["state"]
     loss_t, loss_lines = parts["loss"]
     sweep_t, sweep_lines, base = parts["sweep"]
     bullet = "\n".join
     return f"""
-## Precision: 8-bit optimizers and FP8
+{SECTION}
 
 ```bash
 python -m benchmarks.precision   # rewrites this section only ({seconds / 60:.1f} minutes for the run below)
@@ -322,22 +322,6 @@ layer's overflow fraction passes 1% or its underflow fraction 50% in 3 samples i
 """
 
 
-def replace_section(path: str, section: str, heading: str = "## Precision") -> None:
-    """Put ``section`` in place of the file's section under ``heading`` (or at its end)."""
-    text = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            text = f.read()
-    start = text.find("\n" + heading)
-    if start == -1:
-        text = text.rstrip("\n") + "\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end:] if end != -1 else "")
-    with open(path, "w") as f:
-        f.write(text.rstrip("\n") + "\n")
-
-
 def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
     return {
         "state": state_table(settings, progress),
@@ -349,29 +333,10 @@ def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.__main__ import available_cores, cpu_model, source_version
+    from benchmarks.__main__ import run_section
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.precision", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few steps, print only (the CI smoke test)")
-    parser.add_argument("--out", default="docs/benchmarks.md")
-    args = parser.parse_args(argv)
-    import logging
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    settings = QUICK if args.quick else FULL
-    threads = available_cores()
-    torch.set_num_threads(threads)
-    start = time.perf_counter()
-    parts = run(settings, lambda line: print(line, flush=True))
-    seconds = time.perf_counter() - start
-    machine = (f"CPU: {cpu_model()}, {threads} cores; torch {torch.__version__}; lightning_stability at commit "
-               f"`{source_version()}`; run on {datetime.date.today().isoformat()}.")
-    section = render_section(settings, parts, seconds, machine)
-    print(section)
-    if not args.quick:
-        replace_section(args.out, section)
-        print(f"wrote the Precision section of {args.out}")
-    return 0
+    return run_section(argv, "python -m benchmarks.precision", __doc__.splitlines()[0], SECTION, QUICK, FULL, run,
+                       render_section)
 
 
 if __name__ == "__main__":
