@@ -176,6 +176,14 @@ def grad_scaler(trainer: pl.Trainer) -> Any:
     return scaler
 
 
+def sharded_strategy(trainer: pl.Trainer) -> str | None:
+    """The name of the trainer's strategy when it shards parameters (FSDP, ModelParallel), else ``None``."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    strategy = trainer.strategy
+    return type(strategy).__name__ if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) else None
+
+
 def check_fraction(owner: str, name: str, value: Any, closed: bool = False) -> float:
     """A float in (0, 1), or (0, 1] with ``closed``."""
     allowed = "(0, 1]" if closed else "(0, 1)"

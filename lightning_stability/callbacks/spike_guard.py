@@ -22,17 +22,18 @@ from lightning_stability.callbacks._base import (
     check_positive,
     grad_scaler,
     is_logging_step,
+    sharded_strategy,
 )
 from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
 from lightning_stability.ops.lr import scale_lr_for_step
 from lightning_stability.ops.optim_state import (
     moment_family,
     reset_moments_,
-    second_moment,
     second_moments,
     unwrap_optimizer,
 )
 from lightning_stability.ops.robust import Baseline, RollingWindow
+from lightning_stability.ops.sharded import all_reduce_sum_, local, local_sum_of_squares
 from lightning_stability.ops.spikes import (
     chunk_by_numel,
     clip_element_spikes_,
@@ -215,6 +216,7 @@ class GradientSpikeGuard(StabilityCallback):
         self._halt_report: str | None = None  # a halt decided in this step, carried out at its end
         self._warned_norm_only: set[str] = set()
         self._trainer_ref: Any = None
+        self._sharded = False  # parameters are shards (FSDP, ModelParallel): statistics are sums over ranks
 
     # -- state -----------------------------------------------------------------------------------
     @override
@@ -251,6 +253,14 @@ class GradientSpikeGuard(StabilityCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._sharded = sharded_strategy(trainer) is not None
+        hybrid = str(getattr(trainer.strategy, "sharding_strategy", ""))
+        if self._sharded and "HYBRID" in hybrid:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot measure gradients under {type(trainer.strategy).__name__}"
+                f"(sharding_strategy={hybrid.split('.')[-1]!r}): its flat shards are replicated across nodes, so a sum "
+                "over ranks counts them several times. Use FULL_SHARD or SHARD_GRAD_OP, or ModelParallelStrategy."
+            )
         if stage == "fit":
             # A new fit starts from a clean slate (a checkpoint, if any, is restored after setup):
             # baselines, back-offs and warm-ups of an earlier fit belong to another run.
@@ -291,7 +301,8 @@ class GradientSpikeGuard(StabilityCallback):
         index = _optimizer_index(trainer, opt)
         track = self._track(index)
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
+        # sharded: the local shards (the rows this rank holds); everything elementwise acts on them
+        grads = [local(p.grad) for p in params] if self._sharded else [p.grad for p in params]  # type: ignore[misc]
         loss, self._pending_loss = self._pending_loss, None
         if not grads:
             return
@@ -377,7 +388,8 @@ class GradientSpikeGuard(StabilityCallback):
         (unscaled, rank-averaged) loss or ``None``, and whether the ranks' gradient norms differ.
         """
         step = trainer.global_step
-        norm = global_grad_norm(grads)
+        # sharded: this rank's share of the sum of squares, not a norm (summed over ranks below)
+        norm = local_sum_of_squares([p.grad for p in params]) if self._sharded else global_grad_norm(grads)  # type: ignore[misc]
         device = norm.device
         use_elements = self.theta is not None and track.armed and not self._in_reset_warmup(track, step)
         # Fast path: the largest g^2 - theta v over all elements (three foreach passes). Only where it
@@ -387,11 +399,25 @@ class GradientSpikeGuard(StabilityCallback):
         checked = 0
         if element_checks:
             for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
-                moments = second_moments(opt, [params[i] for i in chunk])
+                moments = self._moments(opt, [params[i] for i in chunk])
                 excesses.append(max_spike_excess([grads[i] for i in chunk], moments, self.theta))  # type: ignore[arg-type]
                 checked += sum(grads[i].numel() for i, v in zip(chunk, moments) if v is not None)
         excess = excesses[0] if len(excesses) == 1 else torch.stack(excesses).max() if excesses else None
-        if trainer.world_size > 1:
+        if self._sharded:
+            # Sharded gradients: one all-reduce of four sums per step, the same numbers on every
+            # rank. Each rank holds different rows, so the norm is the root of the summed squares
+            # (not a maximum of per-rank norms) and the ranks cannot disagree on it; a NaN on any rank
+            # makes the sum NaN. Only the sign of the element excess matters (it gates the count).
+            zero = torch.zeros((), device=device)
+            sums = torch.stack([
+                norm,
+                (excess.to(device) > 0).float() if excess is not None else zero,
+                loss.to(device) if loss is not None else zero,
+                zero + (1.0 if loss is not None else 0.0),
+            ])
+            sum_sq, max_excess, loss_sum, loss_count = all_reduce_sum_(sums).tolist()
+            grad_norm = min_norm = math.sqrt(sum_sq) if sum_sq >= 0 else math.nan
+        elif trainer.world_size > 1:
             # The guard's only collective: one all-gather of four numbers, so every rank computes the
             # same statistics from the same inputs and takes the same decision. After DDP's all-reduce
             # the gradients agree; the loss does not, and a NaN loss on any one rank must make every
@@ -434,10 +460,12 @@ class GradientSpikeGuard(StabilityCallback):
         count = torch.zeros((), device=grads[0].device)
         for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
             n, _ = count_element_spikes(
-                [grads[i] for i in chunk], second_moments(opt, [params[i] for i in chunk]), self.theta  # type: ignore[arg-type]
+                [grads[i] for i in chunk], self._moments(opt, [params[i] for i in chunk]), self.theta  # type: ignore[arg-type]
             )
             count = count + n
-        if trainer.world_size > 1:
+        if self._sharded:
+            count = all_reduce_sum_(count.float())  # each rank counted its own rows
+        elif trainer.world_size > 1:
             # a second small collective, only on such steps: every rank must use the same count
             count = trainer.strategy.all_gather(count.float().reshape(1)).max()
         return float(count)
@@ -491,10 +519,15 @@ class GradientSpikeGuard(StabilityCallback):
         if action == "clip":
             if stats["spike_count"] > 0 and self.theta is not None:
                 for p, g in zip(params, grads):  # a rare path: decode the moments again, one at a time
-                    clip_element_spikes_([g], [second_moment(opt, p)], self.theta)
+                    clip_element_spikes_([g], self._moments(opt, [p]), self.theta)  # type: ignore[list-item]
             if detection == "grad_spike" and math.isfinite(gb.median) and gb.median > 0:
-                # rescale the global norm to the baseline (after the element clip, if any)
-                factor = torch.clamp(gb.median / global_grad_norm(grads).clamp_min(1e-12), max=1.0)
+                # rescale the global norm to the baseline (after the element clip, if any); sharded,
+                # one more all-reduce, on this step only, and every rank scales by the same factor
+                norm = (
+                    all_reduce_sum_(local_sum_of_squares([p.grad for p in params])).sqrt()  # type: ignore[misc]
+                    if self._sharded else global_grad_norm(grads)
+                )
+                factor = torch.clamp(gb.median / norm.clamp_min(1e-12), max=1.0)
                 scale_grads_(grads, factor.to(grads[0].device))
             return
         for p in params:  # every rung above clip skips the step
@@ -524,6 +557,11 @@ class GradientSpikeGuard(StabilityCallback):
             f"{type(self).__name__} halted training at optimizer step {step} (optimizer {index}): {detection} with "
             f"{statistic}. Interventions tried in this run: {tried}. The halted step was skipped."
         )
+
+    def _moments(self, opt: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor | None]:
+        """The second moments of ``params``; sharded, their local shards (the rows of the gradients)."""
+        moments = second_moments(opt, params)
+        return [None if v is None else local(v) for v in moments] if self._sharded else moments
 
     def _in_reset_warmup(self, track: _OptimizerTrack, step: int) -> bool:
         # SPAM: after a reset the second moment is not meaningful yet; do not test elements against it.

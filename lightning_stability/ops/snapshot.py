@@ -11,6 +11,9 @@ are pinned and the copies are issued with ``non_blocking=True`` on the current s
 not wait for them, and every later kernel on that stream (the next optimizer step included) is
 ordered after them, so the snapshot cannot be torn.
 
+Sharded tensors (FSDP2's ``DTensor``s) are copied as their local shards: each rank keeps and restores
+its own rows, and nothing is gathered.
+
 No Lightning here: the callback decides when to take and restore; this module only copies.
 """
 
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor
 
 from lightning_stability.ops.optim_state import is_bnb_optimizer
+from lightning_stability.ops.sharded import is_dtensor, local
 
 
 def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
@@ -43,7 +47,8 @@ def _unique(tensors: Iterable[Tensor]) -> list[Tensor]:
 
 
 def nbytes(tensors: Iterable[Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the tensors (of their local shards, for sharded tensors)."""
+    return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
 def estimate_optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -65,7 +70,7 @@ def estimate_optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if state:
                 total += nbytes(v for v in state.values() if isinstance(v, Tensor))
                 continue
-            size = p.numel() * p.element_size()
+            size = local(p).numel() * p.element_size()  # this rank's rows of a sharded parameter
             if is_bnb and bits == 8 and p.numel() >= min_8bit:
                 total += 2 * p.numel() + 2 * 4 * -(-p.numel() // 256)
             elif is_bnb:
@@ -142,6 +147,7 @@ class _OptimizerLayout:
 
 def _host_buffer(t: Tensor) -> Tensor:
     # Pinned memory lets the device-to-host copy run without blocking the host.
+    t = local(t)
     return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
 
 
@@ -167,7 +173,7 @@ class HostSnapshot:
 
     def _fits(self, live: Sequence[Tensor]) -> bool:
         return len(live) == len(self.buffers) and all(
-            b.shape == t.shape and b.dtype == t.dtype for b, t in zip(self.buffers, live)
+            b.shape == local(t).shape and b.dtype == t.dtype for b, t in zip(self.buffers, live)
         )
 
     @torch.no_grad()
@@ -184,7 +190,7 @@ class HostSnapshot:
             self.buffers = []  # free the old slot before allocating the new one
             self.buffers = [_host_buffer(t) for t in live]
         for buf, t in zip(self.buffers, live):
-            buf.copy_(t.detach(), non_blocking=buf.is_pinned())
+            buf.copy_(local(t.detach()), non_blocking=buf.is_pinned())
         self.n_module = len(module_tensors(module))
         self.layouts = layouts
         self.rng = capture_rng()
@@ -207,14 +213,14 @@ class HostSnapshot:
                 f"{len(self.layouts)} optimizers; the model has {len(live_module)} and the trainer {len(optimizers)}"
             )
         for j, t in enumerate(live_module):
-            if t.shape != self.buffers[j].shape:  # copy_ would broadcast silently
+            if local(t).shape != self.buffers[j].shape:  # copy_ would broadcast silently
                 raise ValueError(
-                    f"HostSnapshot.restore(): module tensor {j} has shape {tuple(t.shape)}, the snapshot "
+                    f"HostSnapshot.restore(): module tensor {j} has shape {tuple(local(t).shape)}, the snapshot "
                     f"{tuple(self.buffers[j].shape)}"
                 )
         written: dict[int, Tensor] = {}  # buffer index -> the live tensor it was written into
         for j, t in enumerate(live_module):
-            t.copy_(self.buffers[j], non_blocking=True)
+            local(t).copy_(self.buffers[j], non_blocking=True)
             written[j] = t
         for opt, layout in zip(optimizers, self.layouts):
             params = [p for group in opt.param_groups for p in group["params"]]
@@ -237,15 +243,31 @@ class HostSnapshot:
                     if j in written:
                         if current is not written[j]:
                             state[key] = written[j]  # a shared table: point at the one copy
-                    elif isinstance(current, Tensor) and current.shape == self.buffers[j].shape and current.dtype == self.buffers[j].dtype:
-                        current.copy_(self.buffers[j], non_blocking=True)
+                    elif (
+                        isinstance(current, Tensor)
+                        and local(current).shape == self.buffers[j].shape
+                        and current.dtype == self.buffers[j].dtype
+                    ):
+                        local(current).copy_(self.buffers[j], non_blocking=True)
                         written[j] = current
                     else:
                         # the entry was replaced or removed since the capture: recreate it
-                        device = current.device if isinstance(current, Tensor) else p.device
-                        state[key] = written[j] = self.buffers[j].to(device, copy=True)
+                        state[key] = written[j] = _recreate(self.buffers[j], current, p)
                 state.update(copy.deepcopy(values))
         restore_rng(self.rng)
+
+
+def _recreate(buffer: Tensor, current: Any, param: Tensor) -> Tensor:
+    """A fresh state tensor from its snapshot copy, like ``param`` where it was a shard of one."""
+    device = current.device if isinstance(current, Tensor) else param.device
+    t = buffer.to(local(param).device if is_dtensor(param) else device, copy=True)
+    if is_dtensor(param) and t.shape == local(param).shape:
+        # the moments of a sharded parameter are sharded like it (the optimizer made them with zeros_like)
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(t, param.device_mesh, param.placements, run_check=False,  # type: ignore[attr-defined]
+                                  shape=param.shape, stride=param.stride())
+    return t
 
 
 def _collect(
