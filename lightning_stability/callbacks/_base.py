@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
@@ -174,6 +175,32 @@ def grad_scaler(trainer: pl.Trainer) -> Any:
     if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
         return None
     return scaler
+
+
+def synchronised_sources(trainer: pl.Trainer) -> set[str]:
+    """The event sources whose events every rank emits alike, in the same step.
+
+    The stability callbacks and the FP8 plugin decide from statistics all ranks share (the gathered
+    ones, or the weights DDP keeps identical), so their events need no agreement between ranks. An
+    event from anywhere else (a user's check) may happen on one rank only.
+    """
+    sources = {cb.source for cb in trainer.callbacks if isinstance(cb, StabilityCallback)}  # type: ignore[attr-defined]
+    if getattr(trainer.precision_plugin, "synchronised_events", False):
+        sources.add(type(trainer.precision_plugin).__name__)
+    return sources
+
+
+def any_rank(trainer: pl.Trainer, flags: Sequence[bool]) -> list[bool]:
+    """Each flag, true if it is true on any rank: one all-reduce of ``len(flags)`` numbers under DDP.
+
+    ``torch.distributed`` is called directly: Lightning's ``strategy.reduce`` puts a barrier before
+    every all-reduce, a second collective that a per-step decision does not need.
+    """
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [v > 0 for v in t.tolist()]
 
 
 def sharded_strategy(trainer: pl.Trainer) -> str | None:

@@ -19,11 +19,13 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._base import (
     StabilityCallback,
+    any_rank,
     check_int,
     check_on_halt,
     check_positive,
     grad_scaler,
     is_logging_step,
+    synchronised_sources,
 )
 from lightning_stability.events import StabilityEvent
 from lightning_stability.ops.ladder import ACTIONS
@@ -100,7 +102,9 @@ class InMemoryRollback(StabilityCallback):
     (``summary``, and a ``tor`` event).
 
     Under DDP every rank snapshots, commits and restores at the same step: the per-step decision is
-    one all-reduce of a few flags. The callback's own state (ring metadata, counters, the rollback
+    one all-reduce of three flags before the optimizer step (a non-finite loss on any rank, and the
+    requests and warnings of sources outside the stability callbacks, which may have come from one
+    rank only; such an event that comes after that point is acted on one step later). The callback's own state (ring metadata, counters, the rollback
     history) is saved in checkpoints; the snapshots are not (a resumed fit takes a fresh one at once).
     A configuration whose snapshots cannot fit in the available host memory is refused when training
     starts.
@@ -192,6 +196,7 @@ class InMemoryRollback(StabilityCallback):
         self._slots: list[_Slot] = []
         self._unsubscribe: Callable[[], None] | None = None
         self._trainer_ref: Any = None
+        self._synchronised: set[str] | None = None  # event sources every rank sees alike (None: all)
         self._run_dir = "."
         self._reset_run()
 
@@ -220,6 +225,10 @@ class InMemoryRollback(StabilityCallback):
         self._nonfinite = False  # this batch's loss was not finite: every optimizer step of it is skipped
         self._request: str | None = None
         self._trouble = False
+        # requests and warnings from sources some ranks may not have seen, until the ranks agree on them
+        self._pending_request: str | None = None
+        self._pending_trouble = False
+        self._agreed = False  # the ranks have agreed on this step's flags
         self._snapshot_due = False
         self._halted = False
         self._last_step = -1
@@ -323,6 +332,8 @@ class InMemoryRollback(StabilityCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer_ref = weakref.ref(trainer)
+        self._synchronised = synchronised_sources(trainer) if trainer.world_size > 1 else None
+        self._agreed = False
         self._check_memory(trainer, pl_module)
         self.register_lr_hooks(trainer, lambda index: self._lr_pre_hook)
         self._last_step = trainer.global_step
@@ -355,10 +366,20 @@ class InMemoryRollback(StabilityCallback):
     def _on_event(self, event: StabilityEvent) -> None:
         if event.source == self.source:
             return
-        if event.action == "rollback" and self._request is None:
-            self._request = f"{event.kind} (from {event.source})"
+        # Every rank sees the stability callbacks' events alike; any other event waits for the ranks'
+        # next agreement (the next optimizer step's, or this one's when it comes before it).
+        same_on_all_ranks = self._synchronised is None or event.source in self._synchronised
+        if event.action == "rollback":
+            reason = f"{event.kind} (from {event.source})"
+            if same_on_all_ranks:
+                self._request = self._request or reason
+            else:
+                self._pending_request = self._pending_request or reason
         if event.severity in ("warning", "critical"):
-            self._trouble = True
+            if same_on_all_ranks:
+                self._trouble = True
+            else:
+                self._pending_trouble = True
         if event.action in _SKIPPING_ACTIONS:
             self._skipped.add(event.step)
 
@@ -379,17 +400,24 @@ class InMemoryRollback(StabilityCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         loss, self._loss = self._loss, None
-        # The step must be skipped before it runs, so this needs the host now; Lightning's progress
-        # bar reads the loss at this point of every step anyway. One all-reduce under DDP, so
-        # that every rank skips alike (gradients are all-reduced: a NaN on one rank is on all).
-        if (
-            self.rollback_on_nonfinite_loss
-            and loss is not None
-            and _any_rank(trainer, [not bool(torch.isfinite(loss))])[0]
-        ):
-            self._nonfinite = True
-            self._request = self._request or "nonfinite_loss"
-            self._trouble = True
+        if not self._agreed or loss is not None:
+            # The step's one agreement between ranks (one all-reduce of three flags under DDP): a
+            # non-finite loss on any rank, and the requests and warnings that not every rank may have
+            # seen. The step must be skipped before it runs, so this needs the host now; Lightning's
+            # progress bar reads the loss at this point of every step anyway.
+            self._agreed = True
+            nonfinite = self.rollback_on_nonfinite_loss and loss is not None and not bool(torch.isfinite(loss))
+            nonfinite, request, trouble = any_rank(
+                trainer, [nonfinite, self._pending_request is not None, self._pending_trouble]
+            )
+            if request:
+                self._request = self._request or self._pending_request or "a request on another rank"
+            self._trouble = self._trouble or trouble
+            self._pending_request, self._pending_trouble = None, False
+            if nonfinite:
+                self._nonfinite = True
+                self._request = self._request or "nonfinite_loss"
+                self._trouble = True
         if self._nonfinite:
             self._skipped.add(trainer.global_step)
         if self._halted or self._nonfinite:
@@ -406,6 +434,7 @@ class InMemoryRollback(StabilityCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        self._agreed = False
         if step == self._last_step:
             return  # accumulating gradients: no optimizer step yet
         now = time.perf_counter()
@@ -424,8 +453,9 @@ class InMemoryRollback(StabilityCallback):
             self._mark = time.perf_counter()
             return
 
-        # One decision for all ranks: a rank that saw a request or trouble makes every rank act.
-        request, trouble = _any_rank(trainer, [self._request is not None, self._trouble])
+        # The same on every rank without a collective: the flags come from events every rank saw
+        # and from the ranks' agreement before the optimizer step.
+        request, trouble = self._request is not None, self._trouble
         reason = self._request or "a request on another rank"
         self._request, self._trouble = None, False
         if request:
@@ -451,7 +481,7 @@ class InMemoryRollback(StabilityCallback):
         )
         problem = self._memory_problem(trainer, per_snapshot * self.keep, f"keep={self.keep} snapshots of {_mib(per_snapshot)}")
         # every rank refuses together (one may be short of memory, the others would wait for it)
-        if _any_rank(trainer, [problem is not None])[0]:
+        if any_rank(trainer, [problem is not None])[0]:
             raise ValueError(problem or f"{type(self).__name__}(keep={self.keep}): another rank lacks host memory")
 
     def _memory_problem(self, trainer: pl.Trainer, needed: int, what: str) -> str | None:
@@ -479,7 +509,7 @@ class InMemoryRollback(StabilityCallback):
         optimizers = self._optimizers(trainer)
         needed = slot.snapshot.bytes_needed(pl_module, optimizers)
         problem = self._memory_problem(trainer, needed, "the new snapshot slot") if needed else None
-        if _any_rank(trainer, [problem is not None])[0]:
+        if any_rank(trainer, [problem is not None])[0]:
             # mid-fit: better to go on with the snapshots held than to stop the run
             if slot.step < 0:
                 self._slots.remove(slot)
@@ -708,15 +738,6 @@ def _rewindable(trainer: pl.Trainer) -> list[StabilityCallback]:
     """The stability callbacks whose state goes back with a rollback (every one but the rollbacks)."""
     callbacks = getattr(trainer, "callbacks", [])
     return [cb for cb in callbacks if isinstance(cb, StabilityCallback) and not isinstance(cb, InMemoryRollback)]
-
-
-def _any_rank(trainer: pl.Trainer, flags: Sequence[bool]) -> list[bool]:
-    """Each flag, true if it is true on any rank (one small all-reduce under DDP, nothing otherwise)."""
-    if trainer.world_size <= 1:
-        return list(flags)
-    t = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
-    t = trainer.strategy.reduce(t, reduce_op="sum")
-    return [v > 0 for v in t.tolist()]
 
 
 def _gather_objects(trainer: pl.Trainer, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

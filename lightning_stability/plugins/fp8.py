@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_stability.callbacks._base import log_to_loggers
+from lightning_stability.callbacks._base import log_to_loggers, synchronised_sources
 from lightning_stability.events import get_event_log
 from lightning_stability.ops.fp8 import (
     E4M3,
@@ -38,6 +38,7 @@ FORMATS = {"hybrid": (E4M3, E5M2), "e4m3": (E4M3, E4M3)}
 ROLES = ("input", "weight", "grad")
 HEAD_NAMES = ("lm_head", "output", "head", "classifier")
 _HEALTH_KEYS = ("amax", "scale", "headroom", "overflow_frac", "underflow_frac", "snr_db")
+_FLAG = "event_flag"  # gathered with the health: a layer named by an event on some rank
 
 
 # block-scaled recipes quantise in blocks along both dimensions: their GEMMs need whole blocks
@@ -137,6 +138,9 @@ class EmulatedFP8Linear(nn.Linear):
         g_scale.copy_(self._scale(2, grad))
 
 
+_SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
+
+
 class FP8Precision(Precision):
     r"""FP8 training: the linear layers that can run in FP8 do, the rest under bf16 autocast, with
     float32 master weights.
@@ -167,9 +171,15 @@ class FP8Precision(Precision):
     ``cooldown`` steps with its amax history reset, then FP8 is tried again. Every switch is an event
     (``fp8_fallback``, ``fp8_retry``); the state is checkpointed (``state_dict``). With
     ``fallback=False`` it only watches: an ``fp8_unhealthy`` warning per layer and incident, no switch.
+
+    **DDP.** The health is gathered from every rank (one all-gather on health steps, none on the
+    others) and each rank decides from the same numbers. Events of the stability callbacks are the
+    same on every rank and act at once; an event of another source naming a layer may have happened on
+    one rank only, and acts at the next health check, where the ranks agree on it.
     """
 
     precision = "fp8"  # type: ignore[assignment]  # Lightning's literal lists only its own strings
+    synchronised_events = True  # its events are decided from the gathered health, alike on every rank
 
     def __init__(
         self,
@@ -242,6 +252,10 @@ class FP8Precision(Precision):
         self._layers: dict[str, EmulatedFP8Linear | _te.TELayer] = {}
         self._state: dict[str, dict[str, int]] = {}  # layer -> {"bad": samples in a row, "until": step or -1}
         self._flagged: set[str] = set()  # layers named by other callbacks' events since the last step
+        # ... by events of sources some ranks may not have seen: the ranks agree on them at the next
+        # health check, with the health (under DDP; None: every source is seen by every rank)
+        self._flagged_pending: set[str] = set()
+        self._synchronised: set[str] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._announced = False
 
@@ -316,7 +330,17 @@ class FP8Precision(Precision):
         return out
 
     def _start(self, trainer: pl.Trainer) -> None:
+        strategy = next((c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__ in _SHARDED), None)
+        if strategy is not None:
+            # FSDP swaps whole and sharded parameters around every forward and shards the delayed-scaling
+            # history with them; per-layer amax, health and fallback are not defined for that yet.
+            raise RuntimeError(
+                f"FP8Precision cannot serve {strategy}: its FP8 layers keep per-layer scales and health "
+                "statistics of whole weights, which FSDP shards. Use DDP or a single device for FP8, or "
+                "precision='bf16-mixed' under FSDP."
+            )
         if self._unsubscribe is None:
+            self._synchronised = synchronised_sources(trainer) if trainer.world_size > 1 else None
             self._unsubscribe = get_event_log(trainer).subscribe(self._on_event)
         if not self._announced:
             self._announced = True
@@ -327,7 +351,10 @@ class FP8Precision(Precision):
 
     def _on_event(self, event: Any) -> None:
         if event.target in self._layers and event.source != "FP8Precision" and event.severity != "info":
-            self._flagged.add(event.target)
+            if self._synchronised is None or event.source in self._synchronised:
+                self._flagged.add(event.target)
+            else:
+                self._flagged_pending.add(event.target)
 
     def _step(self, trainer: pl.Trainer, step: int, due: bool) -> None:
         values: dict[str, Tensor] = {}
@@ -336,9 +363,16 @@ class FP8Precision(Precision):
                 for role, health in layer.health.items():
                     for key in _HEALTH_KEYS:
                         values[f"{name}/{role}/{key}"] = health[key]
+            if self._synchronised is not None:
+                zero = torch.zeros((), device=next(iter(values.values())).device) if values else torch.zeros(())
+                for name in self._layers:
+                    values[f"{name}/{_FLAG}"] = zero + float(name in self._flagged_pending)
+        # One all-gather on health steps, none on the others: the events every rank saw need no agreement.
         stats = _gather(trainer, values)
-        flagged = _gather_flags(trainer, sorted(self._layers), self._flagged)
+        flagged = self._flagged | {name for name in self._layers if stats.pop(f"{name}/{_FLAG}", 0.0) > 0}
         self._flagged = set()
+        if due:
+            self._flagged_pending = set()
         self.last_health = stats
         metrics: dict[str, float] = {}
         for name, layer in self._layers.items():
@@ -436,10 +470,3 @@ def _gather(trainer: pl.Trainer, values: dict[str, Tensor]) -> dict[str, float]:
     return dict(zip(keys, vec.cpu().tolist()))
 
 
-def _gather_flags(trainer: pl.Trainer, names: list[str], flagged: set[str]) -> set[str]:
-    """The layers any rank's events named (every rank falls back alike)."""
-    if trainer.world_size == 1 or not names:
-        return set(flagged)
-    local = torch.tensor([float(n in flagged) for n in names], device=trainer.strategy.root_device)
-    total = trainer.strategy.reduce(local, reduce_op="sum")
-    return {n for n, v in zip(names, total.tolist()) if v > 0}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -9,14 +10,27 @@ import pytest
 import torch.distributed
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def run_two_ranks(script: str, tmp_path) -> list[dict]:
-    """Run one of the DDP scripts beside this file on 2 gloo processes; each rank's JSON report."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_ranks(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run one of the DDP scripts beside this file on 2 gloo processes, on a port of its own (runs
+    at the same time on one machine must not meet on Lightning's default port)."""
     path = os.path.join(os.path.dirname(__file__), script)
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, path, str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=240)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    return subprocess.run([sys.executable, path, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=ROOT)
+
+
+def run_two_ranks(script: str, tmp_path, *args: str) -> list[dict]:
+    """Each rank's JSON report of a DDP script that must succeed."""
+    proc = launch_two_ranks(script, str(tmp_path), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
@@ -88,3 +102,84 @@ def test_every_rank_falls_back_the_same_fp8_layer_in_the_same_step(tmp_path):
     assert ranks[0]["optimizer"] == ranks[1]["optimizer"] == "AdamW8bit"
     assert ranks[0]["health"] == ranks[1]["health"]
     assert ranks[0]["digest"] == ranks[1]["digest"]
+
+
+# -- collectives per step, logging on rank zero ------------------------------------------------------
+TIMING = ("seconds", "tor")  # measured on each rank's own clock, not decided from shared data
+
+
+def _decided(event: dict) -> dict:
+    metrics = {k: v for k, v in event["metrics"].items() if not any(t in k for t in TIMING)}
+    return {**event, "metrics": metrics}
+
+
+def _per_step(records: list, source: str | None = None) -> dict[int, list[tuple[str, int]]]:
+    steps: dict[int, list[tuple[str, int]]] = {}
+    for step, name, elements, caller in records:
+        if isinstance(step, int) and (source is None or caller == source):
+            steps.setdefault(step, []).append((name, elements))
+    return steps
+
+
+def test_collectives_per_step_and_logging_on_rank_zero_only(tmp_path):
+    ranks = run_two_ranks("ddp_collectives_script.py", tmp_path)
+    ours, plain = ranks[0]["ours"], ranks[0]["plain"]
+    records = ours["collectives"]
+    assert [r[:3] for r in records] == [r[:3] for r in ranks[1]["ours"]["collectives"]]  # same calls, same order
+    steps = range(101)
+    # steps around a detection (the faults at 70 and 85 and what follows them) may need more
+    incident = {s for e in ours["events"] if e["severity"] != "info" for s in (e["step"] - 1, e["step"])}
+
+    # Lightning's own collectives (its SIGTERM broadcast every step) are the same with and without ours
+    assert _per_step(records, "lightning") == _per_step(plain["collectives"], "lightning")
+    assert all(name != "barrier" for calls in _per_step(records).values() for name, _ in calls)  # no barrier in a step
+
+    guard = _per_step(records, "GradientSpikeGuard")
+    for step in steps:
+        if step not in incident:
+            assert len(guard.get(step, [])) == 1 and guard[step][0][1] <= 4, (step, guard.get(step))
+    rollback = _per_step(records, "InMemoryRollback")
+    for step in steps:
+        if step not in incident:  # one agreement of three flags (a NaN loss, rank-local requests)
+            assert [c for c in rollback.get(step, []) if c != ("all_reduce", 1)] == [("all_reduce", 3)], step
+            if step not in ours["sampled"]["InMemoryRollback"]:
+                assert len(rollback[step]) == 1, (step, rollback[step])
+    for source in ("SpectralMonitor", "SoftmaxSaturationMonitor", "FP8Precision", "StabilityPanels"):
+        calls = _per_step(records, source)
+        sampled = set(ours["sampled"][source])
+        assert {s for s in calls if s not in incident} <= sampled, (source, sorted(calls))
+    # the counter sees what they do on their sampled steps: one all-gather each
+    for source in ("SoftmaxSaturationMonitor", "FP8Precision"):
+        calls = _per_step(records, source)
+        assert [len(calls.get(s, [])) for s in ours["sampled"][source]] == [1, 1, 1]
+        assert all(name == "all_gather" for s in ours["sampled"][source] for name, _ in calls[s])
+
+    # the event log: every record the same on both ranks, numbers included
+    events = [_decided(e) for e in ours["events"]]
+    assert events == [_decided(e) for e in ranks[1]["ours"]["events"]]
+    decisions = [(e["step"], e["kind"], e["action"]) for e in events if e["severity"] != "info"]
+    assert decisions == [(70, "nonfinite", "skip"), (71, "rollback", "rollback"), (85, "grad_spike", "skip")]
+    spike = next(e for e in events if e["kind"] == "grad_spike")
+    assert spike["metrics"]["grad_norm"] > 100 * spike["metrics"]["grad_baseline"] > 0
+    assert ours["digest"] == ranks[1]["ours"]["digest"]
+
+    # files: rank 0 writes the logger's, the event stream and the quarantine; rank 1 writes nothing
+    log_dir = os.path.relpath(ours["log_dir"], tmp_path)
+    assert ranks[1]["ours"]["written"] == []
+    written = set(ours["written"])
+    assert {f"{log_dir}/stability_events.jsonl", f"{log_dir}/quarantine.json.tmp"} <= written
+    [tfevents] = [f for f in os.listdir(tmp_path / log_dir) if f.startswith("events.out.tfevents")]
+    assert f"{log_dir}/{tfevents}" in written and f".{ranks[0]['pid']}." in tfevents
+    lines = (tmp_path / log_dir / "stability_events.jsonl").read_text().splitlines()
+    assert [_decided(json.loads(line)) for line in lines] == events  # each event once
+    quarantine = json.loads((tmp_path / log_dir / "quarantine.json").read_text())
+    assert [r["step"] for r in quarantine["rollbacks"]] == [71]
+    assert sorted({b["rank"] for b in quarantine["rollbacks"][0]["batches"]}) == [0, 1]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / log_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    norms = acc.Scalars("stability/grad/norm")
+    assert [s.step for s in norms] == [49, 99]  # the logger's steps, each written once
+    assert "stability/timeline/text_summary" in acc.Tags()["tensors"]
