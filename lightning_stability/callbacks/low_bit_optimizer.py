@@ -87,11 +87,12 @@ class LowBitOptimizer(Callback):
     # -- the swap ----------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        reason = _REFUSED_STRATEGIES.get(type(trainer.strategy).__name__)
-        if reason is not None:
+        # by class name, subclasses included: DeepSpeed need not be installed
+        refused = next((c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__ in _REFUSED_STRATEGIES), None)
+        if refused is not None:
             raise RuntimeError(
-                f"LowBitOptimizer cannot serve {type(trainer.strategy).__name__}: {reason}. Use DDP or a single device, "
-                "or remove LowBitOptimizer."
+                f"LowBitOptimizer cannot serve {type(trainer.strategy).__name__}: {_REFUSED_STRATEGIES[refused]}. "
+                "Use DDP or a single device, or remove LowBitOptimizer."
             )
         import bitsandbytes as bnb
 

@@ -20,6 +20,7 @@ from lightning_stability.callbacks._base import (
     check_int,
     check_positive,
     log_to_loggers,
+    sharded_strategy,
 )
 from lightning_stability.ops.saturation import (
     QKProjection,
@@ -27,14 +28,18 @@ from lightning_stability.ops.saturation import (
     attention_stats,
     find_qk_projection,
     nlm_alignment,
+    nlm_from_sums,
     perpendicular_grad_,
     sample_rows,
+    sharded_nlm_and_perp_sums,
+    sharded_perpendicular_grad_,
     softcap,
     softcapped_attention,
     softmax_stats,
     z_loss_grad,
     zero_loss_fraction,
 )
+from lightning_stability.ops.sharded import all_reduce_sum_
 
 SOFTMAX_REMEDIES = ("z_loss", "softcap", "perp_grad", "qk_clip", "attn_softcap", "advise")
 # What each detection may get, in order; ``advise`` is an event naming the structural fix.
@@ -276,6 +281,8 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self.max_logit_limit = check_positive(owner, "max_logit_limit", max_logit_limit)
         self.release = check_fraction(owner, "release", release)
         self.remedies = _check_remedies(owner, remedies)
+        self._configured_remedies = self.remedies
+        self._sharded = False
         self.patience = check_int(owner, "patience", patience, 1)
         self.cooldown = check_int(owner, "cooldown", cooldown, 1)
         self.z_loss_coef = check_positive(owner, "z_loss_coef", z_loss_coef)
@@ -351,6 +358,17 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        strategy = sharded_strategy(trainer)
+        self._sharded = strategy is not None
+        self.remedies = self._configured_remedies
+        if strategy is not None and any("qk_clip" in ladder for ladder in self.remedies.values()):
+            # QK-clip rescales each head's rows of the q/k projections; FSDP shards those rows across
+            # ranks (unevenly where the rows do not divide): the rung is skipped, the rest stays on
+            self.remedies = {d: tuple(r for r in ladder if r != "qk_clip") for d, ladder in self.remedies.items()}
+            rank_zero_warn(
+                f"{type(self).__name__}: the qk_clip remedy is off under {strategy} (it rescales heads' rows of "
+                "q/k weights, which are sharded); the measurements and the other remedies stay on."
+            )
         self._names = {id(m): n for n, m in pl_module.named_modules() if n}
         self._modules = dict(pl_module.named_modules())
         self._head_name, self._head_module = _find_head(pl_module, self.head)
@@ -550,6 +568,18 @@ class SoftmaxSaturationMonitor(StabilityCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self._sharded:
+            # one all-reduce of three sums per parameter serves both, the same on every rank
+            params = [p for p in pl_module.parameters() if p.grad is not None]
+            wants = self._sampling or "perp_grad" in self._remedy_on
+            sums = sharded_nlm_and_perp_sums(params, all_reduce_sum_) if wants and params else None
+            if sums is not None and self._sampling:
+                matrices = torch.tensor([p.dim() >= 2 for p in params], device=sums.device)
+                if bool(matrices.any()):
+                    self._nlm = nlm_from_sums(sums[matrices]).max()
+            if sums is not None and "perp_grad" in self._remedy_on:
+                sharded_perpendicular_grad_(params, sums)
+            return
         weights = [p for p in pl_module.parameters() if p.grad is not None and p.dim() >= 2]
         if self._sampling and weights:
             self._nlm = torch.stack([nlm_alignment(p, p.grad) for p in weights if p.grad is not None]).max()

@@ -27,6 +27,14 @@ from lightning_stability.events import StabilityEvent
 from lightning_stability.ops.ladder import EscalationLadder, validate_ladder
 from lightning_stability.ops.optim_state import unwrap_optimizer
 from lightning_stability.ops.robust import RollingWindow
+from lightning_stability.ops.sharded import (
+    all_reduce_sum_,
+    full,
+    is_dtensor,
+    is_row_sharded,
+    local,
+    row_range,
+)
 from lightning_stability.ops.spectral import (
     SpectralUpdateClip,
     alignment,
@@ -34,6 +42,7 @@ from lightning_stability.ops.spectral import (
     as_matrix,
     full_spectrum,
     init_vectors,
+    normalize_rows,
     power_iteration,
     pss_delta,
     spectral_cap_delta,
@@ -63,9 +72,15 @@ _VECTORS = ("basis", "u", "v", "du", "dv", "du_next", "dv_next")  # per-layer tr
 class _Group:
     """Weights of one matrix shape on one device, measured together as a stack ``(B, m, n)``."""
 
-    def __init__(self, layers: list[_Layer], m: int, n: int, r: int, device: torch.device) -> None:
+    def __init__(
+        self, layers: list[_Layer], m: int, n: int, r: int, device: torch.device, rows: tuple[int, int] | None = None
+    ) -> None:
         self.layers = layers
         self.m, self.n, self.device = m, n, device
+        # Row-sharded weights (FSDP2): ``m`` is this rank's rows ``rows`` of the full matrices; left
+        # vectors hold those rows, right vectors are whole, and every sum over rows is all-reduced.
+        self.rows = rows
+        self.reduce = all_reduce_sum_ if rows is not None else None
         b = len(layers)
         zeros = torch.zeros(b, device=device)
         self.basis = torch.zeros(b, n, r, device=device)  # right block of the subspace iteration
@@ -93,7 +108,7 @@ class _Group:
         """Warm-started iterations on the stack ``w``: plain power iteration for a block of one
         vector (the cheapest: a few kernels per group), block power iteration otherwise."""
         if self.basis.shape[-1] == 1:
-            self.u, self.v, self.sigma, self.residual = power_iteration(w, self.u, self.basis[..., 0], iters)
+            self.u, self.v, self.sigma, self.residual = power_iteration(w, self.u, self.basis[..., 0], iters, self.reduce)
             self.basis = self.v.unsqueeze(-1)
         else:
             self.u, self.v, self.sigma, self.basis, self.residual = subspace_iteration(w, self.basis, iters)
@@ -101,11 +116,14 @@ class _Group:
     def stable_rank(self) -> Tensor:
         """``||W||_F^2 / sigma^2`` from the weights as they are now and the tracked sigma_max (read only
         on checks, so no step pays for the Frobenius norms; one fused kernel per group)."""
-        fro = torch.stack(torch._foreach_norm([layer.param.detach() for layer in self.layers])).float()
-        return fro.pow(2).to(self.sigma.device) / self.sigma.pow(2).clamp_min(1e-24)
+        fro = torch.stack(torch._foreach_norm([local(layer.param.detach()) for layer in self.layers])).float()
+        fro2 = fro.pow(2).to(self.sigma.device)
+        if self.reduce is not None:
+            fro2 = self.reduce(fro2)  # the ranks' rows: one all-reduce, on checks only
+        return fro2 / self.sigma.pow(2).clamp_min(1e-24)
 
     def stack(self) -> Tensor:
-        ws = [as_matrix(layer.param.detach()) for layer in self.layers]
+        ws = [as_matrix(local(layer.param.detach())) for layer in self.layers]  # this rank's rows, sharded
         return torch.stack(ws).float()  # (B, m, n)
 
 
@@ -261,7 +279,9 @@ class SpectralMonitor(StabilityCallback):
 
     Under DDP every rank measures identical weights and gradients from identically seeded vectors, so
     every rank takes the same decision without a collective (the loss check after an intervention
-    averages the loss over ranks: one all-reduce, only then).
+    averages the loss over ranks: one all-reduce, only then). Under ``ModelParallelStrategy`` (FSDP2,
+    row-sharded weights) the products run on each rank's rows and their sums are all-reduced, per shape
+    group: 4 all-reduces a measured step, no gather (docs/fsdp.md).
 
     Args:
         include, exclude: shell-style patterns on module names.
@@ -464,10 +484,17 @@ class SpectralMonitor(StabilityCallback):
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "ModelParallel" in strategy:
+        if "FSDP" in strategy:
             raise NotImplementedError(
-                f"{type(self).__name__} does not support {strategy} yet: it would gather full weights. "
-                "Use DDP, or leave the monitor out of sharded runs."
+                f"{type(self).__name__} cannot measure weights under {strategy}: FSDP1 flattens every module's "
+                "weights into one 1-D shard per rank, whose rows are not a matrix's. Use ModelParallelStrategy "
+                "(FSDP2, fully_shard in configure_model), whose row-sharded weights it measures without gathering "
+                "them, or DDP."
+            )
+        if "ModelParallel" in strategy and self.block != 1:
+            raise ValueError(
+                f"{type(self).__name__}(block={self.block}): under {strategy} the weights are sharded by rows and "
+                "block power iteration would need a distributed QR of each block; expected block=1"
             )
         for layer in self._layers.values():
             self._set_update_clip(layer, False)
@@ -511,15 +538,16 @@ class SpectralMonitor(StabilityCallback):
         if not weights:
             rank_zero_warn(f"{type(self).__name__}: no Linear, Embedding or Conv weight matches; nothing to monitor.")
         modules = dict(pl_module.named_modules())
-        by_shape: dict[tuple[int, int, torch.device], list[_Layer]] = {}
+        by_shape: dict[tuple[int, int, torch.device, tuple[int, int] | None], list[_Layer]] = {}
         for name, param in weights:
             layer = _Layer(self, name, param, isinstance(modules[name], nn.Embedding))
             self._layers[name] = layer
-            m, n = as_matrix(param).shape
-            by_shape.setdefault((m, n, param.device), []).append(layer)
-        for (m, n, device), layers in by_shape.items():
-            r = min(self.block, m, n)
-            group = _Group(layers, m, n, r, device)
+            rows = _rows(type(self).__name__, name, param)
+            m, n = as_matrix(local(param)).shape
+            by_shape.setdefault((m, n, local(param).device, rows), []).append(layer)
+        for (m, n, device, rows), layers in by_shape.items():
+            r = min(self.block, m, n) if rows is None else 1
+            group = _Group(layers, m, n, r, device, rows)
             for b, layer in enumerate(layers):
                 layer.group, layer.slot = group, b
                 # one generator per layer, seeded from its name: the same vectors on every rank and
@@ -530,7 +558,10 @@ class SpectralMonitor(StabilityCallback):
                 group.du[b], group.dv[b] = du[0], dv[0]
                 group.du_next[b], group.dv_next[b] = du[0], dv[0]
             w = group.stack()
-            group.u = torch.nn.functional.normalize(torch.bmm(w, group.basis[..., :1]).squeeze(-1), dim=-1)
+            if rows is None:
+                group.u = torch.nn.functional.normalize(torch.bmm(w, group.basis[..., :1]).squeeze(-1), dim=-1)
+            else:
+                group.u = normalize_rows(torch.bmm(w, group.basis[..., :1]).squeeze(-1), group.reduce)
             self._converge_group(group, self.init_iters, max_iters=_MAX_INIT_ITERS)
             self._groups.append(group)
 
@@ -556,11 +587,11 @@ class SpectralMonitor(StabilityCallback):
             if not any(id(layer.param) in owned and layer.param.grad is not None for layer in g.layers):
                 continue
             grads = [
-                as_matrix(layer.param.grad) if layer.param.grad is not None and id(layer.param) in owned
+                as_matrix(local(layer.param.grad)) if layer.param.grad is not None and id(layer.param) in owned
                 else torch.zeros(g.m, g.n, device=g.device)
                 for layer in g.layers
             ]
-            a = alignment(torch.stack(grads), g.u, g.v)
+            a = alignment(torch.stack(grads), g.u, g.v, g.reduce)
             g.align_last = a
             g.align = torch.maximum(g.align, a)
 
@@ -597,13 +628,13 @@ class SpectralMonitor(StabilityCallback):
             # of both generations (the current against the last probes; the next for its probes)
             t = tracking_step(
                 w, g.u, g.basis, torch.stack([g.du, g.du_next], dim=-1), torch.stack([g.dv, g.dv_next], dim=-1),
-                self.power_iters,
+                self.power_iters, g.reduce,
             )
             g.u, g.v, g.sigma, g.basis, g.residual = t.u, t.v, t.sigma, t.basis, t.residual
             du_next, dv_next = g.du_next, g.dv_next
             if g.probes is not None and not moved:
                 du_next, dv_next, d_sigma = update_power_step(
-                    t.w_right[..., 0], t.wt_left[..., 0], *g.probes, g.du_next, g.dv_next
+                    t.w_right[..., 0], t.wt_left[..., 0], *g.probes, g.du_next, g.dv_next, g.reduce
                 )
                 g.ratio = d_sigma / g.sigma.clamp_min(1e-12)
             g.du, g.dv, g.probes = g.du_next, g.dv_next, (t.w_right[..., 1], t.wt_left[..., 1])
@@ -621,10 +652,13 @@ class SpectralMonitor(StabilityCallback):
         for layer in due:
             g = layer.group
             assert g is not None
-            sv, u, v = full_spectrum(layer.param.detach())
-            stats = analyze_spectrum(layer.param.detach(), sv)
+            # sharded: this one weight is gathered whole (an all-gather), analysed, and let go
+            weight = full(layer.param.detach())
+            sv, u, v = full_spectrum(weight)
+            stats = analyze_spectrum(weight, sv)
+            del weight
             layer.full = stats.as_dict()
-            g.u[layer.slot], g.sigma[layer.slot] = u, sv[0]
+            g.u[layer.slot], g.sigma[layer.slot] = _own_rows(g, u), sv[0]
             g.reseed(layer.slot, v)  # the exact top pair leads the block
             prefix = f"stability/spectral/{layer.name}"
             for key in ("alpha", "alpha_weighted", "log_norm", "decay", "mp_spikes", "ks"):
@@ -669,6 +703,9 @@ class SpectralMonitor(StabilityCallback):
                 layer.warned = True
                 continue
             unavailable = set() if self.event_log(trainer).has_responder("rollback") else {"rollback"}
+            if _layer_rows(layer) is not None:
+                # soft spectral clipping of updates acts on whole update matrices, which no rank holds
+                unavailable.add("clip_updates")
             action = layer.ladder.decide(detection, unavailable)
             acted = self._act(trainer, layer, detection, action, s, step) or acted
         if verified is not None:
@@ -785,7 +822,8 @@ class SpectralMonitor(StabilityCallback):
         g = layer.group
         assert g is not None
         b = layer.slot
-        w = as_matrix(layer.param.detach()).float().unsqueeze(0)
+        # sharded: the weight is gathered whole on this rare path; each rank writes its rows of the change
+        w = as_matrix(full(layer.param.detach())).float().unsqueeze(0)
         # the cap is exact only with the true top pair: a block of up to 4 vectors, led by the tracked
         # one, converges on it even where the next singular value is close (a rare path)
         block = torch.randn(1, g.n, min(4, g.m, g.n), generator=_gen(self.seed, layer.name)).to(w)
@@ -795,8 +833,8 @@ class SpectralMonitor(StabilityCallback):
         history = layer.sigmas.values()
         cap = self.cap_factor * float(history[-1]) if len(history) else float(sigma[0])
         delta = spectral_cap_delta(u, v, sigma, cap)[0]
-        as_matrix(layer.param.data).add_(delta.to(layer.param.dtype))
-        g.u[b] = u[0]
+        as_matrix(local(layer.param.data)).add_(_own_rows(g, delta).to(layer.param.dtype))
+        g.u[b] = _own_rows(g, u[0])
         g.reseed(b, v[0])
         g.sigma[b] = torch.minimum(sigma[0], torch.tensor(cap, device=sigma.device))
         g.probes = None
@@ -810,9 +848,10 @@ class SpectralMonitor(StabilityCallback):
         rank = s["stable_rank"]
         k = max(1, min(self.pss_max_k, int(round(rank)) if math.isfinite(rank) else 1))
         gen = _gen(self.seed + step, layer.name)
-        delta, new, u, v = pss_delta(as_matrix(layer.param.detach()), k, self.pss_fn, generator=gen)
-        as_matrix(layer.param.data).add_(delta.to(layer.param.dtype))
-        g.u[b] = u
+        # sharded: gathered whole on this rare path (the same seeded projections on every rank)
+        delta, new, u, v = pss_delta(as_matrix(full(layer.param.detach())), k, self.pss_fn, generator=gen)
+        as_matrix(local(layer.param.data)).add_(_own_rows(g, delta).to(layer.param.dtype))
+        g.u[b] = _own_rows(g, u)
         g.reseed(b, v)
         g.sigma[b] = new[0]
         g.probes = None
@@ -847,6 +886,30 @@ class SpectralMonitor(StabilityCallback):
         counts = self.event_count_metrics()
         if counts:
             pl_module.log_dict(counts, on_step=True, on_epoch=False, batch_size=1)
+
+
+def _rows(owner: str, name: str, param: Tensor) -> tuple[int, int] | None:
+    """The rows of a row-sharded weight this rank holds; ``None`` for a whole one (plain or replicated)."""
+    if not is_dtensor(param):
+        return None
+    if is_row_sharded(param):
+        return row_range(param)
+    if all(type(p).__name__ == "Replicate" for p in param.placements):  # type: ignore[attr-defined]
+        return None
+    raise NotImplementedError(
+        f"{owner}: layer {name!r} is a DTensor with placements {param.placements} on a mesh of "  # type: ignore[attr-defined]
+        f"{param.device_mesh.ndim} dims; only FSDP2's row sharding (Shard(0) on one mesh dim) or full "  # type: ignore[attr-defined]
+        f"replication is measured. Leave it out with exclude=[{name!r}]."
+    )
+
+
+def _own_rows(g: _Group, x: Tensor) -> Tensor:
+    """This rank's rows (first dim) of a whole left vector or matrix, for a row-sharded group."""
+    return x if g.rows is None else x[g.rows[0]:g.rows[1]]
+
+
+def _layer_rows(layer: _Layer) -> tuple[int, int] | None:
+    return layer.group.rows if layer.group is not None else None
 
 
 def _gen(seed: int, name: str) -> torch.Generator:

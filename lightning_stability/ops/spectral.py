@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -61,6 +61,25 @@ def _normalize(x: Tensor) -> Tensor:
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(_EPS)
 
 
+# Row-sharded weights (FSDP2): each rank holds rows of W, so left vectors (length m) are sharded like
+# them and right vectors (length n) are whole on every rank. ``reduce`` sums a tensor over the ranks
+# (an all-reduce): W^T x and every squared norm of a left vector are sums of per-rank parts. Without
+# it (one device, DDP) the functions below compute exactly what they did before it existed.
+Reduce = Callable[[Tensor], Tensor]
+
+
+def _row_norm(x: Tensor, reduce: Reduce | None) -> Tensor:
+    """``||x||`` over the last dim of a left (row-sharded) vector: local squares, summed over ranks."""
+    if reduce is None:
+        return torch.linalg.vector_norm(x, dim=-1)
+    return reduce(x.pow(2).sum(-1)).sqrt()
+
+
+def normalize_rows(x: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """A left vector (B, m) made unit, its norm summed over the ranks' rows with ``reduce``."""
+    return x / _row_norm(x, reduce).clamp_min(_EPS).unsqueeze(-1)
+
+
 # Products with the weights are taken with the vectors as rows (``x^T W^T`` for ``W x``): on CPU a
 # batched product whose small operand is a row block runs several times faster than one whose small
 # operand is a column block (measured with torch 2.13: 33 against 265 us for a (4, 512, 128) stack);
@@ -92,8 +111,13 @@ def init_vectors(
 
 
 @torch.no_grad()
-def power_iteration(w: Tensor, u: Tensor, v: Tensor, iters: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def power_iteration(
+    w: Tensor, u: Tensor, v: Tensor, iters: int = 1, reduce: Reduce | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``iters`` warm-started power iterations on a stack ``w (B, m, n)``.
+
+    With ``reduce``, ``w`` and ``u`` are this rank's rows of row-sharded matrices: two all-reduces per
+    iteration (``W^T u``, then ``||W v||^2``), and ``v``, ``sigma``, ``residual`` the same on every rank.
 
     Returns ``(u, v, sigma, residual)``. ``sigma = ||W v||`` with ``v`` a unit vector, a lower bound
     of sigma_max that rises to it as the pair converges. ``residual = ||W^T u / ||W^T u|| - v||`` for
@@ -104,12 +128,14 @@ def power_iteration(w: Tensor, u: Tensor, v: Tensor, iters: int = 1) -> tuple[Te
     residual = torch.full_like(sigma, math.inf)
     for _ in range(max(int(iters), 1)):
         z = _tmv(w, u)  # W^T u, (B, n)
+        if reduce is not None:
+            z = reduce(z)  # the sum of the ranks' W_r^T u_r
         v_next = _normalize(z)
         # at a singular pair W^T u = sigma v: the residual is how far v still moves
         residual = torch.linalg.vector_norm(v_next - v, dim=-1)
         v = v_next
         wv = _mv(w, v)  # (B, m)
-        sigma = torch.linalg.vector_norm(wv, dim=-1)
+        sigma = _row_norm(wv, reduce)
         u = wv / sigma.clamp_min(_EPS).unsqueeze(-1)
     return u, v, sigma, residual
 
@@ -162,7 +188,9 @@ class Tracked(NamedTuple):
 
 
 @torch.no_grad()
-def tracking_step(w: Tensor, u: Tensor, basis: Tensor, left: Tensor, right: Tensor, iters: int = 1) -> Tracked:
+def tracking_step(
+    w: Tensor, u: Tensor, basis: Tensor, left: Tensor, right: Tensor, iters: int = 1, reduce: Reduce | None = None
+) -> Tracked:
     """``iters`` warm-started iterations for the top singular pair of every matrix of a stack
     ``w (B, m, n)`` that, in the same two products, also applies the weights to extra vectors:
     ``W @ right`` for ``right (B, n, k)`` and ``W^T @ left`` for ``left (B, m, k)``.
@@ -172,17 +200,24 @@ def tracking_step(w: Tensor, u: Tensor, basis: Tensor, left: Tensor, right: Tens
     block of one vector this is :func:`power_iteration` started from ``u``; with a block of ``r > 1``
     it is :func:`subspace_iteration` started from ``basis``. Iterations after the first apply only
     to the top pair.
+
+    With ``reduce`` (row-sharded ``w``, ``u`` and ``left``; a block of one vector only) the two products
+    cost one all-reduce each, extra columns included; ``W @ right`` stays sharded by rows.
     """
     r = basis.shape[-1]
+    if reduce is not None and r != 1:
+        raise ValueError(f"tracking_step(reduce=...): row-sharded weights need a block of one vector, got {r}")
     if r == 1:
         z = _tmm(w, torch.cat([u.unsqueeze(-1), left], dim=-1))  # W^T [u | left]: (B, n, 1 + k)
+        if reduce is not None:
+            z = reduce(z)
         v = _normalize(z[..., 0])
         residual = torch.linalg.vector_norm(v - basis[..., 0], dim=-1)
         y = _mm(w, torch.cat([v.unsqueeze(-1), right], dim=-1))  # W [v | right]: (B, m, 1 + k)
-        sigma = torch.linalg.vector_norm(y[..., 0], dim=-1)
+        sigma = _row_norm(y[..., 0], reduce)
         u = y[..., 0] / sigma.clamp_min(_EPS).unsqueeze(-1)
         if iters > 1:
-            u, v, sigma, residual = power_iteration(w, u, v, iters - 1)
+            u, v, sigma, residual = power_iteration(w, u, v, iters - 1, reduce)
         return Tracked(u, v, sigma, v.unsqueeze(-1), residual, y[..., 1:], z[..., 1:])
     y = _mm(w, torch.cat([basis, right], dim=-1))  # W [basis | right]: (B, m, r + k)
     block = torch.linalg.qr(y[..., :r]).Q
@@ -201,16 +236,22 @@ def stable_rank(w: Tensor, sigma: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def alignment(grad: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """PSS's dominant-direction energy ``(u^T G v)^2 / ||G||_F^2`` per matrix of a stack, in [0, 1]."""
+def alignment(grad: Tensor, u: Tensor, v: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """PSS's dominant-direction energy ``(u^T G v)^2 / ||G||_F^2`` per matrix of a stack, in [0, 1].
+
+    With ``reduce`` (row-sharded ``grad`` and ``u``): both sums over rows in one all-reduce."""
     g = grad.float()
     proj = (u * _mv(g, v)).sum(-1)  # u^T G v, (B,)
-    return proj.pow(2) / torch.linalg.vector_norm(g, dim=(-2, -1)).pow(2).clamp_min(_EPS)
+    if reduce is None:
+        return proj.pow(2) / torch.linalg.vector_norm(g, dim=(-2, -1)).pow(2).clamp_min(_EPS)
+    proj, fro2 = reduce(torch.stack([proj, g.pow(2).sum(dim=(-2, -1))]))
+    return proj.pow(2) / fro2.clamp_min(_EPS)
 
 
 @torch.no_grad()
 def update_power_step(
-    w_dv: Tensor, wt_du: Tensor, old_w_dv: Tensor, old_wt_du: Tensor, du: Tensor, dv: Tensor
+    w_dv: Tensor, wt_du: Tensor, old_w_dv: Tensor, old_wt_du: Tensor, du: Tensor, dv: Tensor,
+    reduce: Reduce | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One power-iteration step on the update ``D = W_new - W_old`` without a copy of ``W_old``.
 
@@ -222,9 +263,9 @@ def update_power_step(
     a zero vector. Across steps this is a power iteration on ``D D^T`` (and ``D^T D``), which converges
     as far as consecutive updates share their top direction.
     """
-    d_v = w_dv - old_w_dv  # D dv, (B, m)
+    d_v = w_dv - old_w_dv  # D dv, (B, m): row-sharded with ``reduce`` (one all-reduce for its norm)
     d_tu = wt_du - old_wt_du  # D^T du, (B, n)
-    a = torch.linalg.vector_norm(d_v, dim=-1, keepdim=True)
+    a = _row_norm(d_v, reduce).unsqueeze(-1)
     b = torch.linalg.vector_norm(d_tu, dim=-1, keepdim=True)
     du_next = torch.where(a > _EPS, d_v / a.clamp_min(_EPS), du)
     dv_next = torch.where(b > _EPS, d_tu / b.clamp_min(_EPS), dv)

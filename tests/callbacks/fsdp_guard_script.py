@@ -1,0 +1,96 @@
+"""Run by test_fsdp.py as its own program: Lightning re-executes this file per rank (FSDP2 on 2 gloo ranks)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_stability import GradientSpikeGuard, get_event_log
+from lightning_stability.demos import FaultInjector
+from tests.callbacks._fsdp_model import CountCollectives, fsdp_trainer, sharded_gpt
+
+
+class OnOneRank(FaultInjector):
+    """Injects its faults on one rank only (a gradient fault: after FSDP's reduce-scatter, on that rank's rows)."""
+
+    def __init__(self, rank: int, faults):
+        super().__init__(faults)
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank:
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_rank == self.rank:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+
+def full_grad_norm(pl_module) -> float:
+    """The unsharded gradient's norm: every gradient gathered whole (a test-only reference)."""
+    grads = [p.grad.full_tensor() for p in pl_module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))) if grads else math.nan
+
+
+class Record(pl.Callback):
+    """After the guard: the guard's norm against the gathered gradient's, its collectives, and the norm
+    of the gradient it lets through."""
+
+    def __init__(self, guard: GradientSpikeGuard, counter: CountCollectives):
+        self.guard, self.counter = guard, counter
+        self.norms: list[tuple[int, float, float]] = []  # (step, guard's norm, the gathered gradient's norm before it)
+        self.after: dict[int, float] = {}  # the norm of the gradient after the guard acted
+        self.collectives: list[dict[str, int]] = []
+        measure = guard._measure
+
+        def recorded(trainer, opt, track, params, grads, loss):
+            self.counter.active = True
+            out = measure(trainer, opt, track, params, grads, loss)
+            self.counter.active = False
+            self.norms.append((trainer.global_step, out[0], self._before))
+            return out
+
+        guard._measure = recorded
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.after[trainer.global_step] = full_grad_norm(pl_module)
+        self.collectives.append(self.counter.reset())
+
+
+class Before(pl.Callback):
+    """Before the guard: the gathered gradient's norm as the guard will see it."""
+
+    def __init__(self, record: Record):
+        self.record = record
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.record._before = full_grad_norm(pl_module)
+
+
+def main(out: str) -> None:
+    counter = CountCollectives()
+    model, loader = sharded_gpt(60)
+    # rank 1 alone: a NaN loss (its NaN gradients reach every rank's rows through the reduce-scatter)
+    # and, after the reduce-scatter, its own rows of the gradient scaled by 1000
+    faults = OnOneRank(1, {40: ("loss_nan", None), 50: ("grad_scale", 1000.0)})
+    guard = GradientSpikeGuard()
+    record = Record(guard, counter)
+    trainer = fsdp_trainer(out, 60, [faults, Before(record), guard, record])
+    trainer.fit(model, loader)
+    events = [(e.step, e.kind, e.action) for e in get_event_log(trainer)]
+    clip = [e for e in get_event_log(trainer) if e.step == 50]
+    finite = all(bool(torch.isfinite(p.to_local()).all()) for p in model.parameters())
+    with open(f"{out}/rank{trainer.global_rank}.json", "w") as fh:
+        json.dump({
+            "events": events, "finite": finite, "norms": record.norms, "collectives": record.collectives,
+            "after_clip": record.after.get(50), "baseline_at_clip": clip[0].metrics.get("grad_baseline") if clip else None,
+            "local_shapes": {n: list(p.to_local().shape) for n, p in model.named_parameters()},
+        }, fh)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,142 @@
+"""Every callback and plugin under FSDP2 (Lightning's ModelParallelStrategy, fully_shard) on 2 CPU gloo
+ranks, and the clear refusals where a strategy cannot be served. Lightning's FSDPStrategy (FSDP1) needs
+CUDA: its tests are marked gpu."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+import torch.distributed
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(script: str, tmp_path, *args: str) -> list[dict]:
+    """Run one of the FSDP scripts beside this file on 2 ranks (its own port); each rank's JSON report."""
+    path = os.path.join(os.path.dirname(__file__), script)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, path, str(tmp_path), *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_guard_norm_over_shards_one_all_reduce_and_the_same_decisions(tmp_path):
+    ranks = run_two_ranks("fsdp_guard_script.py", tmp_path)
+    r0, r1 = ranks
+    assert r0["local_shapes"]["blocks.0.attn.qkv.weight"] == [50, 33]  # really sharded, unevenly
+    assert r1["local_shapes"]["blocks.0.attn.qkv.weight"] == [49, 33]
+    for r in ranks:
+        # the guard's norm from local shards is the norm of the whole gradient (gathered here)
+        checked = [(a, b) for _, a, b in r["norms"] if b == b and b < 1e30]
+        assert len(checked) >= 55
+        torch.testing.assert_close(torch.tensor([a for a, _ in checked]), torch.tensor([b for _, b in checked]),
+                                   rtol=1e-5, atol=0)
+        # exactly one all-reduce (and nothing else) per step, two on the step with spiking elements
+        quiet = [c for s, c in enumerate(r["collectives"]) if s not in (40, 50)]
+        assert quiet and all(c == {"all_reduce": 1} for c in quiet)
+        assert set(r["collectives"][50]) == {"all_reduce"} and r["collectives"][50]["all_reduce"] <= 3
+    # a NaN loss on rank 1 only and rank 1's rows of the gradient scaled by 1000: both ranks decide alike
+    assert r0["events"] == r1["events"]
+    detections = [tuple(e) for e in r0["events"] if e[1] != "armed"]
+    assert detections == [(40, "nonfinite", "skip"), (50, "grad_spike", "clip")]
+    # the clip rescaled the whole gradient to the baseline: every rank by the same factor
+    assert r0["after_clip"] == pytest.approx(r0["baseline_at_clip"], rel=1e-4)
+    assert r1["after_clip"] == r0["after_clip"]
+    assert r0["finite"] and r1["finite"]
+
+
+def test_spectral_rollback_and_softmax_on_shards(tmp_path):
+    r0, r1 = run_two_ranks("fsdp_monitors_script.py", tmp_path)
+    for r in (r0, r1):
+        # sigma_max from row shards and reductions equals the gathered weight's, and the stable rank
+        for name, (sigma, rank) in r["estimates"].items():
+            exact_sigma, exact_rank = r["exact"][name]
+            assert sigma == pytest.approx(exact_sigma, rel=1e-3), name
+            assert rank == pytest.approx(exact_rank, rel=2e-3), name
+        assert all(v is not None for v in r["full"].values())  # every layer had its full spectrum
+        groups = 6  # (13,33) twice, (8,33), (50,33), (17,33), (66,33), (17,132) row shards
+        for step, calls in r["calls"].items():
+            step = int(step)
+            assert set(calls) <= {"all_reduce"}, (step, calls)  # never an all-gather of its own
+            if step >= 1 and (step + 1) % 5 and step not in (44, 45, 54):
+                assert calls == {"all_reduce": 4 * groups}, (step, calls)  # per group: alignment, W^T u, |Wv|^2, update
+        # full weights gathered only on full-spectrum steps (one layer each, 7 layers over 20 steps) and for the cap
+        gathered = {int(s) for s, n in r["gathers"].items() if n}
+        assert all(n <= 1 for n in r["gathers"].values())
+        assert gathered == {s for s in range(60) if s % 20 in (0, 2, 5, 8, 11, 14, 17)} | {44}
+    # the bump is capped on both ranks in the same check; the whole weight's top singular value came down
+    assert r0["events"] == r1["events"]
+    assert [tuple(e) for e in r0["events"] if e[1] == "sigma_growth"] == [(45, "sigma_growth", "cap", "blocks.0.mlp.0")]
+    cap = r0["cap"]
+    assert cap["sigma_before"] > 5.0 and cap["sigma_after"] < cap["sigma_before"] / 2
+    # after the cap the gathered weight's norm is the cap or the next singular value, not the bump
+    assert cap["sigma_after"] - 1e-3 <= r0["capped"]["after"] < cap["sigma_before"] / 2
+    assert r0["capped"] == r1["capped"]
+    # a NaN loss on rank 1 only: both ranks roll back in the same step to the same snapshot, each
+    # restoring its own shards exactly
+    assert r0["rollbacks"] == r1["rollbacks"] == [[54, 50]]
+    for r in (r0, r1):
+        assert r["digests"]["54"] == r["digests"]["50"] != r["digests"]["51"]
+    assert r0["digests"]["50"] != r1["digests"]["50"]  # each rank its own rows
+    # the softmax monitor reads activations: the same statistics on both ranks
+    assert r0["softmax"] == r1["softmax"] and r0["softmax"]["nlm_cos_max"] == r0["softmax"]["nlm_cos_max"]
+
+
+def _model_parallel_trainer(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return pl.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
+                      tensor_parallel_size=1), logger=False, default_root_dir=tmp_path)
+
+
+def test_low_bit_optimizer_refuses_model_parallel_by_name(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lightning_stability import LowBitOptimizer
+
+    trainer = _model_parallel_trainer(tmp_path)
+    with pytest.raises(RuntimeError, match=r"LowBitOptimizer cannot serve ModelParallelStrategy: .*DTensor.*Use DDP"):
+        LowBitOptimizer().on_fit_start(trainer, None)  # type: ignore[arg-type]
+
+
+def test_fp8_precision_refuses_sharded_strategies(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_stability import FP8Precision
+
+    trainer = _model_parallel_trainer(tmp_path)
+    with pytest.raises(RuntimeError, match=r"FP8Precision cannot serve ModelParallelStrategy.*bf16-mixed"):
+        FP8Precision(backend="emulated")._start(trainer)
+
+    class MyFSDP(FSDPStrategy):
+        pass
+
+    with pytest.raises(RuntimeError, match=r"FP8Precision cannot serve FSDPStrategy"):
+        FP8Precision(backend="emulated")._start(types.SimpleNamespace(strategy=MyFSDP()))  # type: ignore[arg-type]
+
+
+def test_spectral_monitor_refuses_fsdp1_and_blocks_on_shards(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_stability import SpectralMonitor
+
+    fsdp1 = types.SimpleNamespace(strategy=FSDPStrategy(), loggers=[])
+    with pytest.raises(NotImplementedError, match=r"FSDPStrategy: FSDP1 flattens .* Use ModelParallelStrategy"):
+        SpectralMonitor().setup(fsdp1, None, "fit")  # type: ignore[arg-type]
+    trainer = _model_parallel_trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"SpectralMonitor\(block=2\): under ModelParallelStrategy .* expected block=1"):
+        SpectralMonitor(block=2).setup(trainer, None, "fit")  # type: ignore[arg-type]
