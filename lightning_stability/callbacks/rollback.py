@@ -104,8 +104,14 @@ class InMemoryRollback(StabilityCallback):
     Under DDP every rank snapshots, commits and restores at the same step: the per-step decision is
     one all-reduce of three flags before the optimizer step (a non-finite loss on any rank, and the
     requests and warnings of sources outside the stability callbacks, which may have come from one
-    rank only; such an event that comes after that point is acted on one step later). The callback's own state (ring metadata, counters, the rollback
-    history) is saved in checkpoints; the snapshots are not (a resumed fit takes a fresh one at once).
+    rank only; such an event that comes after that point is acted on one step later).
+
+    The callback's own state (ring metadata, counters, the rollback history, a postponed snapshot) is
+    saved in checkpoints; the snapshots are not. A resumed fit takes one at once: silently when the
+    checkpoint's step is a snapshot step (it is the same state), as a new ``snapshot`` event otherwise;
+    a snapshot that was postponed is taken at the same step as without the interruption. Resuming
+    from a checkpoint taken at a snapshot step therefore decides as the uninterrupted fit would, unless
+    a rollback reaches back past the checkpoint before the next snapshot is committed.
     A configuration whose snapshots cannot fit in the available host memory is refused when training
     starts.
 
@@ -253,6 +259,7 @@ class InMemoryRollback(StabilityCallback):
             "snapshots_taken": self._snapshots_taken,
             "quarantined_batches": self._quarantined,
             "backoff_until": self._backoff_until,
+            "snapshot_due": self._snapshot_due,
             "halt_report": self.halt_report,
         }
 
@@ -272,6 +279,7 @@ class InMemoryRollback(StabilityCallback):
         self._snapshots_taken = int(state_dict.get("snapshots_taken", 0))
         self._quarantined = int(state_dict.get("quarantined_batches", 0))
         self._backoff_until = int(state_dict.get("backoff_until", -1))
+        self._snapshot_due = bool(state_dict.get("snapshot_due", False))
         self.halt_report = state_dict.get("halt_report")
         self._slots = []  # the snapshots of the saved run lived in another process's memory
 
@@ -337,7 +345,15 @@ class InMemoryRollback(StabilityCallback):
         self._check_memory(trainer, pl_module)
         self.register_lr_hooks(trainer, lambda index: self._lr_pre_hook)
         self._last_step = trainer.global_step
-        self._take_snapshot(trainer, pl_module)  # a fault in the first steps can be undone too
+        # A fault in the first steps can be undone too. A resumed fit has the ring's steps but not its
+        # snapshots: one taken at the checkpoint's own step is the state just restored, captured again
+        # without a new event; a snapshot that was postponed comes at the next healthy step, as it
+        # would have without the interruption.
+        ring = {int(r["step"]): bool(r["committed"]) for r in self._ring_meta}
+        if trainer.global_step in ring:
+            self._take_snapshot(trainer, pl_module, announce=False, committed=ring[trainer.global_step])
+        elif not self._snapshot_due:
+            self._take_snapshot(trainer, pl_module)
         self._mark = time.perf_counter()
 
     @override
@@ -502,7 +518,9 @@ class InMemoryRollback(StabilityCallback):
             "or set max_host_bytes if the limit is wrong."
         )
 
-    def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _take_snapshot(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, announce: bool = True, committed: bool = False
+    ) -> None:
         start = time.perf_counter()
         self._snapshot_due = False
         slot = self._free_slot()
@@ -522,11 +540,13 @@ class InMemoryRollback(StabilityCallback):
             "scaler": scaler.state_dict() if (scaler := grad_scaler(trainer)) is not None else None,
         }
         slot.snapshot.capture(trainer.global_step, pl_module, optimizers, extra)
-        slot.committed = False
-        self._snapshots_taken += 1
+        slot.committed = committed
         self._prune()
         seconds = time.perf_counter() - start
         self._snapshot_s += seconds
+        if not announce:
+            return
+        self._snapshots_taken += 1
         self.emit(
             trainer, "snapshot", "info", {"bytes": float(slot.snapshot.nbytes), "seconds": seconds}, None
         )

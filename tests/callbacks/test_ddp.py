@@ -183,3 +183,35 @@ def test_collectives_per_step_and_logging_on_rank_zero_only(tmp_path):
     norms = acc.Scalars("stability/grad/norm")
     assert [s.step for s in norms] == [49, 99]  # the logger's steps, each written once
     assert "stability/timeline/text_summary" in acc.Tags()["tensors"]
+
+
+# -- checkpoint and resume ---------------------------------------------------------------------------
+LOOP_COUNTERS = ("epoch", "batch_idx")  # Lightning's own counters: a resumed loop numbers its batches anew
+
+
+def test_a_fit_resumed_from_a_checkpoint_decides_as_the_whole_fit(tmp_path):
+    whole = run_two_ranks("ddp_resume_script.py", tmp_path, "full")  # also saves the checkpoint at step 30
+    for r in (0, 1):
+        os.rename(tmp_path / f"rank{r}.json", tmp_path / f"full-rank{r}.json")
+    resumed = run_two_ranks("ddp_resume_script.py", tmp_path, "resume")
+
+    def decided(event: dict) -> dict:
+        event = _decided(event)
+        return {**event, "metrics": {k: v for k, v in event["metrics"].items() if k not in LOOP_COUNTERS}}
+
+    logs = [[decided(e) for e in run[r]["events"]] for run in (whole, resumed) for r in (0, 1)]
+    assert logs[0] == logs[1] == logs[2] == logs[3]
+    decisions = [(e["step"], e["kind"], e["action"]) for e in logs[0] if e["step"] > 30 and e["severity"] != "info"]
+    # after the checkpoint: the z-loss and soft-cap of the drift on rank 1 stay on (and escalate), the
+    # snapshot postponed at step 30 comes at 31 and is dropped, a NaN on rank 1 rolls back to the
+    # snapshot of step 40, a gradient corrupted on rank 1 is skipped
+    assert (32, "logit_drift", "advise") in decisions
+    assert [(e["step"], e["kind"]) for e in logs[0] if e["kind"].startswith("snapshot") and 30 <= e["step"] <= 32] == [
+        (31, "snapshot"), (32, "snapshot_discarded")]
+    assert [d for d in decisions if d[1] != "logit_drift"] == [
+        (46, "nonfinite", "skip"), (47, "rollback", "rollback"), (52, "grad_spike", "skip")]
+    assert whole[0]["rollbacks"] == resumed[0]["rollbacks"] == [[16, 10], [47, 40]]
+    digests = {run[r]["digest"] for run in (whole, resumed) for r in (0, 1)}
+    assert len(digests) == 1 and resumed[0]["finite"]
+    for key in ("guard", "softmax", "sigma"):
+        assert whole[0][key] == resumed[0][key] == resumed[1][key], key

@@ -333,17 +333,26 @@ def test_state_survives_save_and_resume(tmp_path):
     resumed = InMemoryRollback(every_n_steps=10, commit_after=3, lr_backoff_factor=0.5, lr_backoff_steps=50)
     seen: dict[str, Any] = {}
 
+    held: dict[str, Any] = {}
+
     class AtStart(pl.Callback):
         def on_train_start(self, trainer, pl_module):
             seen.update(resumed.state_dict())
 
+    class AfterStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            held.update(ring=resumed.state_dict()["ring"], bytes=resumed.snapshot_bytes)
+
     model, loader = tiny_gpt(60, batches=20)
-    trainer = make_trainer(tmp_path, 60, [AtStart(), resumed], enable_checkpointing=True)
+    trainer = make_trainer(tmp_path, 60, [AtStart(), resumed, AfterStart()], enable_checkpointing=True)
     trainer.fit(model, loader, ckpt_path=path)
     assert seen == saved
-    # the resumed fit takes a snapshot at once: the saved ones lived in the old process's memory
+    # the saved snapshots lived in the old process's memory; the one of the checkpoint's own step (40)
+    # is the state just restored: the resumed fit holds it again at once, without a second event
+    at_40 = [r for r in saved["ring"] if r["step"] == 40]
+    assert at_40 and held["bytes"] > 0 and [r for r in held["ring"] if r["step"] == 40] == at_40
     snapshots = [e.step for e in events(trainer, "snapshot")]
-    assert snapshots[-4:] == [40, 40, 50, 60]  # the first 40 is the old fit's, from the restored event log
+    assert snapshots[-3:] == [40, 50, 60] and snapshots.count(40) == 1
     assert resumed.rollbacks == saved["rollbacks"]
 
 
