@@ -673,6 +673,8 @@ class SpectralMonitor(StabilityCallback):
         stats = self.estimates()  # the check's host copy
         if self._converge(stats):
             stats = self.estimates()
+        if trainer.world_size > 1 and all(g.reduce is None for g in self._groups):
+            stats = _agree(trainer, stats)
         for g in self._groups:
             g.align.zero_()
         loss = self._interval_loss(trainer)
@@ -886,6 +888,24 @@ class SpectralMonitor(StabilityCallback):
         counts = self.event_count_metrics()
         if counts:
             pl_module.log_dict(counts, on_step=True, on_epoch=False, batch_size=1)
+
+
+def _agree(trainer: pl.Trainer, stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Every rank's statistics become the worst rank's, so that all take the same decision: one
+    all-gather on a check step. Under DDP each rank measures its own replica of the weights; the
+    replicas agree unless one rank's copy was corrupted (a NaN written on one rank only), and then its
+    numbers must decide for every rank, or that rank alone would ask for a rollback."""
+    names = sorted(stats)
+    if not names:
+        return stats
+    keys = sorted(stats[names[0]])
+    # float64 holds the float32 statistics exactly: agreeing replicas keep their values bit for bit
+    local_ = torch.tensor([[stats[n][k] for k in keys] for n in names], dtype=torch.float64,
+                          device=trainer.strategy.root_device)  # (layers, keys)
+    gathered = trainer.strategy.all_gather(local_)  # (world, layers, keys)
+    low = torch.tensor([k == "stable_rank" for k in keys], device=local_.device)
+    worst = torch.where(low, gathered.amin(0), gathered.amax(0))  # NaN on any rank stays NaN
+    return {n: dict(zip(keys, row)) for n, row in zip(names, worst.cpu().tolist())}
 
 
 def _rows(owner: str, name: str, param: Tensor) -> tuple[int, int] | None:

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch.distributed
@@ -215,3 +216,66 @@ def test_a_fit_resumed_from_a_checkpoint_decides_as_the_whole_fit(tmp_path):
     assert len(digests) == 1 and resumed[0]["finite"]
     for key in ("guard", "softmax", "sigma"):
         assert whole[0][key] == resumed[0][key] == resumed[1][key], key
+
+
+# -- halts and exceptions on one rank ----------------------------------------------------------------
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return True
+
+
+def _exited(tmp_path) -> bool:
+    pids = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return all(_gone(p) for p in pids)
+
+
+def test_a_nan_weight_on_one_rank_is_rolled_back_on_every_rank(tmp_path):
+    ranks = run_two_ranks("ddp_halt_script.py", tmp_path, "nan_weight")
+    # the spectral check of step 15 sees rank 1's NaN weight; the ranks agree on their statistics, so
+    # both ask for the rollback and restore the same snapshot in the same step (a request on rank 1
+    # alone would leave rank 0 out of the rollback's collectives)
+    assert ranks[0]["events"] == ranks[1]["events"]
+    assert [e for e in ranks[0]["events"] if e[3] == "rollback"] == [
+        [15, "nonfinite_weight", "SpectralMonitor", "rollback"], [15, "rollback", "InMemoryRollback", "rollback"]]
+    assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["finite"] and ranks[0]["global_step"] == 40
+
+
+def test_a_halt_decided_on_one_ranks_data_stops_every_rank_in_the_same_step(tmp_path):
+    ranks = run_two_ranks("ddp_halt_script.py", tmp_path, "halt_stop")
+    # a NaN weight on rank 1 only: the guard climbs its ladder on both ranks alike and halts both in
+    # step 21; the spectral monitor sees the NaN weight (on rank 1's copy) on both ranks too
+    assert ranks[0]["events"] == ranks[1]["events"]
+    assert ranks[0]["report"] == ranks[1]["report"] and "halted training at optimizer step 21" in ranks[0]["report"]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 22
+    assert [e[:2] for e in ranks[0]["events"] if e[3] == "halt"] == [[21, "nonfinite"], [22, "halt"]]
+    assert {e[0] for e in ranks[0]["events"] if e[1] == "nonfinite_weight"} == {15, 20}
+    assert (tmp_path / "checkpoints" / "stability-halt-step=22.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    ("mode", "messages"),
+    [
+        ("halt_raise", {r: "TrainingHalted: GradientSpikeGuard halted training at optimizer step 21" for r in (0, 1)}),
+        ("user_error_rank1", {1: "ValueError: user check failed on rank 1 at step 15"}),
+        ("user_error_rank0", {0: "ValueError: user check failed on rank 0 at step 15"}),
+        ("hook_error_rank1", {1: "RuntimeError: sample ids unreadable on rank 1 at step 15"}),
+    ],
+)
+def test_an_exception_on_one_rank_ends_every_rank(tmp_path, mode, messages):
+    start = time.monotonic()
+    proc = launch_two_ranks("ddp_halt_script.py", str(tmp_path), mode, timeout=180)
+    assert proc.returncode != 0
+    assert "Timeout (" not in proc.stderr, proc.stderr[-3000:]  # the script's deadlock watchdog did not fire
+    for rank, message in messages.items():
+        assert f"[rank{rank}]: " in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
+    if mode == "halt_raise":  # the same message on both ranks
+        lines = {line.split(": ", 1)[1] for line in proc.stderr.splitlines() if "TrainingHalted: " in line}
+        assert len(lines) == 1
+    assert _exited(tmp_path) and time.monotonic() - start < 90
+    assert not (tmp_path / "rank0.json").exists() and not (tmp_path / "rank1.json").exists()
