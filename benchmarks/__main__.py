@@ -27,7 +27,7 @@ import lightning
 import torch
 
 from benchmarks import efficacy as fault_efficacy
-from benchmarks import precision, rollback, softmax, spectral
+from benchmarks import instabilities, precision, rollback, scaling, softmax, spectral
 from benchmarks.overhead import (
     BATCH_SIZE,
     BLOCK_SIZE,
@@ -162,6 +162,50 @@ def run_section(argv: list[str] | None, prog: str, description: str, heading: st
     return 0
 
 
+RUN_TIME = "## Run time"
+_QUICK_PREFIX = "- `python -m benchmarks --quick`"
+
+
+def _quick_line(path: str) -> str | None:
+    """The recorded ``--quick`` run time in ``path``'s run-time section, if any."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return next((line.rstrip("\n") for line in f if line.startswith(_QUICK_PREFIX)), None)
+
+
+def render_run_time(minutes: float, parts: dict[str, float], quick_line: str | None) -> str:
+    rows = "\n".join(f"| {name} | {seconds / 60:.1f} |" for name, seconds in parts.items())
+    quick = quick_line or f"{_QUICK_PREFIX}: not recorded yet (`python -m benchmarks --quick --record-time`)."
+    return f"""
+{RUN_TIME}
+
+- `python -m benchmarks`: {minutes:.1f} minutes for the run on this page, by part:
+
+| part | minutes |
+|---|---:|
+{rows}
+
+{quick}
+"""
+
+
+def record_quick_time(path: str, minutes: float, machine: str) -> None:
+    """Put this ``--quick`` run's time in place of the recorded one in ``path``'s run-time section."""
+    line = f"{_QUICK_PREFIX}: {minutes:.1f} minutes (the CI smoke test, its goal under 5). {machine}"
+    with open(path) as f:
+        text = f.read()
+    old = _quick_line(path)
+    if old is not None:
+        text = text.replace(old, line)
+    elif RUN_TIME in text:  # the run-time section is the page's last
+        text = text.rstrip("\n") + f"\n\n{line}\n"
+    else:
+        text = text.rstrip("\n") + f"\n\n{RUN_TIME}\n\n{line}\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def load_average() -> str:
     return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
 
@@ -180,15 +224,17 @@ def render_doc(
     goal_text = "\n".join(f"- {line}" for line in goals)
     return f"""# Benchmarks
 
-What the stability callbacks cost per training step, and what `SpectralMonitor`'s interventions do
-to a run that blows up. The project's goal: `GradientSpikeGuard` with all its detectors on costs at
-most {round((GOAL_RATIO - 1) * 100)}% of step time; the goals of `InMemoryRollback` and
-`SpectralMonitor` are in their sections. The full benchmark run writes this file; do not edit it by
-hand.
+What the stability callbacks cost per training step, next to what users would reach for instead,
+and whether they save a run: overhead per callback (guard, rollback, spectra, softmax) and how it
+grows with the model; efficacy on injected faults and on reproduced instabilities; the precision
+plugins. The project's goal for the guard: with all its detectors on it costs at most
+{round((GOAL_RATIO - 1) * 100)}% of step time; every other goal is in its section. The full benchmark
+run writes this file; do not edit it by hand.
 
 ```bash
-python -m benchmarks           # or: make bench. Rewrites this file ({minutes:.1f} minutes for the run below)
+python -m benchmarks           # or: make bench. Rewrites this file ({minutes:.1f} minutes for the run below; by part at the end)
 python -m benchmarks --quick   # or: make bench-quick. The CI smoke test: a few steps, prints, writes nothing
+python -m benchmarks.<section> # scaling, precision, efficacy, instabilities: rewrites that section only
 ```
 
 ## Machine
@@ -478,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few steps, print only (the CI smoke test)")
     parser.add_argument("--out", default="docs/benchmarks.md", help="the markdown file the full run rewrites")
+    parser.add_argument("--record-time", action="store_true",
+                        help="with --quick: write this run's time into the run-time section of --out")
     args = parser.parse_args(argv)
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" banners per fit
@@ -502,13 +550,24 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
 
     start = time.perf_counter()
+    parts: dict[str, float] = {}
+    mark = start
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        parts[name] = now - mark
+        mark = now
+
     results = run_benchmark(settings.warmup_steps, settings.timed_steps, settings.repeats, progress=progress)
+    lap("guard overhead")
     rb_results = rollback.overhead(
         settings.warmup_steps, settings.rollback_timed_steps, settings.rollback_repeats, progress=progress
     )
     rb_table, rb_goals = rollback.overhead_table(rb_results)
     recoveries = [rollback.recovery(size, settings.rollbacks, progress) for size in MODEL_SIZES]
     rec_table = rollback.recovery_table(recoveries)
+    lap("rollback")
 
     sp_results = spectral.overhead(
         settings.warmup_steps, settings.timed_steps, settings.spectral_repeats, progress
@@ -517,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     sm_summaries = summarize(sm_results)
     sm_table = format_table(sm_summaries)
     sm_lines = softmax.overhead_lines(sm_summaries)
+    lap("spectral and softmax overhead")
     amortised = [spectral.full_analysis_cost(size, settings.analysis_repeats) for size in MODEL_SIZES]
     sp_summaries = summarize(sp_results)
     sp_table = format_table(sp_summaries)
@@ -540,14 +600,19 @@ def main(argv: list[str] | None = None) -> int:
         progress=progress,
     )
     efficacy = spectral.efficacy_table(runs, reference)
-    precision_start = time.perf_counter()
+    lap("spectral analysis and blow-up")
     precision_settings = precision.QUICK if args.quick else precision.FULL
     precision_parts = precision.run(precision_settings, progress)
-    precision_seconds = time.perf_counter() - precision_start
-    faults_start = time.perf_counter()
+    lap("precision")
     faults_settings = fault_efficacy.QUICK if args.quick else fault_efficacy.FULL
     faults_result = fault_efficacy.evaluate(faults_settings, progress)
-    faults_seconds = time.perf_counter() - faults_start
+    lap("fault efficacy")
+    scaling_settings = scaling.QUICK if args.quick else scaling.FULL
+    scaling_result = scaling.run(scaling_settings, progress)
+    lap("overhead as the model grows")
+    instab_settings = instabilities.QUICK if args.quick else instabilities.FULL
+    instab_result = instabilities.run(instab_settings, progress, blowup=runs)
+    lap("reproduced instabilities")
     minutes = (time.perf_counter() - start) / 60
     summaries = summarize(results)
     table = format_table(summaries)
@@ -582,15 +647,30 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("\n".join(efficacy[1]))
     precision_section = precision.render_section(
-        precision_settings, precision_parts, precision_seconds, section_machine(threads))
+        precision_settings, precision_parts, parts["precision"], section_machine(threads))
     print(precision_section)
-    faults_section = fault_efficacy.render_section(faults_settings, faults_result, faults_seconds, section_machine(threads))
+    faults_section = fault_efficacy.render_section(faults_settings, faults_result, parts["fault efficacy"],
+                                                   section_machine(threads))
     print(faults_section)
+    scaling_image = None if args.quick else scaling.IMAGE
+    if scaling_image is not None and not scaling.plot(
+            scaling_result, os.path.join(os.path.dirname(os.path.abspath(args.out)), scaling.IMAGE)):
+        scaling_image = None
+    scaling_section = scaling.render_section(scaling_settings, scaling_result, parts["overhead as the model grows"],
+                                             section_machine(threads), scaling_image)
+    print(scaling_section)
+    instab_section = instabilities.render_section(instab_settings, instab_result, parts["reproduced instabilities"],
+                                                  section_machine(threads))
+    print(instab_section)
     if args.quick:
         print(
             "(--quick: too few steps for the figures to mean anything; this run only checks that nothing crashes)"
         )
     print(f"\n{machine[-2]}; {minutes:.1f} minutes")
+    print(", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in parts.items()) + " (minutes)")
+    if args.quick and args.record_time:
+        record_quick_time(args.out, minutes, section_machine(threads))
+        print(f"wrote the --quick run time into {args.out}")
 
     if not args.quick:
         docs = os.path.dirname(os.path.abspath(args.out))
@@ -600,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {os.path.join(os.path.dirname(args.out), IMAGE)}")
         else:
             image = None
+        quick_line = _quick_line(args.out)
         with open(args.out, "w") as f:
             rb_section = render_rollback_section(settings, rb_table, rb_goals, rec_table)
             sp_section = render_spectral_section(
@@ -608,8 +689,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             f.write(render_doc(settings, machine, table, goals, minutes, rb_section, sp_section))
             f.write(render_softmax_section(settings, sm_table, sm_lines))
+            f.write(scaling_section)
             f.write(precision_section)
             f.write(faults_section)
+            f.write(instab_section)
+            f.write(render_run_time(minutes, parts, quick_line))
         print(f"wrote {args.out}")
     return 0
 

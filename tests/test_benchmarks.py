@@ -1,0 +1,102 @@
+"""The benchmark suite's bookkeeping: the pieces that turn runs into the figures on the benchmarks page.
+
+The runs themselves are exercised by ``python -m benchmarks --quick`` in CI; these tests check, on
+made-up results, that the summaries say what the results say.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import instabilities, scaling
+from benchmarks.__main__ import _QUICK_PREFIX, record_quick_time, render_run_time
+from benchmarks.overhead import Summary
+from benchmarks.spectral import EfficacyRun
+
+
+def _summary(size: str, setup: str, step_ms: float, hook_ms: float, base_ms: float) -> Summary:
+    ratio = step_ms / base_ms
+    return Summary(size, setup, step_ms, ratio, ratio, ratio, hook_ms, hook_ms / base_ms, None, 0)
+
+
+def test_scaling_goal_lines_judge_all_four_by_their_share_of_a_baseline_step():
+    summaries = [
+        _summary("small", "no callbacks", 10.0, 0.0, 10.0),
+        _summary("small", "GradientSpikeGuard", 10.3, 0.3, 10.0),
+        _summary("small", "all four", 11.5, 1.5, 10.0),
+        _summary("large", "no callbacks", 100.0, 0.0, 100.0),
+        _summary("large", "GradientSpikeGuard", 100.5, 0.5, 100.0),
+        _summary("large", "all four", 104.0, 4.0, 100.0),
+    ]
+    small, large = scaling.goal_lines(summaries)
+    assert small.startswith("small: all four take 1.150x") and "15.0% of a baseline step" in small
+    assert "GradientSpikeGuard 3.0%" in small and small.endswith("NOT met.")
+    assert large.startswith("large: all four take 1.040x") and "4.0%" in large and large.endswith(": met.")
+    sizes = (scaling.ModelSize("small", 8, 1), scaling.ModelSize("large", 16, 2))
+    growth = scaling.growth_line(summaries, sizes)
+    assert "a baseline step grows 10.0x" in growth and "hooks 2.7x (1.50 to 4.00 ms" in growth
+
+
+def test_the_quick_run_time_replaces_only_its_own_line(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n\nintro\n" + render_run_time(30.0, {"a": 600.0, "b": 1200.0}, None))
+    text = page.read_text()
+    assert "| a | 10.0 |" in text and "| b | 20.0 |" in text and "not recorded yet" in text
+    record_quick_time(str(page), 2.25, "machine X.")
+    record_quick_time(str(page), 3.5, "machine Y.")
+    text = page.read_text()
+    lines = [line for line in text.splitlines() if line.startswith(_QUICK_PREFIX)]
+    assert lines == [f"{_QUICK_PREFIX}: 3.5 minutes (the CI smoke test, its goal under 5). machine Y."]
+    assert text.startswith("# Benchmarks\n\nintro\n") and "| b | 20.0 |" in text
+    # a full run keeps the recorded quick line
+    again = render_run_time(31.0, {"a": 60.0}, lines[0])
+    assert lines[0] in again and "not recorded" not in again
+
+
+def _grok(name: str, seed: int, test_acc: float, first_low: int | None) -> dict:
+    return {"name": name, "seed": seed, "train_acc": 1.0, "test_acc": test_acc, "best_test_acc": test_acc,
+            "first_low": first_low}
+
+
+def _attn(arm: str, seed: int, flag: int | None, behind: int | None, vs: float) -> dict:
+    return {"arm": arm, "seed": seed, "first_flag": flag, "behind": behind, "final": vs, "vs_reference": vs}
+
+
+def _blowup(arm: str, seed: int, diverges: bool) -> EfficacyRun:
+    losses = [2.0] * 50 + ([5.0] * 50 if diverges else [1.0] * 50)
+    return EfficacyRun(arm, seed, 0.3, tuple(losses), 0, 0, 10 if arm in ("cap", "pss") else None, 1.0)
+
+
+def test_instability_findings_are_read_off_the_runs():
+    res = instabilities.Results(
+        grokking=[_grok("cross-entropy", s, 0.01, 1300 + s) for s in (0, 1)]
+        + [_grok("perp_grad", 0, 1.0, None), _grok("perp_grad", 1, 0.5, None)]
+        + [_grok("stablemax", s, 0.02, None) for s in (0, 1)],
+        attention=[_attn("reference", s, None, None, 1.0) for s in (0, 1)]
+        + [_attn("no remedy", 0, 21, 33, 6.0), _attn("no remedy", 1, 40, 35, 7.0)]
+        + [_attn("qk_clip", s, 21, None, 1.2 + s / 10) for s in (0, 1)]
+        + [_attn("attn_softcap", s, 21, 60, 4.0) for s in (0, 1)],
+        blowup=[_blowup("no callbacks", s, True) for s in (0, 1)] + [_blowup("cap", 0, False), _blowup("cap", 1, True)]
+        + [_blowup("pss", s, True) for s in (0, 1)] + [_blowup("update_clip", s, False) for s in (0, 1)],
+        fp8=[{"seed": s, "format": "e2m1", "watch": 1.9, "fallback": 1.03 + s / 100, "flagged_at": 2, "behind": 90,
+              "fallbacks": 3} for s in (0, 1)]
+        + [{"seed": s, "format": "e2m0", "watch": 2.0, "fallback": 1.02, "flagged_at": None, "behind": 30,
+            "fallbacks": 0} for s in (0, 1)],
+    )
+    grok, attn, blow, e2m1, e2m0 = instabilities.findings(res)
+    assert "generalised (test accuracy >= 0.9) in 0 of 2" in grok and "flagged the collapsing headroom in 2 of 2" in grok
+    assert "perpendicular gradient 1 of 2" in grok and "StableMax 0 of 2" in grok
+    assert "fell behind the healthy run's in 2 of 2 seeds, flagged before it in 1" in attn
+    assert "6.50x unremedied, 1.25x with QK-clip, 4.00x with the soft-cap" in attn
+    assert "2 of 2 unguarded runs diverged" in blow and "rescued 1 of 4" in blow and "rescued 2 of 2" in blow
+    assert "in 2 of 2 seeds, FP8 health flagged it first in 2" in e2m1 and "1.04x" in e2m1
+    assert "flagged it first in 0" in e2m0
+    table = instabilities.summary_table(res, instabilities.QUICK)
+    assert "test accuracy 0.500 to 1.000" in table and "`collapse_headroom_low` at step 1300 to 1301" in table
+    assert "`attention_logit_growth` at step 21 to 40, -5 to 12 steps" in table
+
+
+@pytest.mark.parametrize("values, expected", [([1.0, 1.0], "1.00x"), ([1.0, 2.5], "1.00 to 2.50x"),
+                                              ([1.0, float("nan")], "1.00x to NaN")])
+def test_span(values, expected):
+    assert instabilities._span(values, suffix="x") == expected
