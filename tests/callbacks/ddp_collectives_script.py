@@ -2,9 +2,9 @@
 
 Every collective of ``torch.distributed`` called from Python is wrapped; each call is attributed to the
 step it happened in and to the stability class whose code called it (the innermost frame of
-``lightning_stability`` that belongs to a method of one of its classes), or to Lightning otherwise.
-DDP's gradient all-reduce runs in its C++ reducer, not through these Python functions, so it is not
-counted (it is not ours). Two fits run in one launch: every callback and the FP8 plugin at their
+``lightning_stability`` that belongs to a method of one of its classes), to DDP's Python side (its
+broadcast of module buffers before every forward), or to Lightning otherwise. DDP's gradient
+all-reduce runs in its C++ reducer, not through these Python functions, so it is not counted. Two fits run in one launch: every callback and the FP8 plugin at their
 defaults with a TensorBoard logger and the panels, and the same fit without them. The first also
 records which files each rank opened for writing.
 """
@@ -42,6 +42,7 @@ COLLECTIVES = (
     "all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast", "broadcast_object_list",
     "barrier", "monitored_barrier", "reduce", "gather", "gather_object", "scatter", "scatter_object_list",
     "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single", "all_reduce_coalesced",
+    "_broadcast_coalesced",  # DDP's broadcast of module buffers at every forward (and of the weights at start)
 )
 PACKAGE_DIR = os.path.dirname(lightning_stability.__file__)
 STEPS = 101  # sampled steps at the defaults (every 50 steps, the logger's cadence of 50) fall inside
@@ -57,13 +58,13 @@ class Counter:
 
     def install(self) -> None:
         for name in COLLECTIVES:
-            original = getattr(c10d, name, None)
+            original = getattr(c10d, name, None) or getattr(dist, name, None)
             if original is None:
                 continue
             wrapper = self._wrap(name, original)
-            setattr(c10d, name, wrapper)
-            if getattr(dist, name, None) is original:
-                setattr(dist, name, wrapper)
+            for module in (c10d, dist):
+                if getattr(module, name, None) is original:
+                    setattr(module, name, wrapper)
 
     def _wrap(self, name: str, original: Any) -> Any:
         @functools.wraps(original)
@@ -83,6 +84,8 @@ def _elements(name: str, args: tuple, kwargs: dict) -> int:
     """Elements this rank contributes (-1 for a collective of pickled objects, 0 for a barrier)."""
     if name.endswith("_object") or name.endswith("_object_list"):
         return -1
+    if name == "_broadcast_coalesced":  # (process_group, tensors, bucket_size, src)
+        return sum(t.numel() for t in args[1])
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
     if name == "all_gather" and tensors:  # all_gather(list_of_outputs, input)
         return tensors[0].numel()
@@ -92,6 +95,8 @@ def _elements(name: str, args: tuple, kwargs: dict) -> int:
 def _caller() -> str:
     frame = sys._getframe(2)
     while frame is not None:
+        if frame.f_code.co_filename.endswith(os.path.join("nn", "parallel", "distributed.py")):
+            return "DDP"  # DistributedDataParallel's own Python side (its gradient all-reduce is in C++)
         if frame.f_code.co_filename.startswith(PACKAGE_DIR):
             owner = frame.f_locals.get("self")
             if owner is not None and type(owner).__module__.startswith("lightning_stability"):
@@ -176,6 +181,7 @@ def fit(out: str, counter: Counter, ours: bool, audit: WriteAudit | None = None)
         result["rollbacks"] = [(r["step"], r["restored_step"]) for r in rollback.rollbacks]
         result["log_dir"] = trainer.log_dir
         result["written"] = sorted(audit.paths) if audit is not None else []
+        result["buffer_elements"] = sum(b.numel() for b in model.buffers())  # the FP8 emulator's scales
     result["digest"] = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
     result["rank"] = trainer.global_rank
     return result

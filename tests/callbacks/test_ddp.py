@@ -133,6 +133,12 @@ def test_collectives_per_step_and_logging_on_rank_zero_only(tmp_path):
 
     # Lightning's own collectives (its SIGTERM broadcast every step) are the same with and without ours
     assert _per_step(records, "lightning") == _per_step(plain["collectives"], "lightning")
+    # DDP broadcasts module buffers before every forward: the tiny GPT has none, the FP8 emulator's
+    # layers hold their scales and amax histories in buffers (DDP's collective, counted apart)
+    assert _per_step(plain["collectives"], "DDP") == {}
+    ddp = _per_step(records, "DDP")
+    assert ours["buffer_elements"] > 0
+    assert all(ddp[s] == [("_broadcast_coalesced", ours["buffer_elements"])] for s in steps)
     assert all(name != "barrier" for calls in _per_step(records).values() for name, _ in calls)  # no barrier in a step
 
     guard = _per_step(records, "GradientSpikeGuard")
