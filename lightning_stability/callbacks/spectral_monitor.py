@@ -278,8 +278,10 @@ class SpectralMonitor(StabilityCallback):
         trainer = pl.Trainer(callbacks=[SpectralMonitor(exclude=["lm_head"])])
 
     Under DDP every rank measures identical weights and gradients from identically seeded vectors, so
-    every rank takes the same decision without a collective (the loss check after an intervention
-    averages the loss over ranks: one all-reduce, only then). Under ``ModelParallelStrategy`` (FSDP2,
+    measured steps need no collective. Each check gathers the per-layer statistics once (the worst
+    rank's value): the replicas agree unless one rank's copy was corrupted, and then every rank takes
+    the decision its numbers call for (the loss check after an intervention also averages the loss
+    over ranks: one all-reduce, only then). Under ``ModelParallelStrategy`` (FSDP2,
     row-sharded weights) the products run on each rank's rows and their sums are all-reduced, per shape
     group: 4 all-reduces a measured step, no gather (docs/fsdp.md).
 
