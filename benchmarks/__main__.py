@@ -26,8 +26,8 @@ from typing import Any
 import lightning
 import torch
 
+from benchmarks import ddp, instabilities, precision, rollback, scaling, softmax, spectral
 from benchmarks import efficacy as fault_efficacy
-from benchmarks import instabilities, precision, rollback, scaling, softmax, spectral
 from benchmarks.overhead import (
     BATCH_SIZE,
     BLOCK_SIZE,
@@ -234,7 +234,7 @@ run writes this file; do not edit it by hand.
 ```bash
 python -m benchmarks           # or: make bench. Rewrites this file ({minutes:.1f} minutes for the run below; by part at the end)
 python -m benchmarks --quick   # or: make bench-quick. The CI smoke test: a few steps, prints, writes nothing
-python -m benchmarks.<section> # scaling, precision, efficacy, instabilities: rewrites that section only
+python -m benchmarks.<section> # scaling, precision, efficacy, instabilities, ddp: rewrites that section only
 ```
 
 ## Machine
@@ -613,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     instab_settings = instabilities.QUICK if args.quick else instabilities.FULL
     instab_result = instabilities.run(instab_settings, progress, blowup=runs)
     lap("reproduced instabilities")
+    ddp_settings = ddp.QUICK if args.quick else ddp.FULL
+    ddp_result = ddp.run(ddp_settings, progress)
+    lap("DDP overhead")
     minutes = (time.perf_counter() - start) / 60
     summaries = summarize(results)
     table = format_table(summaries)
@@ -662,6 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     instab_section = instabilities.render_section(instab_settings, instab_result, parts["reproduced instabilities"],
                                                   section_machine(threads))
     print(instab_section)
+    ddp_section = ddp.render_section(ddp_settings, ddp_result, parts["DDP overhead"], section_machine(threads))
+    print(ddp_section)
     if args.quick:
         print(
             "(--quick: too few steps for the figures to mean anything; this run only checks that nothing crashes)"
@@ -693,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(precision_section)
             f.write(faults_section)
             f.write(instab_section)
+            f.write(ddp_section)
             f.write(render_run_time(minutes, parts, quick_line))
         print(f"wrote {args.out}")
     return 0
