@@ -67,21 +67,49 @@ _MIN_HISTORY = 3  # checks in a layer's history before its detections are armed
 # a square random-init matrix has almost no spectral gap and may need a hundred iterations.
 _MAX_INIT_ITERS = 300
 _VECTORS = ("basis", "u", "v", "du", "dv", "du_next", "dv_next")  # per-layer tracking state
+_LEFT = frozenset({"u", "du", "du_next"})  # the vectors of length m; the others have length n
+# Small weights of different shapes share one zero-padded stack (block=1, unsharded only): on a small
+# model each stack costs ~100 operator calls a step whatever its size, so fewer stacks are faster.
+# Shapes merge while the padded stack holds at most _MERGE_RATIO times the real elements and at most
+# _MERGE_MAX_ELEMENTS in all; larger models, whose cost is the products' FLOPs, keep one stack a shape.
+_MERGE_RATIO = 3.0
+_MERGE_MAX_ELEMENTS = 1 << 22
 
 
 class _Group:
-    """Weights of one matrix shape on one device, measured together as a stack ``(B, m, n)``."""
+    """Weights on one device measured together as a stack ``(B, m, n)``: of one matrix shape, or of
+    several shapes zero-padded to the largest ``m`` and ``n`` (``sizes`` holds each one's own).
+
+    Padding a matrix with zeros, ``[[W, 0], [0, 0]]``, leaves its nonzero singular values and its top
+    singular pair as they are, with zeros in the padded entries of the vectors. The padded entries of
+    every vector start at zero and stay there (``W^T u`` and ``W v`` are zero where ``W`` is padded),
+    so the stack computes exactly what one stack per shape does.
+    """
 
     def __init__(
-        self, layers: list[_Layer], m: int, n: int, r: int, device: torch.device, rows: tuple[int, int] | None = None
+        self, layers: list[_Layer], m: int, n: int, r: int, device: torch.device, rows: tuple[int, int] | None = None,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> None:
         self.layers = layers
         self.m, self.n, self.device = m, n, device
+        self.sizes = sizes if sizes is not None else [(m, n)] * len(layers)  # each matrix's own (m, n)
         # Row-sharded weights (FSDP2): ``m`` is this rank's rows ``rows`` of the full matrices; left
         # vectors hold those rows, right vectors are whole, and every sum over rows is all-reduced.
         self.rows = rows
         self.reduce = all_reduce_sum_ if rows is not None else None
         b = len(layers)
+        # A padded stack lives in a persistent zeroed buffer: each step copies the weights (and the
+        # gradients) into their corners with one fused copy, and the padding stays zero.
+        self.padded = any(size != (m, n) for size in self.sizes)
+        self._weights = torch.zeros(b, m, n, device=device) if self.padded else None
+        self._grads = torch.zeros(b, m, n, device=device) if self.padded else None
+        self._weight_views = _corners(self._weights, self.sizes)
+        self._grad_views = _corners(self._grads, self.sizes)
+        shapes: dict[tuple[int, int], list[int]] = {}
+        for slot, size in enumerate(self.sizes):
+            shapes.setdefault(size, []).append(slot)
+        # what iterates together on checks: the matrices of one shape, as in a stack of one shape
+        self.parts: list[tuple[tuple[int, int], list[int]] | None] = list(shapes.items()) if self.padded else [None]
         zeros = torch.zeros(b, device=device)
         self.basis = torch.zeros(b, n, r, device=device)  # right block of the subspace iteration
         self.u = torch.zeros(b, m, device=device)  # the top pair, from the block
@@ -94,24 +122,51 @@ class _Group:
         self.du_next = torch.zeros(b, m, device=device)
         self.dv_next = torch.zeros(b, n, device=device)
         self.probes: tuple[Tensor, Tensor] | None = None  # (W_old dv, W_old^T du)
+        self.stale: set[int] = set()  # slots of a padded stack whose probes are void (as ``probes=None``)
         self.sigma, self.ratio, self.residual = zeros.clone(), zeros.clone(), zeros.clone()
         self.align = zeros.clone()  # largest alignment since the last check
         self.align_last = zeros.clone()
 
     def reseed(self, b: int, v: Tensor) -> None:
         """Put ``v`` first in matrix ``b``'s block (after an exact decomposition or an intervention)."""
-        block = torch.cat([v.reshape(-1, 1).to(self.basis), self.basis[b, :, 1:]], dim=1)
-        self.basis[b] = torch.linalg.qr(block).Q
-        self.v[b] = v / torch.linalg.vector_norm(v).clamp_min(1e-12)
+        basis, vec = self.vector("basis", b), self.vector("v", b)
+        block = torch.cat([v.reshape(-1, 1).to(basis), basis[:, 1:]], dim=1)
+        basis.copy_(torch.linalg.qr(block).Q)
+        vec.copy_(v / torch.linalg.vector_norm(v).clamp_min(1e-12))
 
-    def iterate(self, w: Tensor, iters: int) -> None:
+    def drop_probes(self, b: int) -> None:
+        """Void matrix ``b``'s probes (its weight was changed): its update estimate restarts, and in a
+        padded stack so do those of its shape alone, as in a stack of that shape."""
+        if not self.padded:
+            self.probes = None
+            return
+        for part in self.parts:
+            if part is not None and b in part[1]:
+                self.stale.update(part[1])
+
+    def vector(self, key: str, b: int) -> Tensor:
+        """Matrix ``b``'s entry of the per-matrix state ``key`` (``_VECTORS``) at its own size: a view."""
+        m, n = self.sizes[b]
+        return getattr(self, key)[b, : m if key in _LEFT else n]
+
+    def iterate(self, w: Tensor, iters: int, part: tuple[tuple[int, int], list[int]] | None = None) -> Tensor:
         """Warm-started iterations on the stack ``w``: plain power iteration for a block of one
-        vector (the cheapest: a few kernels per group), block power iteration otherwise."""
+        vector (the cheapest: a few kernels per group), block power iteration otherwise. ``part``
+        (of a padded group, ``((m, n), slots)``) iterates those matrices alone, unpadded. Returns
+        the iterated matrices' residuals."""
+        if part is not None:
+            (m, n), slots = part
+            idx = torch.tensor(slots, device=self.device)
+            u, v, sigma, residual = power_iteration(w[idx, :m, :n], self.u[idx, :m], self.basis[idx, :n, 0], iters)
+            self.u[idx, :m], self.v[idx, :n], self.basis[idx, :n, 0] = u, v, v
+            self.sigma[idx], self.residual[idx] = sigma, residual
+            return residual
         if self.basis.shape[-1] == 1:
             self.u, self.v, self.sigma, self.residual = power_iteration(w, self.u, self.basis[..., 0], iters, self.reduce)
             self.basis = self.v.unsqueeze(-1)
         else:
             self.u, self.v, self.sigma, self.basis, self.residual = subspace_iteration(w, self.basis, iters)
+        return self.residual
 
     def stable_rank(self) -> Tensor:
         """``||W||_F^2 / sigma^2`` from the weights as they are now and the tracked sigma_max (read only
@@ -123,8 +178,28 @@ class _Group:
         return fro2 / self.sigma.pow(2).clamp_min(1e-24)
 
     def stack(self) -> Tensor:
+        if self._weights is not None:
+            with torch.no_grad():  # the parameters themselves, no detached views: one op in all
+                torch._foreach_copy_(self._weight_views, [as_matrix(layer.param) for layer in self.layers])
+            return self._weights
         ws = [as_matrix(local(layer.param.detach())) for layer in self.layers]  # this rank's rows, sharded
         return torch.stack(ws).float()  # (B, m, n)
+
+    def grad_stack(self, grads: list[Tensor | None]) -> Tensor:
+        """The gradients as a stack ``(B, m, n)``, zeros for a matrix without one."""
+        if self._grads is None:
+            return torch.stack([
+                as_matrix(local(g)) if g is not None else torch.zeros(self.m, self.n, device=self.device) for g in grads
+            ])
+        dst, src = [], []
+        for view, g in zip(self._grad_views, grads):
+            if g is None:
+                view.zero_()
+            else:
+                dst.append(view)
+                src.append(as_matrix(g))
+        torch._foreach_copy_(dst, src)
+        return self._grads
 
 
 class _Layer:
@@ -164,10 +239,13 @@ class _Layer:
         }
         g = self.group
         if g is not None:
+            # each vector at the layer's own size, whether its group is padded or not
             for key in _VECTORS:
-                state[key] = getattr(g, key)[self.slot].detach().cpu().clone()
-            if g.probes is not None:
-                state["probes"] = [p[self.slot].detach().cpu().clone() for p in g.probes]
+                state[key] = g.vector(key, self.slot).detach().cpu().clone()
+            if g.probes is not None and self.slot not in g.stale:
+                m, n = g.sizes[self.slot]
+                state["probes"] = [g.probes[0][self.slot, :m].detach().cpu().clone(),
+                                   g.probes[1][self.slot, :n].detach().cpu().clone()]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -184,8 +262,9 @@ class _Layer:
         if g is not None:
             for key in _VECTORS:
                 value = state.get(key)
-                if isinstance(value, Tensor) and value.shape == getattr(g, key)[self.slot].shape:
-                    getattr(g, key)[self.slot].copy_(value)
+                target = g.vector(key, self.slot)
+                if isinstance(value, Tensor) and value.shape == target.shape:
+                    target.copy_(value)
 
 
 class SpectralMonitor(StabilityCallback):
@@ -200,8 +279,10 @@ class SpectralMonitor(StabilityCallback):
 
     - ``sigma_max`` by warm-started block power iteration (``power_iters`` products with ``W`` and
       ``W^T`` per weight, each on a block of ``block`` vectors, so the weight is read once per product;
-      weights of one shape batched into one stack); the vectors persist in the callback's state and
-      in checkpoints;
+      weights of one shape batched into one stack, and on a small model weights of several shapes
+      into one zero-padded stack, which leaves each one's singular values and top pair as they are:
+      fewer stacks, fewer operator calls); the vectors persist in the callback's state and in
+      checkpoints, at each weight's own size;
     - the spectral norm of the step's update relative to the weight's (``update_ratio``), by a power
       iteration on the update itself that needs no copy of the old weights (its vectors ride as extra
       columns of the same two products);
@@ -468,12 +549,17 @@ class SpectralMonitor(StabilityCallback):
         for g in self._groups:
             # the update estimate goes on where every layer of the group brought its probes back
             loaded = [layer.loaded_probes for layer in g.layers]
-            g.probes = None
-            if all(p is not None and len(p) == 2 for p in loaded):
-                g.probes = (
-                    torch.stack([p[0] for p in loaded]).to(g.device),  # type: ignore[index]
-                    torch.stack([p[1] for p in loaded]).to(g.device),  # type: ignore[index]
-                )
+            valid = [p is not None and len(p) == 2 for p in loaded]
+            g.probes, g.stale = None, set()
+            if all(valid) or (g.padded and any(valid)):
+                left = torch.zeros(len(g.layers), g.m, device=g.device)  # (B, m): W_old dv, zero-padded
+                right = torch.zeros(len(g.layers), g.n, device=g.device)  # (B, n): W_old^T du
+                for b, (p, (m, n)) in enumerate(zip(loaded, g.sizes)):
+                    if valid[b]:
+                        left[b, :m], right[b, :n] = p[0], p[1]  # type: ignore[index]
+                    else:
+                        g.drop_probes(b)
+                g.probes = (left, right)
             for layer in g.layers:
                 layer.loaded_probes = None
         for layer in self._layers.values():
@@ -547,18 +633,19 @@ class SpectralMonitor(StabilityCallback):
             rows = _rows(type(self).__name__, name, param)
             m, n = as_matrix(local(param)).shape
             by_shape.setdefault((m, n, local(param).device, rows), []).append(layer)
-        for (m, n, device, rows), layers in by_shape.items():
+        for (m, n, device, rows), layers, sizes in _merge_shapes(by_shape, self.block == 1):
             r = min(self.block, m, n) if rows is None else 1
-            group = _Group(layers, m, n, r, device, rows)
+            group = _Group(layers, m, n, r, device, rows, sizes)
             for b, layer in enumerate(layers):
                 layer.group, layer.slot = group, b
                 # one generator per layer, seeded from its name: the same vectors on every rank and
-                # whatever the other layers are
+                # whatever the other layers are (padded entries stay zero)
                 gen = _gen(self.seed, layer.name)
-                group.basis[b] = torch.linalg.qr(torch.randn(n, r, generator=gen)).Q.to(device)
-                du, dv = init_vectors(1, m, n, gen, device)
-                group.du[b], group.dv[b] = du[0], dv[0]
-                group.du_next[b], group.dv_next[b] = du[0], dv[0]
+                mb, nb = sizes[b]
+                group.vector("basis", b).copy_(torch.linalg.qr(torch.randn(nb, r, generator=gen)).Q)
+                du, dv = init_vectors(1, mb, nb, gen, device)
+                for key, value in (("du", du), ("dv", dv), ("du_next", du), ("dv_next", dv)):
+                    group.vector(key, b).copy_(value[0])
             w = group.stack()
             if rows is None:
                 group.u = torch.nn.functional.normalize(torch.bmm(w, group.basis[..., :1]).squeeze(-1), dim=-1)
@@ -588,12 +675,8 @@ class SpectralMonitor(StabilityCallback):
         for g in self._groups:
             if not any(id(layer.param) in owned and layer.param.grad is not None for layer in g.layers):
                 continue
-            grads = [
-                as_matrix(local(layer.param.grad)) if layer.param.grad is not None and id(layer.param) in owned
-                else torch.zeros(g.m, g.n, device=g.device)
-                for layer in g.layers
-            ]
-            a = alignment(torch.stack(grads), g.u, g.v, g.reduce)
+            grads = [layer.param.grad if id(layer.param) in owned else None for layer in g.layers]
+            a = alignment(g.grad_stack(grads), g.u, g.v, g.reduce)
             g.align_last = a
             g.align = torch.maximum(g.align, a)
 
@@ -638,7 +721,16 @@ class SpectralMonitor(StabilityCallback):
                 du_next, dv_next, d_sigma = update_power_step(
                     t.w_right[..., 0], t.wt_left[..., 0], *g.probes, g.du_next, g.dv_next, g.reduce
                 )
-                g.ratio = d_sigma / g.sigma.clamp_min(1e-12)
+                ratio = d_sigma / g.sigma.clamp_min(1e-12)
+                if g.stale:  # (a host set) these matrices' estimates wait a step, as without probes
+                    keep = torch.zeros(len(g.layers), dtype=torch.bool)
+                    keep[sorted(g.stale)] = True
+                    keep = keep.to(g.device, non_blocking=True)
+                    du_next = torch.where(keep[:, None], g.du_next, du_next)
+                    dv_next = torch.where(keep[:, None], g.dv_next, dv_next)
+                    ratio = torch.where(keep, g.ratio, ratio)
+                g.ratio = ratio
+            g.stale = set()
             g.du, g.dv, g.probes = g.du_next, g.dv_next, (t.w_right[..., 1], t.wt_left[..., 1])
             g.du_next, g.dv_next = du_next, dv_next
 
@@ -660,7 +752,8 @@ class SpectralMonitor(StabilityCallback):
             stats = analyze_spectrum(weight, sv)
             del weight
             layer.full = stats.as_dict()
-            g.u[layer.slot], g.sigma[layer.slot] = _own_rows(g, u), sv[0]
+            g.vector("u", layer.slot).copy_(_own_rows(g, u))
+            g.sigma[layer.slot] = sv[0]
             g.reseed(layer.slot, v)  # the exact top pair leads the block
             prefix = f"stability/spectral/{layer.name}"
             for key in ("alpha", "alpha_weighted", "log_norm", "decay", "mp_spikes", "ks"):
@@ -726,21 +819,27 @@ class SpectralMonitor(StabilityCallback):
             return False
         iterated = False
         for g in self._groups:
-            if max(stats[layer.name]["residual"] for layer in g.layers) > self.tol:
-                self._converge_group(g, min(10, self.max_power_iters), self.max_power_iters)
-                iterated = True
+            for part in g.parts:
+                layers = g.layers if part is None else [g.layers[b] for b in part[1]]
+                if max(stats[layer.name]["residual"] for layer in layers) > self.tol:
+                    self._converge_group(g, min(10, self.max_power_iters), self.max_power_iters, [part])
+                    iterated = True
         return iterated
 
-    def _converge_group(self, g: _Group, chunk: int, max_iters: int) -> None:
+    def _converge_group(
+        self, g: _Group, chunk: int, max_iters: int, parts: list[tuple[tuple[int, int], list[int]] | None] | None = None
+    ) -> None:
         """Power iterations in chunks of ``chunk`` until every residual is under ``tol`` (a host read
-        per chunk) or ``max_iters`` are done."""
+        per chunk) or ``max_iters`` are done; in a padded group each shape (of ``parts``, all by
+        default) on its own, as in a group of that shape alone."""
         w = g.stack()
-        done = 0
-        while True:
-            g.iterate(w, chunk)
-            done += chunk
-            if done >= max_iters or float(g.residual.max()) <= self.tol:
-                break
+        for part in g.parts if parts is None else parts:
+            done = 0
+            while True:
+                residual = g.iterate(w, chunk, part)
+                done += chunk
+                if done >= max_iters or float(residual.max()) <= self.tol:
+                    break
 
     def _interval_loss(self, trainer: pl.Trainer) -> float:
         total, count = self._loss_sum, self._loss_count
@@ -830,18 +929,19 @@ class SpectralMonitor(StabilityCallback):
         w = as_matrix(full(layer.param.detach())).float().unsqueeze(0)
         # the cap is exact only with the true top pair: a block of up to 4 vectors, led by the tracked
         # one, converges on it even where the next singular value is close (a rare path)
-        block = torch.randn(1, g.n, min(4, g.m, g.n), generator=_gen(self.seed, layer.name)).to(w)
-        block[..., 0] = g.v[b]
+        m, n = g.sizes[b]
+        block = torch.randn(1, n, min(4, m, n), generator=_gen(self.seed, layer.name)).to(w)
+        block[..., 0] = g.vector("v", b)
         u, v, sigma, _, _ = subspace_iteration(w, torch.linalg.qr(block).Q, _CAP_ITERS)
         # the reference is the last healthy check's sigma_max: where the layer was before the anomaly
         history = layer.sigmas.values()
         cap = self.cap_factor * float(history[-1]) if len(history) else float(sigma[0])
         delta = spectral_cap_delta(u, v, sigma, cap)[0]
         as_matrix(local(layer.param.data)).add_(_own_rows(g, delta).to(layer.param.dtype))
-        g.u[b] = _own_rows(g, u[0])
+        g.vector("u", b).copy_(_own_rows(g, u[0]))
         g.reseed(b, v[0])
         g.sigma[b] = torch.minimum(sigma[0], torch.tensor(cap, device=sigma.device))
-        g.probes = None
+        g.drop_probes(b)
         return float(g.sigma[b])
 
     @torch.no_grad()
@@ -855,10 +955,10 @@ class SpectralMonitor(StabilityCallback):
         # sharded: gathered whole on this rare path (the same seeded projections on every rank)
         delta, new, u, v = pss_delta(as_matrix(full(layer.param.detach())), k, self.pss_fn, generator=gen)
         as_matrix(local(layer.param.data)).add_(_own_rows(g, delta).to(layer.param.dtype))
-        g.u[b] = _own_rows(g, u)
+        g.vector("u", b).copy_(_own_rows(g, u))
         g.reseed(b, v)
         g.sigma[b] = new[0]
-        g.probes = None
+        g.drop_probes(b)
         return float(new[0]), k
 
     def _set_update_clip(self, layer: _Layer, on: bool) -> None:
@@ -932,6 +1032,50 @@ def _own_rows(g: _Group, x: Tensor) -> Tensor:
 
 def _layer_rows(layer: _Layer) -> tuple[int, int] | None:
     return layer.group.rows if layer.group is not None else None
+
+
+def _merge_shapes(
+    by_shape: dict[tuple[int, int, torch.device, tuple[int, int] | None], list[_Layer]], merge: bool
+) -> list[tuple[tuple[int, int, torch.device, tuple[int, int] | None], list[_Layer], list[tuple[int, int]]]]:
+    """The groups: one per shape, with small unsharded shapes on one device merged (when ``merge``)
+    into zero-padded stacks while a stack stays within ``_MERGE_RATIO`` times its real elements and
+    ``_MERGE_MAX_ELEMENTS`` in all; the cheapest merge (least padding per real element) first.
+
+    Returns ``((m, n, device, rows), layers, sizes)`` per group, ``sizes`` each layer's own (m, n)."""
+    clusters = [[key] for key in by_shape]
+
+    def cost(keys: list[tuple[int, int, torch.device, tuple[int, int] | None]]) -> tuple[int, int]:
+        count = sum(len(by_shape[k]) for k in keys)
+        real = sum(len(by_shape[k]) * k[0] * k[1] for k in keys)
+        return count * max(k[0] for k in keys) * max(k[1] for k in keys), real
+
+    while merge:
+        best: tuple[float, int, int] | None = None
+        for i, a in enumerate(clusters):
+            for j in range(i + 1, len(clusters)):
+                b = clusters[j]
+                if a[0][2] != b[0][2] or a[0][3] is not None or b[0][3] is not None:
+                    continue  # another device, or sharded rows
+                padded, real = cost(a + b)
+                fits = padded <= _MERGE_RATIO * real and padded <= _MERGE_MAX_ELEMENTS
+                if fits and (best is None or padded / real < best[0]):
+                    best = (padded / real, i, j)
+        if best is None:
+            break
+        _, i, j = best
+        clusters[i] = clusters[i] + clusters.pop(j)
+    out = []
+    for keys in clusters:
+        layers = [layer for k in keys for layer in by_shape[k]]
+        sizes = [(k[0], k[1]) for k in keys for _ in by_shape[k]]
+        m, n = max(k[0] for k in keys), max(k[1] for k in keys)
+        out.append(((m, n, keys[0][2], keys[0][3]), layers, sizes))
+    return out
+
+
+def _corners(stack: Tensor | None, sizes: list[tuple[int, int]]) -> list[Tensor]:
+    """Views of each matrix's own ``(m, n)`` corner of a padded stack (none without one)."""
+    return [] if stack is None else [stack[b, :m, :n] for b, (m, n) in enumerate(sizes)]
 
 
 def _gen(seed: int, name: str) -> torch.Generator:

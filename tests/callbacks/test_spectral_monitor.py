@@ -356,3 +356,94 @@ def test_state_round_trips_and_resume_continues_exactly(tmp_path):
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         SpectralMonitor(**kwargs)
+
+
+def _grouping(monkeypatch, merge: bool) -> None:
+    """Every weight of the tiny GPT in one zero-padded stack, or one stack per shape."""
+    import lightning_stability.callbacks.spectral_monitor as sm
+
+    monkeypatch.setattr(sm, "_MERGE_RATIO", 1e9 if merge else 3.0)
+    monkeypatch.setattr(sm, "_MERGE_MAX_ELEMENTS", 1 << 30 if merge else 0)
+
+
+def _capped_fit(root):
+    model, loader = tiny_gpt(124)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
+    bump = Tamper(MLP, 120, lambda w: w + 3.0 * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("cap",), full_every_n_steps=None)
+    trainer = make_trainer(root, 124, [bump, monitor])
+    trainer.fit(model, loader)
+    return monitor, model, _events(trainer)
+
+
+def test_a_padded_stack_measures_and_caps_as_stacks_of_one_shape(tmp_path, monkeypatch):
+    # Zero padding keeps every nonzero singular value and the top pair: one stack of all seven
+    # weights ((7, 128, 128), the (32, 128) weight among (n, 32) ones) gives what five stacks do.
+    _grouping(monkeypatch, merge=False)
+    apart, apart_model, apart_events = _capped_fit(tmp_path / "apart")
+    _grouping(monkeypatch, merge=True)
+    merged, merged_model, merged_events = _capped_fit(tmp_path / "merged")
+    assert len(apart._groups) == 6 and not any(g.padded for g in apart._groups)
+    assert len(merged._groups) == 1 and merged._groups[0].padded and merged._groups[0]._weights.shape == (7, 128, 128)
+
+    assert [(e.step, e.kind, e.action, e.target) for e in merged_events] == [
+        (e.step, e.kind, e.action, e.target) for e in apart_events
+    ]
+    (cap,) = [e for e in merged_events if e.action == "cap"]
+    (ref,) = [e for e in apart_events if e.action == "cap"]
+    assert cap.target == MLP
+    for key in ("sigma_before", "sigma_after", "stable_rank", "growth"):
+        assert cap.metrics[key] == pytest.approx(ref.metrics[key], rel=1e-4), key
+    for p, q in zip(merged_model.parameters(), apart_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    a, b = merged.estimates(), apart.estimates()
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in ("sigma_max", "stable_rank", "update_ratio", "alignment", "alignment_max"):
+            assert a[name][key] == pytest.approx(b[name][key], rel=1e-3, abs=1e-6), f"{name} {key}"
+    sa, sb = merged.state_dict()["layers"], apart.state_dict()["layers"]
+    for name in sa:
+        for key in ("u", "v", "basis"):  # at each layer's own size, not the padded one
+            assert sa[name][key].shape == sb[name][key].shape, f"{name} {key}"
+            torch.testing.assert_close(sa[name][key], sb[name][key], rtol=1e-3, atol=1e-4)
+    # the padding stayed zero
+    g = merged._groups[0]
+    for b_, (m, n) in enumerate(g.sizes):
+        assert not g.u[b_, m:].any() and not g.v[b_, n:].any() and not g.du[b_, m:].any() and not g.dv[b_, n:].any()
+
+
+def test_a_padded_stack_saves_at_true_shapes_and_resumes_exactly(tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    _grouping(monkeypatch, merge=True)
+
+    def run(root, ckpt=None):
+        model, loader = tiny_gpt(30, batches=15)  # step 15 is an epoch boundary: the data resumes exactly
+        monitor = SpectralMonitor(check_every_n_steps=5, warmup=0, full_every_n_steps=None)
+        saver = ModelCheckpoint(dirpath=root, every_n_train_steps=15, save_top_k=-1)
+        trainer = make_trainer(root, 30, [monitor, saver], enable_checkpointing=True)
+        trainer.fit(model, loader, ckpt_path=ckpt)
+        return monitor
+
+    straight = run(tmp_path / "full")
+    assert len(straight._groups) == 1 and straight._groups[0].padded
+    ckpt = str(tmp_path / "full" / "epoch=0-step=15.ckpt")
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    (state,) = [v for k, v in saved.items() if "SpectralMonitor" in k]
+    assert state["layers"]["blocks.0.mlp.2"]["u"].shape == (32,)  # (32, 128): its own m and n
+    assert state["layers"]["blocks.0.mlp.2"]["v"].shape == (128,)
+    assert state["layers"]["tok_emb"]["probes"][0].shape == (26,)
+    resumed = run(tmp_path / "resumed", ckpt)
+    a, b = straight.state_dict()["layers"], resumed.state_dict()["layers"]
+    for name in a:
+        for key in ("basis", "u", "v", "du", "dv", "du_next", "dv_next"):
+            assert torch.equal(a[name][key], b[name][key]), f"{name} {key}"
+    assert straight.estimates() == resumed.estimates()  # the update estimate went on, too
+
+    # the same checkpoint resumes into one stack per shape (and so do those written before merging)
+    _grouping(monkeypatch, merge=False)
+    apart = run(tmp_path / "apart", ckpt)
+    assert len(apart._groups) == 6
+    for name, s in apart.estimates().items():
+        assert s["sigma_max"] == pytest.approx(straight.estimates()[name]["sigma_max"], rel=1e-4), name
