@@ -49,6 +49,7 @@ from lightning_stability.ops.spectral import (
     spectral_weights,
     subspace_iteration,
     tracking_step,
+    tracking_step_rows,
     update_power_step,
 )
 
@@ -711,15 +712,22 @@ class SpectralMonitor(StabilityCallback):
             w = g.stack()
             # one product with W and one with W^T per group: the top pair, and the update's vectors
             # of both generations (the current against the last probes; the next for its probes)
-            t = tracking_step(
-                w, g.u, g.basis, torch.stack([g.du, g.du_next], dim=-1), torch.stack([g.dv, g.dv_next], dim=-1),
-                self.power_iters, g.reduce,
-            )
-            g.u, g.v, g.sigma, g.basis, g.residual = t.u, t.v, t.sigma, t.basis, t.residual
+            if g.reduce is None and g.basis.shape[-1] == 1:  # the same products in fewer operator calls
+                g.u, g.v, g.sigma, g.residual, w_right, wt_left = tracking_step_rows(
+                    w, g.u, g.basis[..., 0], (g.du, g.du_next), (g.dv, g.dv_next), self.power_iters
+                )
+                g.basis = g.v.unsqueeze(-1)
+            else:
+                t = tracking_step(
+                    w, g.u, g.basis, torch.stack([g.du, g.du_next], dim=-1), torch.stack([g.dv, g.dv_next], dim=-1),
+                    self.power_iters, g.reduce,
+                )
+                g.u, g.v, g.sigma, g.basis, g.residual = t.u, t.v, t.sigma, t.basis, t.residual
+                w_right, wt_left = t.w_right.unbind(-1), t.wt_left.unbind(-1)
             du_next, dv_next = g.du_next, g.dv_next
             if g.probes is not None and not moved:
                 du_next, dv_next, d_sigma = update_power_step(
-                    t.w_right[..., 0], t.wt_left[..., 0], *g.probes, g.du_next, g.dv_next, g.reduce
+                    w_right[0], wt_left[0], *g.probes, g.du_next, g.dv_next, g.reduce
                 )
                 ratio = d_sigma / g.sigma.clamp_min(1e-12)
                 if g.stale:  # (a host set) these matrices' estimates wait a step, as without probes
@@ -731,7 +739,7 @@ class SpectralMonitor(StabilityCallback):
                     ratio = torch.where(keep, g.ratio, ratio)
                 g.ratio = ratio
             g.stale = set()
-            g.du, g.dv, g.probes = g.du_next, g.dv_next, (t.w_right[..., 1], t.wt_left[..., 1])
+            g.du, g.dv, g.probes = g.du_next, g.dv_next, (w_right[1], wt_left[1])
             g.du_next, g.dv_next = du_next, dv_next
 
     def _full_analysis(self, trainer: pl.Trainer, step: int) -> None:

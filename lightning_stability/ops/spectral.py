@@ -229,6 +229,30 @@ def tracking_step(
 
 
 @torch.no_grad()
+def tracking_step_rows(
+    w: Tensor, u: Tensor, v_prev: Tensor, left: Sequence[Tensor], right: Sequence[Tensor], iters: int = 1
+) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """:func:`tracking_step` with a block of one vector (``v_prev``, the last ``v``) on whole weights,
+    the extra vectors given one by one: ``left`` of ``(B, m)``, ``right`` of ``(B, n)``.
+
+    The same products on the same operands, so the same numbers, in about half the operator calls:
+    the vectors are stacked straight into the row blocks the products take, and the results split
+    with one call. Where the weights are small, those calls are the cost.
+
+    Returns ``(u, v, sigma, residual, W @ right, W^T @ left)``, the last two tuples of vectors.
+    """
+    z, *wt_left = torch.bmm(torch.stack([u, *left], dim=1), w).unbind(1)  # W^T [u | left] as rows: (B, 1 + k, n)
+    v = _normalize(z)
+    residual = torch.linalg.vector_norm(v - v_prev, dim=-1)
+    y, *w_right = torch.bmm(torch.stack([v, *right], dim=1), w.transpose(1, 2)).unbind(1)  # W [v | right]: (B, 1 + k, m)
+    sigma = torch.linalg.vector_norm(y, dim=-1)
+    u = y / sigma.clamp_min(_EPS).unsqueeze(-1)
+    if iters > 1:
+        u, v, sigma, residual = power_iteration(w, u, v, iters - 1)
+    return u, v, sigma, residual, tuple(w_right), tuple(wt_left)
+
+
+@torch.no_grad()
 def stable_rank(w: Tensor, sigma: Tensor) -> Tensor:
     """``||W||_F^2 / sigma_max^2`` per matrix of a stack (between 1 and the rank)."""
     fro2 = torch.linalg.vector_norm(w.float(), dim=(-2, -1)).pow(2)

@@ -33,6 +33,7 @@ from lightning_stability.ops.spectral import (
     stable_rank,
     subspace_iteration,
     tracking_step,
+    tracking_step_rows,
     update_power_step,
 )
 
@@ -304,6 +305,20 @@ def test_tracking_step_is_a_power_iteration_that_applies_the_weights_to_extra_ve
         t = tracking_step(w, u, basis, left, right)
         u, basis = t.u, t.basis
     assert_close(t.sigma, torch.linalg.matrix_norm(w.double(), 2).float(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+def test_tracking_step_rows_gives_the_numbers_of_tracking_step(iters):
+    w = _gapped_stack(_gen(40))
+    u, v = init_vectors(3, 12, 20, generator=_gen(41))
+    left, right = torch.randn(3, 12, 2, generator=_gen(42)), torch.randn(3, 20, 2, generator=_gen(43))
+    v_prev = torch.randn(3, 20, generator=_gen(44))  # not v: the residual is measured against it
+    t = tracking_step(w, u, v_prev.unsqueeze(-1), left, right, iters=iters)
+    ru, rv, rs, rr, w_right, wt_left = tracking_step_rows(w, u, v_prev, left.unbind(-1), right.unbind(-1), iters)
+    # the same products on the same operands: equal, not merely close
+    for got, want in ((ru, t.u), (rv, t.v), (rs, t.sigma), (rr, t.residual)):
+        assert torch.equal(got, want)
+    assert torch.equal(torch.stack(w_right, -1), t.w_right) and torch.equal(torch.stack(wt_left, -1), t.wt_left)
 
 
 def test_update_power_step_converges_to_the_update_norm():
