@@ -557,7 +557,10 @@ class SoftmaxSaturationMonitor(StabilityCallback):
             self._autocast = torch.is_autocast_enabled(out.device.type)
         coef = self._z_coef()
         if coef > 0 and out.requires_grad:
-            out.register_hook(lambda grad: grad + z_loss_grad(out.detach(), coef).to(grad.dtype))
+            # the hook holds a detached alias, not ``out`` itself: a hook that refers to its own tensor
+            # makes a cycle that keeps every step's logits alive
+            logits = out.detach()
+            out.register_hook(lambda grad: grad + z_loss_grad(logits, coef).to(grad.dtype))
         return None
 
     @override

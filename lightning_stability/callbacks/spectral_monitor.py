@@ -150,6 +150,14 @@ class _Group:
         m, n = self.sizes[b]
         return getattr(self, key)[b, : m if key in _LEFT else n]
 
+    def clear_padding(self, b: int) -> None:
+        """Zero matrix ``b``'s padded entries of every per-matrix vector. A non-finite weight turns
+        them NaN (``0 * NaN``); restoring the vectors at their own size leaves the padding alone, so it
+        is cleared here, or the NaN would come back through the next product."""
+        m, n = self.sizes[b]
+        for key in _VECTORS:
+            getattr(self, key)[b, m if key in _LEFT else n:] = 0.0
+
     def iterate(self, w: Tensor, iters: int, part: tuple[tuple[int, int], list[int]] | None = None) -> Tensor:
         """Warm-started iterations on the stack ``w``: plain power iteration for a block of one
         vector (the cheapest: a few kernels per group), block power iteration otherwise. ``part``
@@ -266,6 +274,7 @@ class _Layer:
                 target = g.vector(key, self.slot)
                 if isinstance(value, Tensor) and value.shape == target.shape:
                     target.copy_(value)
+            g.clear_padding(self.slot)
 
 
 class SpectralMonitor(StabilityCallback):

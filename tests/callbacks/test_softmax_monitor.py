@@ -518,3 +518,36 @@ def test_litgpt_attention_is_captured_after_rope_and_qk_clip_finds_its_grouped_f
         model.gpt(data)
     after = attention_stats(seen["q"], seen["k"], is_causal=True)
     torch.testing.assert_close(after["max_logit"], torch.full_like(after["max_logit"], tau), rtol=1e-4, atol=1e-5)
+
+
+def test_z_loss_does_not_keep_the_logits_of_past_steps_alive(tmp_path):
+    # the z-loss gradient hook must not refer to the tensor it is registered on: that cycle would keep
+    # every step's logits (and their graph) alive until a garbage collection, a leak of a full logits
+    # tensor a step. With the collector off, only reference counting frees them.
+    import gc
+    import weakref
+
+    from lightning_stability.demos import TinyGPT, make_dataloader
+
+    pl.seed_everything(0, verbose=False)
+    loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 12, seed=0)
+    model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=10, warmup_steps=2)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, attention=False)
+    monitor.load_state_dict({"remedy_on": {"z_loss": 0}})  # on from the first step
+    alive: list[weakref.ref] = []
+
+    class Track(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.lm_head.register_forward_hook(lambda m, a, out: alive.append(weakref.ref(out)))
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=10, callbacks=[monitor, Track()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path))
+    gc.collect()
+    gc.disable()
+    try:
+        trainer.fit(model, loader)
+        assert "z_loss" in monitor.active_remedies and len(alive) == 10
+        assert sum(ref() is not None for ref in alive) <= 1  # at most the last step's, held by the trainer
+    finally:
+        gc.enable()

@@ -447,3 +447,30 @@ def test_a_padded_stack_saves_at_true_shapes_and_resumes_exactly(tmp_path, monke
     assert len(apart._groups) == 6
     for name, s in apart.estimates().items():
         assert s["sigma_max"] == pytest.approx(straight.estimates()[name]["sigma_max"], rel=1e-4), name
+
+
+def test_a_padded_stack_recovers_after_a_nan_weight_is_rolled_back(tmp_path):
+    # the tiny GPT's weights share a zero-padded stack; a NaN weight turns the padded entries of the
+    # vectors NaN too, and the rollback restores only each layer's own entries: unless the padding is
+    # cleared, every later check sees a non-finite sigma and asks for rollbacks until the budget halts
+    from lightning_stability import GradientSpikeGuard
+    from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
+
+    pl.seed_everything(0, verbose=False)
+    loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 60, seed=0)
+    model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=40, warmup_steps=10)
+    monitor = SpectralMonitor(check_every_n_steps=5)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[FaultInjector({12: ("weight_nan", None)}), GradientSpikeGuard(), monitor,
+                   InMemoryRollback(every_n_steps=10, commit_after=3, rollback_on_nonfinite_loss=False)],
+    )
+    trainer.fit(model, loader)
+    assert any(g.padded for g in monitor._groups)
+    events = [(e.step, e.kind) for e in get_event_log(trainer)]
+    assert [s for s, k in events if k == "nonfinite_weight"] == [15]
+    assert [s for s, k in events if k == "rollback"] == [15]
+    assert "rollback_halt" not in {k for _, k in events}
+    assert trainer.global_step == 40 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(math.isfinite(s["sigma_max"]) for s in monitor.estimates().values())
