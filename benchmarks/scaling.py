@@ -74,7 +74,7 @@ class Settings:
 # warmup 40: past the guard's warm-up (32), so its per-element check runs in every timed step.
 FULL = Settings(
     sizes=(ModelSize("d64-L2", 64, 2), ModelSize("d128-L4", 128, 4), ModelSize("d256-L6", 256, 6)),
-    warmup_steps=40, timed_steps=100, repeats=3,
+    warmup_steps=40, timed_steps=100, repeats=2,
 )
 QUICK = Settings(sizes=(ModelSize("d32-L1", 32, 1, n_head=2), ModelSize("d64-L2", 64, 2)),
                  warmup_steps=2, timed_steps=3, repeats=1)
@@ -195,11 +195,12 @@ spectral check and a softmax sample; one snapshot). Every (model, setup) pair is
 {lines}
 - {growth_line(result.summaries, settings.sizes)}; the median over sizes of the four callbacks' share is {median_share:.1%}.
 {figure}
-The hooks' share falls as the model grows: most of the per-step work (the guard's norms and
-per-element check, the power iteration's matrix-vector products) grows with the parameter count, a
-step with parameters x tokens; and on the smallest models a fixed cost per hook call and per tensor
-(Python and operator dispatch on tiny tensors) dominates. The step-time ratios carry the machine's
-noise (the per-repeat range is drawn as a band); the in-callback share is the steadier estimate.
+How a share moves with size depends on the work: the guard's norms and per-element check and the
+power iteration's products grow with the parameter count, and a step with parameters x tokens (a
+fixed batch here), so their shares stay roughly level as the model grows; fixed costs per hook call
+and per tensor (Python and operator dispatch on tiny tensors) weigh most on the smallest model. A
+larger batch shrinks every share. The step-time ratios carry the machine's noise (the per-repeat range
+is drawn as a band); the in-callback share is the steadier estimate.
 """
 
 
