@@ -10,24 +10,10 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_stability import GradientSpikeGuard, get_event_log
-from lightning_stability.demos import FaultInjector
 from tests.callbacks._fsdp_model import CountCollectives, fsdp_trainer, sharded_gpt
-
-
-class OnOneRank(FaultInjector):
-    """Injects its faults on one rank only (a gradient fault: after FSDP's reduce-scatter, on that rank's rows)."""
-
-    def __init__(self, rank: int, faults):
-        super().__init__(faults)
-        self.rank = rank
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_rank == self.rank:
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        if trainer.global_rank == self.rank:
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+from tests.callbacks.ddp_guard_script import (
+    OnOneRank,  # under FSDP a gradient fault lands on that rank's rows
+)
 
 
 def full_grad_norm(pl_module) -> float:
