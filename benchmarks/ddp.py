@@ -183,8 +183,8 @@ steps (the softmax sample and the spectral check every 50 steps, a snapshot ever
 
 - Ratio of the median steps, ours over none: **{s['ratio']:.3f}** (per repeat: {per_repeat}).
 - Ratio of the mean steps: **{s['mean_ratio']:.3f}** (per repeat: {per_repeat_mean}).
-- Collectives the monitors add on a step without sampling: one all-gather of 4 numbers (the guard) and
-  one all-reduce of 3 (the rollback); see [Distributed training](distributed.md) for the counts.
+- Collectives the monitors add on a step without sampling: one all-gather of 7 numbers (the guard's 4,
+  carrying the rollback's 3 flags); see [Distributed training](distributed.md) for the counts.
 """
 
 

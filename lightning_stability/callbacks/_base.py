@@ -138,6 +138,25 @@ class StabilityCallback(Callback):
         if EVENTS_CHECKPOINT_KEY in checkpoint:
             self.event_log(trainer).load_state_dict(checkpoint[EVENTS_CHECKPOINT_KEY])
 
+    # -- the ranks' per-step agreement ------------------------------------------------------------
+    # A callback that must know, before the optimizer step, whether something seen on one rank only
+    # happened on any rank returns its flags from ``agreement_flags``. When a carrier is attached (a
+    # callback with ``carries_agreement`` that has a collective of its own in every step), the flags
+    # travel in that collective, so the step has one collective instead of two; otherwise the callback
+    # agrees with :func:`any_rank` itself.
+    carries_agreement = False
+
+    def agreement_flags(self, trainer: pl.Trainer) -> list[Any] | None:
+        """Flags (bools, or 0-d tensors of 0/1) the ranks must agree on now, or ``None`` for none.
+
+        Called at the same point of the step on every rank; a call that returns flags expects
+        :meth:`on_agreement` with the result.
+        """
+        return None
+
+    def on_agreement(self, trainer: pl.Trainer, flags: list[bool]) -> None:
+        """Each flag of :meth:`agreement_flags`, true where it was true on any rank."""
+
     # -- snapshots (InMemoryRollback) ------------------------------------------------------------
     def snapshot_state(self) -> dict[str, Any]:
         """What :class:`InMemoryRollback` keeps of this callback in a snapshot (a deep copy of its state)."""
@@ -201,6 +220,28 @@ def any_rank(trainer: pl.Trainer, flags: Sequence[bool]) -> list[bool]:
     t = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return [v > 0 for v in t.tolist()]
+
+
+def agreement_carrier(trainer: pl.Trainer) -> StabilityCallback | None:
+    """The callback whose per-step collective carries the others' agreement flags under DDP or FSDP.
+
+    The first attached callback that carries one; ``None`` in a single process, where nothing needs
+    agreeing.
+    """
+    if trainer.world_size <= 1:
+        return None
+    return next((cb for cb in trainer.callbacks if isinstance(cb, StabilityCallback) and cb.carries_agreement), None)  # type: ignore[attr-defined]
+
+
+def agreement_riders(trainer: pl.Trainer, carrier: StabilityCallback) -> list[StabilityCallback]:
+    """The callbacks whose agreement flags ``carrier`` takes: every other one that has such flags."""
+    if agreement_carrier(trainer) is not carrier:
+        return []
+    return [
+        cb for cb in trainer.callbacks  # type: ignore[attr-defined]
+        if isinstance(cb, StabilityCallback) and cb is not carrier
+        and type(cb).agreement_flags is not StabilityCallback.agreement_flags
+    ]
 
 
 def sharded_strategy(trainer: pl.Trainer) -> str | None:

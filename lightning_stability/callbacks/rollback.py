@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._base import (
     StabilityCallback,
+    agreement_carrier,
     any_rank,
     check_int,
     check_on_halt,
@@ -202,6 +203,7 @@ class InMemoryRollback(StabilityCallback):
         self._slots: list[_Slot] = []
         self._unsubscribe: Callable[[], None] | None = None
         self._trainer_ref: Any = None
+        self._carrier_later = False  # a callback after this one in the list carries its agreement flags
         self._synchronised: set[str] | None = None  # event sources every rank sees alike (None: all)
         self._run_dir = "."
         self._reset_run()
@@ -341,6 +343,9 @@ class InMemoryRollback(StabilityCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer_ref = weakref.ref(trainer)
         self._synchronised = synchronised_sources(trainer) if trainer.world_size > 1 else None
+        carrier = agreement_carrier(trainer)
+        callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+        self._carrier_later = carrier is not None and callbacks.index(carrier) > callbacks.index(self)
         self._agreed = False
         self._check_memory(trainer, pl_module)
         self.register_lr_hooks(trainer, lambda index: self._lr_pre_hook)
@@ -415,25 +420,41 @@ class InMemoryRollback(StabilityCallback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        # The step's one agreement between ranks: a non-finite loss on any rank, and the requests
+        # and warnings that not every rank may have seen. The step must be skipped before it runs.
+        # A carrier later in this hook (GradientSpikeGuard) takes the flags in its own collective;
+        # one earlier has taken them already. Without one: one all-reduce of three flags.
+        if (not self._agreed or self._loss is not None) and not self._carrier_later:
+            flags = self.agreement_flags(trainer)
+            if flags is not None:
+                self.on_agreement(trainer, any_rank(trainer, [bool(f) for f in flags]))
+        self._hold_step(trainer)
+
+    @override
+    def agreement_flags(self, trainer: pl.Trainer) -> list[Any] | None:
+        if self._agreed and self._loss is None:
+            return None
         loss, self._loss = self._loss, None
-        if not self._agreed or loss is not None:
-            # The step's one agreement between ranks (one all-reduce of three flags under DDP): a
-            # non-finite loss on any rank, and the requests and warnings that not every rank may have
-            # seen. The step must be skipped before it runs, so this needs the host now; Lightning's
-            # progress bar reads the loss at this point of every step anyway.
-            self._agreed = True
-            nonfinite = self.rollback_on_nonfinite_loss and loss is not None and not bool(torch.isfinite(loss))
-            nonfinite, request, trouble = any_rank(
-                trainer, [nonfinite, self._pending_request is not None, self._pending_trouble]
-            )
-            if request:
-                self._request = self._request or self._pending_request or "a request on another rank"
-            self._trouble = self._trouble or trouble
-            self._pending_request, self._pending_trouble = None, False
-            if nonfinite:
-                self._nonfinite = True
-                self._request = self._request or "nonfinite_loss"
-                self._trouble = True
+        self._agreed = True
+        # a 0-d tensor: a carrier gathers it with its own numbers, without a device-to-host copy here
+        nonfinite = (~torch.isfinite(loss)).float() if self.rollback_on_nonfinite_loss and loss is not None else False
+        return [nonfinite, self._pending_request is not None, self._pending_trouble]
+
+    @override
+    def on_agreement(self, trainer: pl.Trainer, flags: list[bool]) -> None:
+        nonfinite, request, trouble = flags
+        if request:
+            self._request = self._request or self._pending_request or "a request on another rank"
+        self._trouble = self._trouble or trouble
+        self._pending_request, self._pending_trouble = None, False
+        if nonfinite:
+            self._nonfinite = True
+            self._request = self._request or "nonfinite_loss"
+            self._trouble = True
+        self._hold_step(trainer)
+
+    def _hold_step(self, trainer: pl.Trainer) -> None:
+        """Keep this batch's optimizer steps from running after a non-finite loss, or once halted."""
         if self._nonfinite:
             self._skipped.add(trainer.global_step)
         if self._halted or self._nonfinite:

@@ -16,6 +16,8 @@ from typing_extensions import override
 
 from lightning_stability.callbacks._base import (
     StabilityCallback,
+    agreement_riders,
+    any_rank,
     check_fraction,
     check_int,
     check_on_halt,
@@ -152,6 +154,10 @@ class GradientSpikeGuard(StabilityCallback):
         from lightning_stability import GradientSpikeGuard
         trainer = pl.Trainer(callbacks=[GradientSpikeGuard()])
 
+    Under DDP and FSDP the guard's one collective a step (an all-gather of four numbers, or an
+    all-reduce over shards) also carries the flags other callbacks need agreed before the optimizer
+    step (``InMemoryRollback``'s three), so that they need no collective of their own.
+
     Manual optimization works the same: the check runs inside each ``optimizer.step()`` call, and the
     loss is the sum of the losses passed to ``manual_backward`` since the previous step of any
     optimizer (step each optimizer right after its own backward).
@@ -173,6 +179,8 @@ class GradientSpikeGuard(StabilityCallback):
         on_halt: ``"stop"`` (set ``trainer.should_stop``) or ``"raise"`` (raise :class:`TrainingHalted`).
         name: distinguishes several guards in one trainer (their checkpoint ``state_key``).
     """
+
+    carries_agreement = True
 
     def __init__(
         self,
@@ -216,6 +224,7 @@ class GradientSpikeGuard(StabilityCallback):
         self._halt_report: str | None = None  # a halt decided in this step, carried out at its end
         self._warned_norm_only: set[str] = set()
         self._trainer_ref: Any = None
+        self._riders: list[StabilityCallback] = []  # callbacks whose agreement flags ride on our collective
         self._sharded = False  # parameters are shards (FSDP, ModelParallel): statistics are sums over ranks
 
     # -- state -----------------------------------------------------------------------------------
@@ -274,6 +283,7 @@ class GradientSpikeGuard(StabilityCallback):
         self._pending_loss = None
         self._halt_report = None
         self._halted = False
+        self._riders = agreement_riders(trainer, self)
         self.register_lr_hooks(trainer, self._make_lr_pre_hook)
         for optimizer in trainer.optimizers:
             opt = unwrap_optimizer(optimizer)
@@ -304,6 +314,11 @@ class GradientSpikeGuard(StabilityCallback):
         # sharded: the local shards (the rows this rank holds); everything elementwise acts on them
         grads = [local(p.grad) for p in params] if self._sharded else [p.grad for p in params]  # type: ignore[misc]
         loss, self._pending_loss = self._pending_loss, None
+        if not grads or self._halted:
+            # nothing measured this step, but the riders still expect their flags agreed
+            riders, flags = self._rider_flags(trainer, trainer.strategy.root_device)
+            if riders:
+                self._deliver(trainer, riders, [float(f) for f in any_rank(trainer, [bool(f) for f in flags])])
         if not grads:
             return
         if self._halted:
@@ -403,6 +418,7 @@ class GradientSpikeGuard(StabilityCallback):
                 excesses.append(max_spike_excess([grads[i] for i in chunk], moments, self.theta))  # type: ignore[arg-type]
                 checked += sum(grads[i].numel() for i, v in zip(chunk, moments) if v is not None)
         excess = excesses[0] if len(excesses) == 1 else torch.stack(excesses).max() if excesses else None
+        riders, flags = self._rider_flags(trainer, device) if trainer.world_size > 1 else ([], [])
         if self._sharded:
             # Sharded gradients: one all-reduce of four sums per step, the same numbers on every
             # rank. Each rank holds different rows, so the norm is the root of the summed squares
@@ -414,8 +430,10 @@ class GradientSpikeGuard(StabilityCallback):
                 (excess.to(device) > 0).float() if excess is not None else zero,
                 loss.to(device) if loss is not None else zero,
                 zero + (1.0 if loss is not None else 0.0),
+                *flags,  # the riders' 0/1 flags: a sum above zero is a flag set on some rank
             ])
-            sum_sq, max_excess, loss_sum, loss_count = all_reduce_sum_(sums).tolist()
+            sum_sq, max_excess, loss_sum, loss_count, *agreed = all_reduce_sum_(sums).tolist()
+            self._deliver(trainer, riders, agreed)
             grad_norm = min_norm = math.sqrt(sum_sq) if sum_sq >= 0 else math.nan
         elif trainer.world_size > 1:
             # The guard's only collective: one all-gather of four numbers, so every rank computes the
@@ -429,15 +447,20 @@ class GradientSpikeGuard(StabilityCallback):
                 excess.to(device) if excess is not None else zero - math.inf,
                 loss.to(device) if loss is not None else zero,
                 zero + (1.0 if loss is not None else 0.0),
+                *flags,  # the riders' 0/1 flags, set where set on any rank
             ])
-            gathered = trainer.strategy.all_gather(local).reshape(-1, 4)
-            grad_norm, max_excess, loss_sum, loss_count, min_norm = torch.stack([
-                gathered[:, 0].max(),  # max propagates NaN
-                gathered[:, 1].max(),
-                gathered[:, 2].sum(),
-                gathered[:, 3].sum(),
-                gathered[:, 0].min(),
+            gathered = trainer.strategy.all_gather(local).reshape(-1, local.numel())
+            grad_norm, max_excess, loss_sum, loss_count, min_norm, *agreed = torch.cat([
+                torch.stack([
+                    gathered[:, 0].max(),  # max propagates NaN
+                    gathered[:, 1].max(),
+                    gathered[:, 2].sum(),
+                    gathered[:, 3].sum(),
+                    gathered[:, 0].min(),
+                ]),
+                gathered[:, 4:].amax(dim=0),
             ]).tolist()
+            self._deliver(trainer, riders, agreed)
         else:
             # One device-to-host transfer per step: the decision needs these scalars on the host.
             # (A placeholder fills the slots that are absent; the host knows which they are.)
@@ -452,6 +475,24 @@ class GradientSpikeGuard(StabilityCallback):
             loss_value /= _loss_scale(trainer)
 
         return grad_norm, spike_count, checked, loss_value, ranks_disagree
+
+    def _rider_flags(self, trainer: pl.Trainer, device: torch.device) -> tuple[list[tuple[StabilityCallback, int]], list[Tensor]]:
+        """The riders with flags to agree on now (each with how many), and the flags as 0/1 floats."""
+        riders: list[tuple[StabilityCallback, int]] = []
+        flags: list[Tensor] = []
+        for rider in self._riders:
+            mine = rider.agreement_flags(trainer)
+            if mine is not None:
+                riders.append((rider, len(mine)))
+                flags += [torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in mine]
+        return riders, flags
+
+    def _deliver(self, trainer: pl.Trainer, riders: list[tuple[StabilityCallback, int]], agreed: Sequence[float]) -> None:
+        """Hand each rider its flags back, agreed between the ranks."""
+        start = 0
+        for rider, n in riders:
+            rider.on_agreement(trainer, [v > 0 for v in agreed[start:start + n]])
+            start += n
 
     def _count_spikes(
         self, trainer: pl.Trainer, opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]

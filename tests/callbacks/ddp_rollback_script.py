@@ -1,4 +1,9 @@
-"""Run by test_ddp.py as its own program: Lightning's DDP launcher re-executes this file per rank."""
+"""Run by test_ddp.py as its own program: Lightning's DDP launcher re-executes this file per rank.
+
+With ``guard_after``, a GradientSpikeGuard comes after the rollback in the callback list: its
+collective, later in the same hook, carries the rollback's flags, and the rollback calls no
+collective of its own to agree on them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,8 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
-from lightning_stability import InMemoryRollback, get_event_log
+import lightning_stability.callbacks.rollback as rollback_module
+from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log
 from lightning_stability.demos import TinyGPT, make_dataloader
 from tests.callbacks.ddp_guard_script import OnOneRank
 
@@ -26,14 +32,24 @@ class RequestOnOneRank(pl.Callback):
             get_event_log(trainer).emit(trainer.global_step, "my_check", "MyMonitor", "critical", {}, "rollback")
 
 
-def main(out: str) -> None:
+def main(out: str, mode: str = "alone") -> None:
     warnings.filterwarnings("ignore")
+    agreements = []  # the steps in which the rollback agreed with the other ranks by itself
+    own = rollback_module.any_rank
+
+    def counted(trainer, flags):
+        agreements.append(trainer.global_step)
+        return own(trainer, flags)
+
+    rollback_module.any_rank = counted
     pl.seed_everything(0, verbose=False)
     loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 120, seed=0)
     model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=60, warmup_steps=10)
     rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
     # a NaN loss on rank 1 alone at step 25; a rollback request on rank 0 alone at step 44
     callbacks = [OnOneRank(1, {25: ("loss_nan", None)}), RequestOnOneRank(0, 44), rollback]
+    if mode == "guard_after":
+        callbacks.append(GradientSpikeGuard(ladder=("skip",)))
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=60, callbacks=callbacks,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -45,8 +61,9 @@ def main(out: str) -> None:
     events = [(e.step, e.kind) for e in get_event_log(trainer) if e.source == rollback.source]
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     with open(f"{out}/rank{trainer.global_rank}.json", "w") as fh:
-        json.dump({"digest": digest, "rollbacks": rollbacks, "events": events, "finite": finite}, fh)
+        json.dump({"digest": digest, "rollbacks": rollbacks, "events": events, "finite": finite,
+                   "agreements": agreements}, fh)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
