@@ -271,10 +271,20 @@ class _Layer:
         if g is not None:
             for key in _VECTORS:
                 value = state.get(key)
+                if key in _LEFT and isinstance(value, Tensor):
+                    value = self.own_rows(value)
                 target = g.vector(key, self.slot)
                 if isinstance(value, Tensor) and value.shape == target.shape:
                     target.copy_(value)
             g.clear_padding(self.slot)
+
+    def own_rows(self, left: Tensor) -> Tensor:
+        """This rank's rows of a left vector saved whole (a checkpoint's, under row sharding); a vector
+        of this rank's own length (a snapshot's) as it is."""
+        g = self.group
+        if g is None or g.rows is None or left.ndim != 1 or left.shape[0] != self.param.shape[0]:
+            return left
+        return left[g.rows[0]:g.rows[1]]
 
 
 class SpectralMonitor(StabilityCallback):
@@ -544,6 +554,44 @@ class SpectralMonitor(StabilityCallback):
             self._apply_pending()
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if isinstance(state, dict) and any(g.rows is not None for g in self._groups):
+            self._whole_left_vectors(trainer, state.get("layers", {}))
+
+    def _whole_left_vectors(self, trainer: pl.Trainer, layers: dict[str, Any]) -> None:
+        """Under row sharding each rank holds only its rows of a weight's left vectors, and the
+        checkpoint's callback state is rank zero's: put every left vector in it whole (one all-reduce
+        of them all, on every rank as the save is), so that each rank resumes with its own rows."""
+        slots: list[tuple[dict[str, Any], str | int, int, int, int]] = []  # (where, key, start, stop, rows)
+        for g in self._groups:
+            if g.rows is None:
+                continue
+            for layer in g.layers:
+                state = layers.get(layer.name)
+                if state is None:
+                    continue
+                rows = layer.param.shape[0]
+                slots += [(state, key, *g.rows, rows) for key in sorted(_LEFT) if isinstance(state.get(key), Tensor)]
+                probes = state.get("probes")
+                if isinstance(probes, list) and len(probes) == 2:
+                    slots.append((probes, 0, *g.rows, rows))  # type: ignore[arg-type]
+        if not slots:
+            return
+        offsets = [0]
+        for *_, rows in slots:
+            offsets.append(offsets[-1] + rows)
+        whole = torch.zeros(offsets[-1], device=trainer.strategy.root_device)
+        for (where, key, start, stop, _), offset in zip(slots, offsets):
+            whole[offset + start:offset + stop] = where[key].to(whole.device)  # type: ignore[index]
+        whole = all_reduce_sum_(whole).cpu()  # each rank wrote only its own rows
+        for (where, key, *_), offset, end in zip(slots, offsets, offsets[1:]):
+            where[key] = whole[offset:end].clone()  # type: ignore[index]
+
+    @override
     def restore_snapshot_state(self, state: dict[str, Any]) -> None:
         counts, report = self._counts, self.halt_report
         super().restore_snapshot_state(state)
@@ -559,14 +607,21 @@ class SpectralMonitor(StabilityCallback):
         for g in self._groups:
             # the update estimate goes on where every layer of the group brought its probes back
             loaded = [layer.loaded_probes for layer in g.layers]
-            valid = [p is not None and len(p) == 2 for p in loaded]
+            # probes at this rank's sizes (a checkpoint from another layout or sharding has others)
+            valid = [
+                p is not None and len(p) == 2 and (layer.own_rows(p[0]).shape[0], p[1].shape[0]) == size
+                for p, layer, size in zip(loaded, g.layers, g.sizes)
+            ]
+            if g.reduce is not None:  # row shards: every rank takes the same path, or the collectives part
+                invalid = g.reduce(torch.tensor([0.0 if v else 1.0 for v in valid], device=g.device))
+                valid = [v == 0 for v in invalid.tolist()]
             g.probes, g.stale = None, set()
             if all(valid) or (g.padded and any(valid)):
                 left = torch.zeros(len(g.layers), g.m, device=g.device)  # (B, m): W_old dv, zero-padded
                 right = torch.zeros(len(g.layers), g.n, device=g.device)  # (B, n): W_old^T du
                 for b, (p, (m, n)) in enumerate(zip(loaded, g.sizes)):
                     if valid[b]:
-                        left[b, :m], right[b, :n] = p[0], p[1]  # type: ignore[index]
+                        left[b, :m], right[b, :n] = g.layers[b].own_rows(p[0]), p[1]  # type: ignore[index]
                     else:
                         g.drop_probes(b)
                 g.probes = (left, right)

@@ -24,14 +24,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(script: str, tmp_path, *args: str) -> list[dict]:
-    """Run one of the FSDP scripts beside this file on 2 ranks (its own port); each rank's JSON report."""
+def run_two_ranks(script: str, tmp_path, *args: str, report: bool = True) -> list[dict]:
+    """Run one of the FSDP scripts beside this file on 2 ranks (its own port); each rank's JSON report
+    (``rank<r>.json``) when ``report``."""
     path = os.path.join(os.path.dirname(__file__), script)
     env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     proc = subprocess.run([sys.executable, path, str(tmp_path), *args], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] if report else []
 
 
 def test_guard_norm_over_shards_one_all_reduce_and_the_same_decisions(tmp_path):
@@ -94,6 +95,23 @@ def test_spectral_rollback_and_softmax_on_shards(tmp_path):
     assert r0["digests"]["50"] != r1["digests"]["50"]  # each rank its own rows
     # the softmax monitor reads activations: the same statistics on both ranks
     assert r0["softmax"] == r1["softmax"] and r0["softmax"]["nlm_cos_max"] == r0["softmax"]["nlm_cos_max"]
+
+
+def test_spectral_resumes_each_rank_with_its_own_rows_of_a_sharded_checkpoint(tmp_path):
+    run_two_ranks("fsdp_resume_script.py", tmp_path, "full", report=False)
+    run_two_ranks("fsdp_resume_script.py", tmp_path, "resume", report=False)
+    full, resumed = ([json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
+                     for mode in ("full", "resume"))
+    # the checkpoint (rank zero's callback state) holds every left vector whole, not rank zero's rows
+    saved = full[0]["saved"]
+    assert saved and all(s["u"] == s["rows"] for s in saved.values()), saved
+    for r in (0, 1):
+        before, after = full[r]["state"], resumed[r]["state"]
+        assert before and before.keys() == after.keys()
+        for name in before:
+            assert after[name] == before[name], (r, name)  # every vector, this rank's rows, exactly
+    # the ranks really hold different rows (uneven shards too)
+    assert full[0]["state"]["blocks.0.attn.qkv"]["u"] != full[1]["state"]["blocks.0.attn.qkv"]["u"]
 
 
 def _model_parallel_trainer(tmp_path):
