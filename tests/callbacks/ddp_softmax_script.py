@@ -26,7 +26,7 @@ class ShiftOnOneRank(pl.Callback):
         pl_module.lm_head.register_forward_hook(shift, prepend=True)
 
 
-def main(out: str) -> None:
+def main(out: str, remedy: str = "z_loss") -> None:
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
     loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 100, seed=0)
@@ -34,7 +34,11 @@ def main(out: str) -> None:
     # max_logit_limit below the logits the model has: QK-clip runs from the first sample, with the
     # per-head maxima of both ranks (their data differ), so the replicas stay identical only if the
     # ranks scale alike
-    monitor = SoftmaxSaturationMonitor(every_n_steps=5, logz_limit=20.0, max_logit_limit=0.5, cooldown=3)
+    # remedy: what the drift turns on (z-loss, the default; or the perpendicular gradient, which
+    # projects every gradient against its weight before the step: the ranks must project alike)
+    remedies = {"logit_drift": (remedy,)} if remedy != "z_loss" else None
+    monitor = SoftmaxSaturationMonitor(every_n_steps=5, logz_limit=20.0, max_logit_limit=0.5, cooldown=3,
+                                       remedies=remedies)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=45, callbacks=[ShiftOnOneRank(), monitor],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -48,4 +52,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

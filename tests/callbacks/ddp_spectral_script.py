@@ -36,12 +36,12 @@ class LossOnOneRank(pl.Callback):
             batch["targets"].copy_(torch.randint_like(batch["targets"], 0, pl_module.hparams.vocab_size))
 
 
-def main(out: str) -> None:
+def main(out: str, action: str = "pss") -> None:
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
     loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 300, seed=0)
     model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=140, warmup_steps=10)
-    monitor = SpectralMonitor(check_every_n_steps=5, warmup=100, ladder=("pss",), loss_tolerance=0.05,
+    monitor = SpectralMonitor(check_every_n_steps=5, warmup=100, ladder=(action,), loss_tolerance=0.05,
                               full_every_n_steps=50)
     rollback = InMemoryRollback(every_n_steps=20, commit_after=5)
     trainer = pl.Trainer(
@@ -59,4 +59,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
