@@ -2,7 +2,8 @@
 
 With ``guard_after``, a GradientSpikeGuard comes after the rollback in the callback list: its
 collective, later in the same hook, carries the rollback's flags, and the rollback calls no
-collective of its own to agree on them.
+collective of its own to agree on them. ``accumulate`` does the same with two micro-batches an
+optimizer step (twice the batches: the NaN loss and the quarantine cover both of a step's).
 """
 
 from __future__ import annotations
@@ -43,15 +44,16 @@ def main(out: str, mode: str = "alone") -> None:
 
     rollback_module.any_rank = counted
     pl.seed_everything(0, verbose=False)
-    loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 120, seed=0)
+    accumulate = 2 if mode == "accumulate" else 1
+    loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 120 * accumulate, seed=0)
     model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=60, warmup_steps=10)
     rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
     # a NaN loss on rank 1 alone at step 25; a rollback request on rank 0 alone at step 44
     callbacks = [OnOneRank(1, {25: ("loss_nan", None)}), RequestOnOneRank(0, 44), rollback]
-    if mode == "guard_after":
+    if mode in ("guard_after", "accumulate"):
         callbacks.append(GradientSpikeGuard(ladder=("skip",)))
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=60, callbacks=callbacks,
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=60, callbacks=callbacks, accumulate_grad_batches=accumulate,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=out,
     )

@@ -47,12 +47,14 @@ def test_every_rank_takes_the_same_decision_in_the_same_step(tmp_path):
     assert ranks[0]["finite"] and ranks[1]["finite"]
 
 
-@pytest.mark.parametrize("mode", ["alone", "guard_after"])
+@pytest.mark.parametrize("mode", ["alone", "guard_after", "accumulate"])
 def test_every_rank_restores_the_same_snapshot_in_the_same_step(tmp_path, mode):
     ranks = run_two_ranks("ddp_rollback_script.py", tmp_path, mode)
     # the NaN loss was on rank 1 only, the request on rank 0 only: both ranks roll back, in the same
-    # step, to the same snapshot; each quarantines its own batches and the records are gathered
-    assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == [[26, 20, 12], [45, 40, 10]]
+    # step, to the same snapshot; each quarantines its own batches (with accumulation, the two of
+    # every undone step) and the records are gathered
+    per_step = 2 if mode == "accumulate" else 1
+    assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == [[26, 20, 12 * per_step], [45, 40, 10 * per_step]]
     assert ranks[0]["events"] == ranks[1]["events"]
     assert ranks[0]["digest"] == ranks[1]["digest"]
     assert ranks[0]["finite"] and ranks[1]["finite"]
@@ -60,7 +62,7 @@ def test_every_rank_restores_the_same_snapshot_in_the_same_step(tmp_path, mode):
         data = json.load(f)
     first = data["rollbacks"][0]["batches"]
     assert sorted({b["rank"] for b in first}) == [0, 1]
-    assert sorted(b["step"] for b in first if b["rank"] == 1) == list(range(20, 26))
+    assert sorted(b["step"] for b in first if b["rank"] == 1) == sorted(list(range(20, 26)) * per_step)
     ids = [set(b["sample_ids"]) for b in first]
     assert len(set().union(*ids)) == sum(len(i) for i in ids)  # each rank's own samples
     # alone, the rollback agrees with an all-reduce of its own in every step (snapshot steps add one
