@@ -141,9 +141,13 @@ def replace_section(path: str, section: str, heading: str) -> None:
 
 
 def run_section(argv: list[str] | None, prog: str, description: str, heading: str, quick: Any, full: Any,
-                compute: Callable[[Any, Callable[[str], None]], Any], render: Callable[[Any, Any, float, str], str]) -> int:
+                compute: Callable[[Any, Callable[[str], None]], Any], render: Callable[..., str],
+                figure: Callable[[Any, str], str | None] | None = None) -> int:
     """``python -m benchmarks.<section> [--quick] [--out FILE]``: compute one section, print it, and (not
-    with ``--quick``) rewrite that section of the benchmarks page."""
+    with ``--quick``) rewrite that section of the benchmarks page.
+
+    ``figure(result, folder)``, where a section has one, draws it into the page's folder and returns its
+    path relative to the page (or ``None``); ``render`` then takes that path as a fifth argument."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--quick", action="store_true", help="a few steps, print only (the CI smoke test)")
     parser.add_argument("--out", default="docs/benchmarks.md")
@@ -154,7 +158,12 @@ def run_section(argv: list[str] | None, prog: str, description: str, heading: st
     torch.set_num_threads(threads)
     start = time.perf_counter()
     result = compute(settings, lambda line: print(line, flush=True))
-    section = render(settings, result, time.perf_counter() - start, section_machine(threads))
+    seconds, machine = time.perf_counter() - start, section_machine(threads)
+    if figure is None:
+        section = render(settings, result, seconds, machine)
+    else:
+        image = None if args.quick else figure(result, os.path.dirname(os.path.abspath(args.out)))
+        section = render(settings, result, seconds, machine, image)
     print(section)
     if not args.quick:
         replace_section(args.out, section, heading)
@@ -655,10 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     faults_section = fault_efficacy.render_section(faults_settings, faults_result, parts["fault efficacy"],
                                                    section_machine(threads))
     print(faults_section)
-    scaling_image = None if args.quick else scaling.IMAGE
-    if scaling_image is not None and not scaling.plot(
-            scaling_result, os.path.join(os.path.dirname(os.path.abspath(args.out)), scaling.IMAGE)):
-        scaling_image = None
+    scaling_image = None if args.quick else scaling.figure(scaling_result, os.path.dirname(os.path.abspath(args.out)))
     scaling_section = scaling.render_section(scaling_settings, scaling_result, parts["overhead as the model grows"],
                                              section_machine(threads), scaling_image)
     print(scaling_section)

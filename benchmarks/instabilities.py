@@ -31,7 +31,6 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks import precision, spectral
-from lightning_stability import get_event_log
 from lightning_stability.ops.fp8 import E4M3, E5M2, FP8Format
 
 SECTION = "## Reproduced instabilities"
@@ -115,22 +114,9 @@ def _attention(settings: Settings, progress: Callable[[str], None], root: str) -
 def _fp8(settings: Settings, progress: Callable[[str], None]) -> list[dict[str, Any]]:
     runs = []
     for seed in settings.seeds:
-        _, ref = precision.fit("AdamW", settings.fp8_steps, seed=seed)
-        base = precision.final_loss(ref)
-        for name, formats in FP8_FORMATS:
-            watch, wrec = precision.fit("FP8 watch", settings.fp8_steps, seed=seed, formats=formats, fallback=False,
-                                        health_every_n_steps=10)
-            rescue, rrec = precision.fit("FP8 fallback", settings.fp8_steps, seed=seed, formats=formats,
-                                         health_every_n_steps=10)
-            flags = [e.step for e in get_event_log(watch) if e.kind == "fp8_unhealthy"]
-            runs.append({
-                "seed": seed, "format": name, "watch": precision.final_loss(wrec) / base,
-                "fallback": precision.final_loss(rrec) / base, "flagged_at": min(flags, default=None),
-                "behind": precision.behind_from(wrec.losses, ref.losses),
-                "fallbacks": sum(1 for e in get_event_log(rescue) if e.kind == "fp8_fallback"),
-            })
-            progress(f"fp8 seed {seed} {name:12s} {runs[-1]['watch']:.2f}x watching, {runs[-1]['fallback']:.2f}x "
-                     f"with fallback")
+        base, rows = precision.sweep_rows(settings.fp8_steps, FP8_FORMATS, progress, seed=seed)
+        runs += [{"seed": seed, "format": r.name, "watch": r.watch_final / base, "fallback": r.fallback_final / base,
+                  "flagged_at": r.flagged_at, "behind": r.behind_from, "fallbacks": r.fallbacks} for r in rows]
     return runs
 
 

@@ -230,18 +230,26 @@ def behind_from(losses: Sequence[float], reference: Sequence[float], factor: flo
     return step
 
 
-def sweep(settings: Settings, progress: Callable[[str], None]) -> tuple[str, list[str], float]:
-    _, ref = fit("AdamW", settings.sweep_steps)
+def sweep_rows(steps: int, formats: Sequence[tuple[str, Any]], progress: Callable[[str], None],
+               seed: int = 0) -> tuple[float, list[SweepRow]]:
+    """float32's final loss and, for each format, a fit that watches FP8 health and one that falls back."""
+    _, ref = fit("AdamW", steps, seed=seed)
+    base = final_loss(ref)
     rows = []
-    for name, formats in SWEEP:
-        watch, wrec = fit("FP8 watch", settings.sweep_steps, formats=formats, fallback=False, health_every_n_steps=10)
+    for name, fmts in formats:
+        watch, wrec = fit("FP8 watch", steps, seed=seed, formats=fmts, fallback=False, health_every_n_steps=10)
         events = [e for e in get_event_log(watch) if e.kind == "fp8_unhealthy"]
-        rescue, rrec = fit("FP8 fallback", settings.sweep_steps, formats=formats, health_every_n_steps=10)
+        rescue, rrec = fit("FP8 fallback", steps, seed=seed, formats=fmts, health_every_n_steps=10)
         fallbacks = [e for e in get_event_log(rescue) if e.kind == "fp8_fallback"]
         rows.append(SweepRow(name, final_loss(wrec), final_loss(rrec), min((e.step for e in events), default=None),
                              behind_from(wrec.losses, ref.losses), len(fallbacks), wrec.losses))
-        progress(f"sweep {name}: {rows[-1].watch_final:.3f} watching, {rows[-1].fallback_final:.3f} with fallback")
-    base = final_loss(ref)
+        progress(f"sweep seed {seed} {name}: {rows[-1].watch_final / base:.2f}x float32 watching, "
+                 f"{rows[-1].fallback_final / base:.2f}x with fallback")
+    return base, rows
+
+
+def sweep(settings: Settings, progress: Callable[[str], None]) -> tuple[str, list[str], float]:
+    base, rows = sweep_rows(settings.sweep_steps, SWEEP, progress)
     table = ["| format (forward / gradients) | final loss, watching | vs. float32 | first `fp8_unhealthy` at step | "
              "loss behind float32 (>10%) from step | final loss with fallback | fallbacks |",
              "|---|---:|---:|---:|---:|---:|---:|"]

@@ -15,7 +15,6 @@ import statistics
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
@@ -204,16 +203,17 @@ is drawn as a band); the in-callback share is the steadier estimate.
 """
 
 
+def figure(result: Result, folder: str) -> str | None:
+    """The plot drawn into ``folder`` (the benchmarks page's); its path relative to the page, or ``None``
+    without matplotlib."""
+    return IMAGE if plot(result, os.path.join(folder, IMAGE)) else None
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.__main__ import run_section
 
-    def render(settings: Any, result: Result, seconds: float, machine: str) -> str:
-        quick = settings is QUICK
-        out = os.path.join("docs", IMAGE)
-        image = IMAGE if not quick and plot(result, out) else None
-        return render_section(settings, result, seconds, machine, image)
-
-    return run_section(argv, "python -m benchmarks.scaling", __doc__.splitlines()[0], SECTION, QUICK, FULL, run, render)
+    return run_section(argv, "python -m benchmarks.scaling", __doc__.splitlines()[0], SECTION, QUICK, FULL, run,
+                       render_section, figure)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,27 @@ def test_scaling_goal_lines_judge_all_four_by_their_share_of_a_baseline_step():
     assert "a baseline step grows 10.0x" in growth and "hooks 2.7x (1.50 to 4.00 ms" in growth
 
 
+def test_a_section_run_draws_its_figure_beside_the_page_it_rewrites(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from benchmarks.__main__ import run_section
+
+    monkeypatch.chdir(tmp_path)
+    sizes = (scaling.ModelSize("small", 8, 1), scaling.ModelSize("large", 16, 2))
+    settings = scaling.Settings(sizes=sizes, warmup_steps=1, timed_steps=1, repeats=1)
+    summaries = [_summary(size.name, setup.name, base * (1 + 0.01 * i), base * 0.01 * i, base)
+                 for size, base in zip(sizes, (10.0, 100.0)) for i, setup in enumerate(scaling.SETUPS)]
+    result = scaling.Result(summaries, {"small": 1000, "large": 8000})
+    page = tmp_path / "site" / "benchmarks.md"
+    page.parent.mkdir()
+    page.write_text(f"# Benchmarks\n\n{scaling.SECTION}\n\nold figures\n\n## Next\n\nkept\n")
+    assert run_section(["--out", str(page)], "prog", "desc", scaling.SECTION, settings, settings,
+                       lambda s, progress: result, scaling.render_section, scaling.figure) == 0
+    text = page.read_text()
+    assert (page.parent / scaling.IMAGE).stat().st_size > 0  # beside the page, not under ./docs
+    assert not (tmp_path / "docs").exists()
+    assert f"]({scaling.IMAGE})" in text and "old figures" not in text and text.endswith("## Next\n\nkept\n")
+
+
 def test_the_quick_run_time_replaces_only_its_own_line(tmp_path):
     page = tmp_path / "benchmarks.md"
     page.write_text("# Benchmarks\n\nintro\n" + render_run_time(30.0, {"a": 600.0, "b": 1200.0}, None))
