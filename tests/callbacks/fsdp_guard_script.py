@@ -1,4 +1,8 @@
-"""Run by test_fsdp.py as its own program: Lightning re-executes this file per rank (FSDP2 on 2 gloo ranks)."""
+"""Run by test_fsdp.py as its own program: Lightning re-executes this file per rank (FSDP2 on 2 gloo ranks).
+
+With ``with_rollback`` an InMemoryRollback comes before the guard in the list: the guard's one
+all-reduce a step carries the rollback's flags, and the rollback calls no collective of its own to
+agree on them (its calls are recorded)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import sys
 import lightning.pytorch as pl
 import torch
 
-from lightning_stability import GradientSpikeGuard, get_event_log
+import lightning_stability.callbacks.rollback as rollback_module
+from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log
 from tests.callbacks._fsdp_model import CountCollectives, fsdp_trainer, sharded_gpt
 from tests.callbacks.ddp_guard_script import (
     OnOneRank,  # under FSDP a gradient fault lands on that rank's rows
@@ -57,15 +62,25 @@ class Before(pl.Callback):
         self.record._before = full_grad_norm(pl_module)
 
 
-def main(out: str) -> None:
+def main(out: str, mode: str = "guard") -> None:
     counter = CountCollectives()
+    agreements = []  # the steps in which the rollback agreed with the other ranks by itself
+    own = rollback_module.any_rank
+
+    def counted(trainer, flags):
+        agreements.append(trainer.global_step)
+        return own(trainer, flags)
+
+    rollback_module.any_rank = counted
     model, loader = sharded_gpt(60)
     # rank 1 alone: a NaN loss (its NaN gradients reach every rank's rows through the reduce-scatter)
     # and, after the reduce-scatter, its own rows of the gradient scaled by 1000
     faults = OnOneRank(1, {40: ("loss_nan", None), 50: ("grad_scale", 1000.0)})
     guard = GradientSpikeGuard()
     record = Record(guard, counter)
-    trainer = fsdp_trainer(out, 60, [faults, Before(record), guard, record])
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3) if mode == "with_rollback" else None
+    callbacks = [faults, *([rollback] if rollback else []), Before(record), guard, record]
+    trainer = fsdp_trainer(out, 60, callbacks)
     trainer.fit(model, loader)
     events = [(e.step, e.kind, e.action) for e in get_event_log(trainer)]
     clip = [e for e in get_event_log(trainer) if e.step == 50]
@@ -75,8 +90,10 @@ def main(out: str) -> None:
             "events": events, "finite": finite, "norms": record.norms, "collectives": record.collectives,
             "after_clip": record.after.get(50), "baseline_at_clip": clip[0].metrics.get("grad_baseline") if clip else None,
             "local_shapes": {n: list(p.to_local().shape) for n, p in model.named_parameters()},
+            "agreements": agreements,
+            "rollbacks": [(r["step"], r["restored_step"]) for r in rollback.rollbacks] if rollback else [],
         }, fh)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

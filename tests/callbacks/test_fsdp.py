@@ -60,6 +60,18 @@ def test_guard_norm_over_shards_one_all_reduce_and_the_same_decisions(tmp_path):
     assert r0["finite"] and r1["finite"]
 
 
+def test_the_rollbacks_flags_ride_in_the_guards_all_reduce_over_shards(tmp_path):
+    r0, r1 = run_two_ranks("fsdp_guard_script.py", tmp_path, "with_rollback")
+    # the rollback comes first in the list; the guard's one all-reduce a step, later in the same hook,
+    # carries its flags: rank 1's NaN loss rolls both ranks back in the same step to the same snapshot
+    assert r0["rollbacks"] == r1["rollbacks"] == [[41, 30]]
+    assert r0["events"] == r1["events"]
+    for r in (r0, r1):
+        assert all(c == {"all_reduce": 1} for s, c in enumerate(r["collectives"]) if s != 50)
+        assert r["agreements"] and all(s % 10 == 0 for s in r["agreements"])  # only the snapshots' memory checks
+        assert r["finite"]
+
+
 def test_spectral_rollback_and_softmax_on_shards(tmp_path):
     r0, r1 = run_two_ranks("fsdp_monitors_script.py", tmp_path)
     for r in (r0, r1):
