@@ -39,7 +39,7 @@ from lightning_stability.ops.saturation import (
     z_loss_grad,
     zero_loss_fraction,
 )
-from lightning_stability.ops.sharded import all_reduce_sum_
+from lightning_stability.ops.sharded import all_reduce_sum_, local
 
 SOFTMAX_REMEDIES = ("z_loss", "softcap", "perp_grad", "qk_clip", "attn_softcap", "advise")
 # What each detection may get, in order; ``advise`` is an event naming the structural fix.
@@ -361,13 +361,14 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         strategy = sharded_strategy(trainer)
         self._sharded = strategy is not None
         self.remedies = self._configured_remedies
-        if strategy is not None and any("qk_clip" in ladder for ladder in self.remedies.values()):
-            # QK-clip rescales each head's rows of the q/k projections; FSDP shards those rows across
-            # ranks (unevenly where the rows do not divide): the rung is skipped, the rest stays on
+        if strategy == "FSDPStrategy" and any("qk_clip" in ladder for ladder in self.remedies.values()):
+            # QK-clip rescales each head's rows of the q/k projections. FSDP2 shards weights by rows, and
+            # each rank scales its own; FSDP1's flat 1-D shards hold no rows: the rung is skipped there
             self.remedies = {d: tuple(r for r in ladder if r != "qk_clip") for d, ladder in self.remedies.items()}
             rank_zero_warn(
                 f"{type(self).__name__}: the qk_clip remedy is off under {strategy} (it rescales heads' rows of "
-                "q/k weights, which are sharded); the measurements and the other remedies stay on."
+                "q/k weights, which FSDP1 flattens into 1-D shards; ModelParallelStrategy's row shards are "
+                "supported); the measurements and the other remedies stay on."
             )
         self._names = {id(m): n for n, m in pl_module.named_modules() if n}
         self._modules = dict(pl_module.named_modules())
@@ -769,8 +770,14 @@ class SoftmaxSaturationMonitor(StabilityCallback):
                         "qk_projections=lambda name, module: QKProjection(...)."
                     )
                 continue
-            device = proj.q.weight.device
-            apply_qk_clip(proj, torch.tensor(heads, device=device), self.qk_clip_tau, self.qk_clip_alpha)
+            device = local(proj.q.weight).device
+            try:
+                apply_qk_clip(proj, torch.tensor(heads, device=device), self.qk_clip_tau, self.qk_clip_alpha)
+            except NotImplementedError as err:  # a sharded layout without whole rows: the same on every rank
+                if layer not in self._no_projection:
+                    self._no_projection.add(layer)
+                    rank_zero_warn(f"{type(self).__name__}: QK-clip skips {layer}: {err}.")
+                continue
             self.emit(trainer, "qk_clip", "info",
                       {"max_logit": max(heads), "eta_min": self.qk_clip_tau / max(heads), "heads_clipped":
                        float(sum(h > self.qk_clip_tau for h in heads))}, "qk_clip", layer)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_stability.ops.sharded import local
+from lightning_stability.ops.sharded import held_rows, local
 
 Reduction = Literal["mean", "sum", "none"]
 _LN2 = math.log(2.0)
@@ -465,21 +465,28 @@ def apply_qk_clip(proj: QKProjection, head_max_logit: Tensor, tau: float = 100.0
     becomes ``tau`` (:func:`qk_clip_factors`); biases too, so the logits scale exactly. Where key heads
     are shared (grouped-query attention) only the queries are scaled (by the whole ``eta``), since a
     shared key head serves heads with different factors. In place, on the device, no host sync.
-    Returns ``eta`` per query head."""
+
+    Row-sharded weights (FSDP2's ``Shard(0)``) are scaled on each rank's own rows, where a head's rows
+    may span two ranks: with the same ``head_max_logit`` on every rank, the whole weight ends up as it
+    would unsharded. Returns ``eta`` per query head."""
     if head_max_logit.numel() != proj.n_head:
         raise ValueError(f"head_max_logit has {head_max_logit.numel()} values for {proj.n_head} heads")
     fq, fk = qk_clip_factors(head_max_logit, tau, alpha)
     eta = fq * fk
     if proj.n_kv_head != proj.n_head:
         fq, fk = eta, torch.ones(proj.n_kv_head, device=eta.device)
-
-    def scale(linear: nn.Linear, rows: slice, heads: int, factor: Tensor) -> None:
-        w = linear.weight.data[rows]
-        f = factor.to(w.device, w.dtype).repeat_interleave(proj.head_dim)
-        w.mul_(f.unsqueeze(-1))
-        if linear.bias is not None:
-            linear.bias.data[rows].mul_(f)
-
-    scale(proj.q, proj.q_rows, proj.n_head, fq)
-    scale(proj.k, proj.k_rows, proj.n_kv_head, fk)
+    # one factor per output row of each linear (q and k may be rows of one fused linear)
+    rows: dict[int, tuple[nn.Linear, Tensor]] = {}
+    for linear, span, factor in ((proj.q, proj.q_rows, fq), (proj.k, proj.k_rows, fk)):
+        _, f = rows.setdefault(id(linear), (linear, torch.ones(linear.out_features, device=eta.device)))
+        f[span] *= factor.to(f.device).repeat_interleave(proj.head_dim)
+    with torch.no_grad():
+        for linear, f in rows.values():
+            for t in (linear.weight, linear.bias):
+                if t is None:
+                    continue
+                start, stop = held_rows(t)
+                shard = local(t.data)
+                factor = f[start:stop].to(shard.device, shard.dtype)
+                shard.mul_(factor.reshape(-1, *([1] * (shard.ndim - 1))))
     return eta

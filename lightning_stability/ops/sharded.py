@@ -75,6 +75,19 @@ def row_range(t: Tensor) -> tuple[int, int]:
     return start, stop
 
 
+def held_rows(t: Tensor) -> tuple[int, int]:
+    """``[start, stop)``: the rows of the whole tensor this rank holds: all of a plain or replicated one,
+    its shard's of a row-sharded one. Other layouts raise ``NotImplementedError``."""
+    if is_row_sharded(t):
+        return row_range(t)
+    if is_dtensor(t) and not all(type(p).__name__ == "Replicate" for p in t.placements):  # type: ignore[attr-defined]
+        raise NotImplementedError(
+            f"a DTensor with placements {t.placements} holds no whole rows: only row sharding (Shard(0) on "  # type: ignore[attr-defined]
+            "one mesh dimension) or replication is supported"
+        )
+    return 0, t.shape[0]
+
+
 def full(t: Tensor) -> Tensor:
     """The whole tensor on every rank: an all-gather for a ``DTensor`` (one tensor at a time), else ``t``."""
     return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
@@ -105,6 +118,7 @@ def local_sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
 
 __all__ = [
     "all_reduce_sum_",
+    "held_rows",
     "full",
     "is_dtensor",
     "is_row_sharded",

@@ -126,12 +126,52 @@ def test_spectral_resumes_each_rank_with_its_own_rows_of_a_sharded_checkpoint(tm
     assert full[0]["state"]["blocks.0.attn.qkv"]["u"] != full[1]["state"]["blocks.0.attn.qkv"]["u"]
 
 
+def test_qk_clip_scales_each_ranks_rows_as_the_unsharded_rule_would(tmp_path):
+    from torch import nn
+
+    from lightning_stability.ops.saturation import QKProjection, apply_qk_clip
+
+    r0, r1 = run_two_ranks("fsdp_qk_clip_script.py", tmp_path)
+    assert r0["events"] == r1["events"]
+    # the limit is below the logits: a clip at the first sample, and on every step while the detection lasts
+    steps = [c["step"] for c in r0["clips"]]
+    assert steps[0] == 0 and len(steps) >= 3, steps
+    assert r0["clips"] == r1["clips"]  # the same whole weights on both ranks
+    for clip in r0["clips"]:
+        assert max(clip["heads"]) > r0["tau"]
+        # the rule applied to the whole weight, unsharded: q rows 0-32, k rows 33-65, 3 heads of 11
+        qkv = nn.Linear(33, 99)
+        with torch.no_grad():
+            qkv.weight.copy_(torch.tensor(clip["before"]["weight"]))
+            qkv.bias.copy_(torch.tensor(clip["before"]["bias"]))
+        proj = QKProjection(qkv, qkv, slice(0, 33), slice(33, 66), 3, 3, 11)
+        apply_qk_clip(proj, torch.tensor(clip["heads"]), r0["tau"], r0["alpha"])
+        torch.testing.assert_close(torch.tensor(clip["after"]["weight"]), qkv.weight.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(torch.tensor(clip["after"]["bias"]), qkv.bias.detach(), rtol=1e-6, atol=1e-7)
+        assert clip["after"]["weight"] != clip["before"]["weight"]
+
+
 def _model_parallel_trainer(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return pl.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
                       tensor_parallel_size=1), logger=False, default_root_dir=tmp_path)
+
+
+def test_softmax_monitor_skips_qk_clip_under_fsdp1_only(tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lightning_stability import SoftmaxSaturationMonitor
+    from tests.conftest import tiny_gpt
+
+    model, _ = tiny_gpt(2)
+    monitor = SoftmaxSaturationMonitor()
+    with pytest.warns(UserWarning, match=r"qk_clip remedy is off under FSDPStrategy .*flattens"):
+        monitor.setup(types.SimpleNamespace(strategy=FSDPStrategy(), loggers=[]), model, "fit")  # type: ignore[arg-type]
+    assert monitor.remedies["attention_logit_growth"] == ("advise",)
+    monitor.setup(_model_parallel_trainer(tmp_path), model, "fit")  # row shards: QK-clip stays on
+    assert monitor.remedies["attention_logit_growth"] == ("qk_clip", "advise")
 
 
 def test_low_bit_optimizer_refuses_model_parallel_by_name(tmp_path):
