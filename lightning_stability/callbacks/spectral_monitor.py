@@ -872,9 +872,6 @@ class SpectralMonitor(StabilityCallback):
                 layer.warned = True
                 continue
             unavailable = set() if self.event_log(trainer).has_responder("rollback") else {"rollback"}
-            if _layer_rows(layer) is not None:
-                # soft spectral clipping of updates acts on whole update matrices, which no rank holds
-                unavailable.add("clip_updates")
             action = layer.ladder.decide(detection, unavailable)
             acted = self._act(trainer, layer, detection, action, s, step) or acted
         if verified is not None:

@@ -20,6 +20,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_stability.ops.sharded import all_reduce_sum_, is_row_sharded, local
+
 _EPS = 1e-12
 SPECTRAL_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -388,12 +390,16 @@ def inverse_sqrt_newton_schulz(a: Tensor, scale: Tensor, iters: int) -> Tensor:
 
 
 @torch.no_grad()
-def soft_spectral_clip(x: Tensor, c: float, iters: int = 40) -> Tensor:
+def soft_spectral_clip(x: Tensor, c: float, iters: int = 40, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """SPECTRA's soft spectral clip: each singular value ``s -> s / sqrt(1 + s^2 / c^2)`` (the
     singular vectors kept), computed as ``(I + X X^T / c^2)^{-1/2} X`` on the smaller Gram matrix with
     coupled Newton-Schulz (no SVD, no host sync). ``x`` is one matrix or a stack ``(B, m, n)``.
 
     Values far below ``c`` pass almost unchanged; large ones approach ``c``.
+
+    ``reduce`` (sum over ranks, in place) makes ``x`` one rank's rows of a row-sharded matrix: the
+    result is ``X (I + X^T X / c^2)^{-1/2}``, the same clip, with the ``n x n`` Gram summed over ranks
+    (one all-reduce) and each rank's rows multiplied by its inverse square root.
 
     Computed in float64: a spike with ``s / c`` above ~4000 makes ``s^2 / c^2`` swamp the identity in
     float32 (``1 / eps``), and the iteration then diverges instead of clipping. The smallest
@@ -403,8 +409,10 @@ def soft_spectral_clip(x: Tensor, c: float, iters: int = 40) -> Tensor:
     """
     squeeze = x.dim() == 2
     xs = (x.unsqueeze(0) if squeeze else x).double()
-    wide = xs.shape[-2] <= xs.shape[-1]
+    wide = reduce is None and xs.shape[-2] <= xs.shape[-1]
     gram = xs @ xs.transpose(-2, -1) if wide else xs.transpose(-2, -1) @ xs  # (B, k, k), k = min(m, n)
+    if reduce is not None:
+        gram = reduce(gram)  # every rank's rows: X^T X = sum over ranks of X_r^T X_r
     eye = torch.eye(gram.shape[-1], device=xs.device, dtype=xs.dtype)
     a = eye + gram / (c * c)
     # lambda_max(A) <= 1 + ||X||_F^2 / c^2: a bound from the trace of the Gram, no eigen-solve
@@ -423,7 +431,9 @@ class SpectralUpdateClip:
     rate makes ``c`` a property of the optimizer's direction, not of the schedule (an Adam update
     divided by its LR has entries of order one; ``c = 10`` is SPECTRA's typical value).
 
-    Costs one copy of the selected weights during the step. ``remove()`` detaches it.
+    Costs one copy of the selected weights during the step. ``remove()`` detaches it. Row-sharded
+    weights (FSDP2) are clipped on each rank's rows, with one all-reduce of an ``n x n`` Gram matrix
+    per weight and step.
 
     Example::
 
@@ -458,19 +468,23 @@ class SpectralUpdateClip:
         ]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        # parameters without a gradient are not updated (and a skipped step has none)
-        self._before = [(p, g, p.detach().clone()) for p, g in self.targets if p.grad is not None]
+        # Every target, gradient or not: with a closure (Lightning's automatic optimization) the
+        # pre-hook runs before the closure's backward, when ``.grad`` is still the previous step's
+        # (``None`` on the first step and after a skipped one), not this step's.
+        self._before = [(p, g, local(p.detach()).clone()) for p, g in self.targets]
 
     @torch.no_grad()
     def _post_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         before, self._before = self._before, []
         for p, group, old in before:
             lr = float(group["lr"])
-            if lr <= 0:
+            if lr <= 0 or p.grad is None:  # no gradient now: the optimizer left it as it was
                 continue
-            delta = as_matrix(p.detach().float() - old.float()) / lr
-            clipped = soft_spectral_clip(delta, self.c, self.iters) * lr
-            p.copy_((as_matrix(old.float()) + clipped).reshape(p.shape))
+            shard = local(p.detach())  # this rank's rows of a row-sharded weight, else the weight
+            delta = as_matrix(shard.float() - old.float()) / lr
+            reduce = all_reduce_sum_ if is_row_sharded(p) else None
+            clipped = soft_spectral_clip(delta, self.c, self.iters, reduce) * lr
+            shard.copy_((as_matrix(old.float()) + clipped).reshape(shard.shape))
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -151,6 +151,26 @@ def test_qk_clip_scales_each_ranks_rows_as_the_unsharded_rule_would(tmp_path):
         assert clip["after"]["weight"] != clip["before"]["weight"]
 
 
+def test_update_clipping_on_row_shards_clips_the_whole_update(tmp_path):
+    from lightning_stability.ops.spectral import soft_spectral_clip
+
+    r0, r1 = run_two_ranks("fsdp_update_clip_script.py", tmp_path)
+    assert [r0["shards"][n][0] for n in r0["shards"]] == [66, 50, 17]  # tall, uneven, wide: really sharded
+    assert r0["records"] == r1["records"] and len(r0["records"]) == 4
+    for record in r0["records"]:
+        lr = record["lr"]
+        if lr <= 0:
+            continue
+        for before, raw, after in zip(record["before"], record["raw"], record["after"]):
+            before, raw, after = (torch.tensor(t, dtype=torch.float64) for t in (before, raw, after))
+            update = (raw - before) / lr
+            expected = before + lr * soft_spectral_clip(update, r0["c"])
+            torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-7)
+            # the clip acted: the update's top singular value was above c and came down under it
+            assert float(torch.linalg.matrix_norm(update, 2)) > r0["c"]
+            assert float(torch.linalg.matrix_norm((after - before) / lr, 2)) < r0["c"]
+
+
 def _model_parallel_trainer(tmp_path):
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy

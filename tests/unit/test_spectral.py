@@ -496,6 +496,20 @@ def test_soft_spectral_clip_matches_svd(shape, scale):
     assert_close(out.double(), _soft_clip_ref(x, c), rtol=1e-4, atol=1e-4 * c)
 
 
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6)], ids=["wide", "tall"])
+def test_soft_spectral_clip_of_row_shards_equals_the_whole_matrix_clip(shape):
+    # two ranks' rows (uneven); ``reduce`` stands in for the all-reduce: it adds the other rank's Gram
+    c = 2.5
+    x = 3 * c * torch.randn(shape, generator=_gen(43))
+    split = shape[0] // 2 + 1
+    shards = (x[:split], x[split:])
+    grams = [s.double().T @ s.double() for s in shards]
+    out = [soft_spectral_clip(s, c, reduce=lambda g, other=grams[1 - i]: g + other) for i, s in enumerate(shards)]
+    assert_close(torch.cat(out).double(), _soft_clip_ref(x, c), rtol=1e-4, atol=1e-4 * c)
+    alone = soft_spectral_clip(shards[0], c)  # a shard clipped as a matrix of its own is another thing
+    assert not torch.allclose(alone, out[0], atol=1e-3)
+
+
 @pytest.mark.parametrize("ratio", [1e2, 1e3, 1e4, 1e5])
 def test_soft_spectral_clip_of_a_large_rank_one_spike_stays_under_c(ratio):
     # a gradient spike: one direction ``ratio`` times the clip level on top of O(1) noise. Every singular
@@ -590,6 +604,36 @@ def test_spectral_update_clip_bounds_a_gradient_spike(spike):
     assert torch.isfinite(update).all()
     assert float(torch.linalg.matrix_norm(update.double(), 2)) <= lr * c * (1 + 1e-3)
     assert_close(update.double(), lr * _soft_clip_ref(-lin.weight.grad, c), rtol=0, atol=1e-2 * lr * c)
+
+
+@pytest.mark.parametrize("first", ["first step", "after a skipped step"])
+def test_spectral_update_clip_clips_a_closure_step_whose_gradients_come_inside_it(first):
+    # With a closure (Lightning's automatic optimization) the step's pre-hook runs before the closure's
+    # backward: on the first step, and on the step after one whose gradients were set to None (a guard's
+    # skip), no gradient is there yet when the weights are copied. The update must be clipped anyway.
+    g = _gen(49)
+    lin = nn.Linear(16, 12, bias=False)
+    lr, c = 0.1, 1.0
+    opt = torch.optim.SGD(lin.parameters(), lr=lr)
+    SpectralUpdateClip(opt, c=c)
+    x = 50 * torch.randn(32, 16, generator=g)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = lin(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    if first == "after a skipped step":
+        opt.step(closure)
+        lin.weight.grad = None  # the step's gradients were dropped, as a skip does
+    assert lin.weight.grad is None
+    w0 = lin.weight.detach().clone()
+    opt.step(closure)
+    update = lin.weight.detach() - w0
+    plain = -lr * lin.weight.grad
+    assert float(torch.linalg.matrix_norm(plain, 2)) > 10 * lr * c  # unclipped, it would be far above
+    assert_close(update, lr * soft_spectral_clip(plain / lr, c), rtol=1e-5, atol=1e-6)
 
 
 def test_spectral_update_clip_params_argument_and_remove():
