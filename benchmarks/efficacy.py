@@ -14,7 +14,7 @@ import sys
 import tempfile
 import warnings
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,9 @@ class Settings:
 
 FULL = Settings(steps=260, fault_step=160, clean_steps=600, seeds=(0, 1, 2))
 QUICK = Settings(steps=45, fault_step=40, clean_steps=45, seeds=(0,))
+
+
+POISONED_BATCHES = ("loss_nan", "labels_shuffle")  # faults that corrupt the batch itself, not the model
 
 
 class OLMoRule(Callback):
@@ -114,7 +117,7 @@ class Run:
     fault: str
     seed: int
     detections: list[int]
-    final: float  # mean of the last 20 losses: inf if any is not finite (the run diverged), nan if halted
+    final: float  # mean of the last 20 losses of unpoisoned batches: inf if any is not finite (diverged), nan if halted
     halted: int | None  # the step SpikeDetection stopped training at
 
 
@@ -126,9 +129,11 @@ def run(arm: str, fault: str | None, seed: int, settings: Settings, steps: int |
         pl.seed_everything(seed, verbose=False)
         model = TinyGPT(len(dataset.vocab), block_size=64, d_model=64, n_layer=2, n_head=4, max_steps=steps)
         callbacks: list[Callback] = []
+        injector = None
         if fault is not None:
             spec = FAULTS[fault]
-            callbacks.append(FaultInjector({settings.fault_step + d: f for d, f in spec.items()}, seed=seed))
+            injector = FaultInjector({settings.fault_step + d: f for d, f in spec.items()}, seed=seed)
+            callbacks.append(injector)
             if not spec:
                 callbacks.append(LRSpike(settings.fault_step, LR_SPIKE))
         guard: Any = None
@@ -159,12 +164,19 @@ def run(arm: str, fault: str | None, seed: int, settings: Settings, steps: int |
             detections = [halted] if halted is not None else []
         else:
             detections = []
-    tail = losses.losses[-20:]
-    if halted is not None or not tail:
-        final = math.nan
-    else:
-        final = statistics.fmean(tail) if all(math.isfinite(x) for x in tail) else math.inf
+    poisoned = {step for step, kind in injector.injected if kind in POISONED_BATCHES} if injector is not None else set()
+    final = final_loss(losses.losses, poisoned) if halted is None else math.nan
     return Run(arm, fault or "clean", seed, detections, final, halted)
+
+
+def final_loss(losses: Sequence[float], poisoned: set[int], last: int = 20) -> float:
+    """The mean of the last ``last`` losses (one a step), leaving out the steps whose batch the injector
+    poisoned: their loss is the fault's, not the model's. ``inf`` if any is not finite (the run
+    diverged), ``nan`` with none."""
+    tail = [x for step, x in enumerate(losses) if step not in poisoned][-last:]
+    if not tail:
+        return math.nan
+    return statistics.fmean(tail) if all(math.isfinite(x) for x in tail) else math.inf
 
 
 def evaluate(settings: Settings, progress: Callable[[str], None]) -> tuple[str, list[str]]:
@@ -243,7 +255,8 @@ or the gradient norm exceeds mean + 6 std of the last 128 accepted steps); ours:
 and `InMemoryRollback(every_n_steps=50)` at their defaults. Seeds {", ".join(map(str, settings.seeds))}
 draw the initial weights. A detection counts when it falls within 5 steps of the fault (of its last
 step for the burst); false alerts are detections in clean runs of {settings.clean_steps} steps per seed.
-The final loss (mean of the last 20 steps) is relative to the unguarded clean run of the same seed.
+The final loss (mean of the last 20 steps, leaving out the batches the injector poisoned: their loss
+is the fault's, not the model's) is relative to the unguarded clean run of the same seed.
 
 {table}
 

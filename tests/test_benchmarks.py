@@ -6,6 +6,8 @@ made-up results, that the summaries say what the results say.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from benchmarks import instabilities, scaling
@@ -56,6 +58,16 @@ def test_a_section_run_draws_its_figure_beside_the_page_it_rewrites(tmp_path, mo
     assert (page.parent / scaling.IMAGE).stat().st_size > 0  # beside the page, not under ./docs
     assert not (tmp_path / "docs").exists()
     assert f"]({scaling.IMAGE})" in text and "old figures" not in text and text.endswith("## Next\n\nkept\n")
+
+
+def test_the_final_loss_leaves_out_the_poisoned_batches_but_not_a_diverged_model():
+    from benchmarks.efficacy import final_loss
+
+    losses = [2.0] * 10 + [math.nan] + [1.0] * 4  # a NaN loss from the injected batch at step 10
+    assert final_loss(losses, {10}, last=5) == pytest.approx(1.0 * 4 / 5 + 2.0 / 5)
+    assert final_loss(losses, set(), last=5) == math.inf  # the same NaN, not injected: the run diverged
+    assert final_loss(losses[:11] + [math.nan], {10}, last=5) == math.inf  # NaN after the fault: diverged
+    assert math.isnan(final_loss([], set()))
 
 
 def test_the_quick_run_time_replaces_only_its_own_line(tmp_path):
