@@ -116,6 +116,17 @@ def test_every_rank_repairs_a_gradient_spike_alike_with_each_rung(tmp_path):
     assert ranks[0]["finite"] and ranks[1]["finite"]
 
 
+def test_two_optimizers_under_manual_optimization_decide_alike(tmp_path):
+    ranks = run_two_ranks("ddp_two_optimizers_script.py", tmp_path)
+    # rank 1's NaN loss for optimizer a at step 60: both ranks skip it, and both roll back at the end
+    # of that batch (after b's step, 62) to the same snapshot
+    assert ranks[0]["events"] == ranks[1]["events"]
+    decisions = [tuple(e) for e in ranks[0]["events"] if e[1] in ("nonfinite", "rollback")]
+    assert decisions == [(60, "nonfinite", "skip"), (62, "rollback", "rollback")]
+    assert ranks[0]["rollbacks"] == ranks[1]["rollbacks"] == [[62, 40]]
+    assert ranks[0]["digest"] == ranks[1]["digest"] and ranks[0]["finite"]
+
+
 def test_every_rank_falls_back_the_same_fp8_layer_in_the_same_step(tmp_path):
     pytest.importorskip("bitsandbytes")
     ranks = run_two_ranks("ddp_precision_script.py", tmp_path)
