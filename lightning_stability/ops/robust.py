@@ -10,6 +10,7 @@ flagged), so a spike never enters it.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -90,7 +91,8 @@ class RollingWindow:
     """The last ``capacity`` accepted values, kept on the host as Python floats.
 
     Non-finite values are refused (``push`` returns ``False``) so they can never enter the baseline.
-    The baseline is computed once per push, not once per query.
+    The baseline is computed once per push, not once per query, from a sorted copy of the window kept
+    up to date on every push (an insertion and a removal, instead of a sort every step).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -98,6 +100,7 @@ class RollingWindow:
             raise ValueError(f"RollingWindow(capacity={capacity!r}): expected an int >= 2")
         self.capacity = capacity
         self._values: deque[float] = deque(maxlen=capacity)
+        self._sorted: list[float] = []  # the same values, in order
         self._baseline: Baseline | None = None
 
     def __len__(self) -> int:
@@ -106,7 +109,11 @@ class RollingWindow:
     def push(self, value: float) -> bool:
         if not math.isfinite(value):
             return False
-        self._values.append(float(value))
+        value = float(value)
+        if len(self._values) == self.capacity:
+            del self._sorted[bisect_left(self._sorted, self._values[0])]  # the value about to leave
+        self._values.append(value)
+        insort(self._sorted, value)
         self._baseline = None
         return True
 
@@ -116,8 +123,13 @@ class RollingWindow:
 
     def baseline(self) -> Baseline:
         if self._baseline is None:
-            med, mad = median_mad(list(self._values))
-            self._baseline = Baseline(med, mad, len(self._values))
+            x = self._sorted
+            if not x:
+                self._baseline = Baseline(math.nan, math.nan, 0)
+            else:
+                med = _sorted_median(x)
+                # the deviations of a sorted list are two sorted runs: Python's sort merges them in one pass
+                self._baseline = Baseline(med, _sorted_median(sorted([abs(v - med) for v in x])), len(x))
         return self._baseline
 
     def state_dict(self) -> dict[str, Any]:
@@ -125,6 +137,7 @@ class RollingWindow:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._values.clear()
+        self._sorted.clear()
         self._baseline = None
         for v in list(state.get("values", []))[-self.capacity :]:
             self.push(float(v))

@@ -76,6 +76,20 @@ def test_window_refuses_nonfinite_and_rolls():
     assert (b.median, b.count) == (3.0, 3)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.sampled_from([0.5, 1.0, 1.0, 2.0, 3.5, 1e-3, 7.0]) | st.floats(0.0, 10.0), min_size=1, max_size=60),
+       st.integers(2, 9))
+def test_window_baseline_equals_median_mad_of_its_last_values(values, capacity):
+    # the window's sorted copy is updated by insertions and removals (ties included): after every push
+    # its baseline must be that of the last ``capacity`` values
+    window = RollingWindow(capacity)
+    for i, v in enumerate(values):
+        window.push(v)
+        last = values[max(0, i + 1 - capacity): i + 1]
+        b = window.baseline()
+        assert (b.median, b.mad, b.count) == (*median_mad(last), len(last))
+
+
 def test_window_state_round_trip():
     w = RollingWindow(4)
     for v in (5.0, 1.0, 7.0, 2.0, 9.0):
