@@ -33,9 +33,10 @@ class RequestOnOneRank(pl.Callback):
             get_event_log(trainer).emit(trainer.global_step, "my_check", "MyMonitor", "critical", {}, "rollback")
 
 
-def main(out: str, mode: str = "alone") -> None:
-    warnings.filterwarnings("ignore")
-    agreements = []  # the steps in which the rollback agreed with the other ranks by itself
+def count_own_agreements() -> list[int]:
+    """From now on, the steps in which InMemoryRollback agrees with the other ranks by itself (its own
+    ``any_rank`` collective), appended to the list returned."""
+    agreements: list[int] = []
     own = rollback_module.any_rank
 
     def counted(trainer, flags):
@@ -43,6 +44,12 @@ def main(out: str, mode: str = "alone") -> None:
         return own(trainer, flags)
 
     rollback_module.any_rank = counted
+    return agreements
+
+
+def main(out: str, mode: str = "alone") -> None:
+    warnings.filterwarnings("ignore")
+    agreements = count_own_agreements()
     pl.seed_everything(0, verbose=False)
     accumulate = 2 if mode == "accumulate" else 1
     loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 120 * accumulate, seed=0)

@@ -13,12 +13,12 @@ import sys
 import lightning.pytorch as pl
 import torch
 
-import lightning_stability.callbacks.rollback as rollback_module
 from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log
 from tests.callbacks._fsdp_model import CountCollectives, fsdp_trainer, sharded_gpt
 from tests.callbacks.ddp_guard_script import (
     OnOneRank,  # under FSDP a gradient fault lands on that rank's rows
 )
+from tests.callbacks.ddp_rollback_script import count_own_agreements
 
 
 def full_grad_norm(pl_module) -> float:
@@ -64,14 +64,7 @@ class Before(pl.Callback):
 
 def main(out: str, mode: str = "guard") -> None:
     counter = CountCollectives()
-    agreements = []  # the steps in which the rollback agreed with the other ranks by itself
-    own = rollback_module.any_rank
-
-    def counted(trainer, flags):
-        agreements.append(trainer.global_step)
-        return own(trainer, flags)
-
-    rollback_module.any_rank = counted
+    agreements = count_own_agreements()
     model, loader = sharded_gpt(60)
     # rank 1 alone: a NaN loss (its NaN gradients reach every rank's rows through the reduce-scatter)
     # and, after the reduce-scatter, its own rows of the gradient scaled by 1000
