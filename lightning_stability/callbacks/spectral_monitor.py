@@ -30,10 +30,9 @@ from lightning_stability.ops.robust import RollingWindow
 from lightning_stability.ops.sharded import (
     all_reduce_sum_,
     full,
-    is_dtensor,
+    held_rows,
     is_row_sharded,
     local,
-    row_range,
 )
 from lightning_stability.ops.spectral import (
     SpectralUpdateClip,
@@ -282,9 +281,9 @@ class _Layer:
         """This rank's rows of a left vector saved whole (a checkpoint's, under row sharding); a vector
         of this rank's own length (a snapshot's) as it is."""
         g = self.group
-        if g is None or g.rows is None or left.ndim != 1 or left.shape[0] != self.param.shape[0]:
+        if g is None or left.ndim != 1 or left.shape[0] != self.param.shape[0]:
             return left
-        return left[g.rows[0]:g.rows[1]]
+        return _own_rows(g, left)
 
 
 class SpectralMonitor(StabilityCallback):
@@ -1081,26 +1080,20 @@ def _agree(trainer: pl.Trainer, stats: dict[str, dict[str, float]]) -> dict[str,
 
 def _rows(owner: str, name: str, param: Tensor) -> tuple[int, int] | None:
     """The rows of a row-sharded weight this rank holds; ``None`` for a whole one (plain or replicated)."""
-    if not is_dtensor(param):
-        return None
-    if is_row_sharded(param):
-        return row_range(param)
-    if all(type(p).__name__ == "Replicate" for p in param.placements):  # type: ignore[attr-defined]
-        return None
-    raise NotImplementedError(
-        f"{owner}: layer {name!r} is a DTensor with placements {param.placements} on a mesh of "  # type: ignore[attr-defined]
-        f"{param.device_mesh.ndim} dims; only FSDP2's row sharding (Shard(0) on one mesh dim) or full "  # type: ignore[attr-defined]
-        f"replication is measured. Leave it out with exclude=[{name!r}]."
-    )
+    try:
+        rows = held_rows(param)
+    except NotImplementedError:
+        raise NotImplementedError(
+            f"{owner}: layer {name!r} is a DTensor with placements {param.placements} on a mesh of "  # type: ignore[attr-defined]
+            f"{param.device_mesh.ndim} dims; only FSDP2's row sharding (Shard(0) on one mesh dim) or full "  # type: ignore[attr-defined]
+            f"replication is measured. Leave it out with exclude=[{name!r}]."
+        ) from None
+    return rows if is_row_sharded(param) else None
 
 
 def _own_rows(g: _Group, x: Tensor) -> Tensor:
     """This rank's rows (first dim) of a whole left vector or matrix, for a row-sharded group."""
     return x if g.rows is None else x[g.rows[0]:g.rows[1]]
-
-
-def _layer_rows(layer: _Layer) -> tuple[int, int] | None:
-    return layer.group.rows if layer.group is not None else None
 
 
 def _merge_shapes(
