@@ -162,12 +162,17 @@ class _counting_host_reads:
             setattr(torch.Tensor, name, original)
 
 
+def _mlp_bump(scale: float = 3.0, seed: int = 1) -> Tamper:
+    """At step 120, a rank-one bump of the MLP weight along a fixed direction, ``scale`` times its
+    spectral norm: sigma_max of that layer jumps."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
+    return Tamper(MLP, 120, lambda w: w + scale * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+
+
 def test_cap_sets_the_top_singular_value_and_leaves_the_rest(tmp_path):
     model, loader = tiny_gpt(130)
-    # a rank-one bump along a fixed direction makes sigma_max of one layer jump at step 120
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
-    bump = Tamper(MLP, 120, lambda w: w + 3.0 * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+    bump = _mlp_bump()
     monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("cap",), full_every_n_steps=None)
     trainer = make_trainer(tmp_path, 121, [bump, monitor])
     trainer.fit(model, loader)
@@ -186,9 +191,7 @@ def test_cap_sets_the_top_singular_value_and_leaves_the_rest(tmp_path):
 
 def test_pss_smooths_the_top_values_and_leaves_the_lower_spectrum(tmp_path):
     model, loader = tiny_gpt(130)
-    g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
-    bump = Tamper(MLP, 120, lambda w: w + 5.0 * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+    bump = _mlp_bump(scale=5.0, seed=2)
     monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("pss",), pss_max_k=2, full_every_n_steps=None)
     trainer = make_trainer(tmp_path, 121, [bump, monitor])
     trainer.fit(model, loader)
@@ -239,9 +242,7 @@ def test_clip_updates_bounds_the_layer_updates_until_the_incident_ends(tmp_path)
 
 def test_a_failed_intervention_asks_for_a_rollback(tmp_path):
     model, loader = tiny_gpt(140)
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
-    bump = Tamper(MLP, 120, lambda w: w + 3.0 * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+    bump = _mlp_bump()
     ruin = Tamper("lm_head", 125, lambda w: 40.0 * torch.randn_like(w))  # the loss gets much worse after the cap
     monitor = SpectralMonitor(check_every_n_steps=5, warmup=100, ladder=("cap",), full_every_n_steps=None)
     rollback = InMemoryRollback(every_n_steps=10, commit_after=5)
@@ -368,9 +369,7 @@ def _grouping(monkeypatch, merge: bool) -> None:
 
 def _capped_fit(root):
     model, loader = tiny_gpt(124)
-    g = torch.Generator().manual_seed(1)
-    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
-    bump = Tamper(MLP, 120, lambda w: w + 3.0 * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+    bump = _mlp_bump()
     monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("cap",), full_every_n_steps=None)
     trainer = make_trainer(root, 124, [bump, monitor])
     trainer.fit(model, loader)
