@@ -2,38 +2,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch.distributed
 
+from tests.callbacks._two_ranks import launch_two_ranks, run_two_ranks
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_two_ranks(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run one of the DDP scripts beside this file on 2 gloo processes, on a port of its own (runs
-    at the same time on one machine must not meet on Lightning's default port)."""
-    path = os.path.join(os.path.dirname(__file__), script)
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    return subprocess.run([sys.executable, path, *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=ROOT)
-
-
-def run_two_ranks(script: str, tmp_path, *args: str) -> list[dict]:
-    """Each rank's JSON report of a DDP script that must succeed."""
-    proc = launch_two_ranks(script, str(tmp_path), *args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
 def test_every_rank_takes_the_same_decision_in_the_same_step(tmp_path):

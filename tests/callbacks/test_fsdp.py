@@ -5,34 +5,20 @@ CUDA: its tests are marked gpu."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import types
 
 import pytest
 import torch
 import torch.distributed
 
+from tests.callbacks import _two_ranks as two_ranks
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks(script: str, tmp_path, *args: str, report: bool = True) -> list[dict]:
-    """Run one of the FSDP scripts beside this file on 2 ranks (its own port); each rank's JSON report
-    (``rank<r>.json``) when ``report``."""
-    path = os.path.join(os.path.dirname(__file__), script)
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, path, str(tmp_path), *args], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] if report else []
+    """Run one of the FSDP scripts beside this file on 2 ranks; each rank's JSON report when ``report``."""
+    return two_ranks.run_two_ranks(script, tmp_path, *args, report=report, timeout=300)
 
 
 def test_guard_norm_over_shards_one_all_reduce_and_the_same_decisions(tmp_path):

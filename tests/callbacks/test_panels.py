@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_stability import GradientSpikeGuard, SoftmaxSaturationMonitor, StabilityPanels, get_event_log
 from lightning_stability.callbacks.panels import TIMELINE_TAG, stability_layout
 from lightning_stability.demos import FaultInjector
+from tests.callbacks._two_ranks import free_port
 from tests.conftest import make_trainer, tiny_gpt
 
 
@@ -103,14 +104,6 @@ def test_fp8_precision_gets_its_panel(tmp_path):
                      "stability/fp8/blocks.0.mlp.2/overflow_frac"}
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_real_tensorboard_server_serves_our_layout_and_tags(tmp_path):
     import json as _json
     import subprocess
@@ -123,7 +116,7 @@ def test_a_real_tensorboard_server_serves_our_layout_and_tags(tmp_path):
     make_trainer(tmp_path, 8, [FaultInjector({4: ("grad_nan", None)}), GradientSpikeGuard(),
                                SoftmaxSaturationMonitor(every_n_steps=2), StabilityPanels()],
                  logger=logger, log_every_n_steps=1).fit(model, loader)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1", "--port", str(port),
          "--reload_interval", "0"],

@@ -1,0 +1,35 @@
+"""Launching the two-rank scripts beside this file (DDP and FSDP on 2 CPU gloo processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_ranks(script: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run one of the scripts beside this file on 2 gloo processes, on a port of its own (runs at the
+    same time on one machine must not meet on Lightning's default port)."""
+    path = os.path.join(os.path.dirname(__file__), script)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    return subprocess.run([sys.executable, path, *args], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=ROOT)
+
+
+def run_two_ranks(script: str, tmp_path, *args: str, report: bool = True, timeout: float = 240) -> list[dict]:
+    """Run a script that must succeed, with ``tmp_path`` as its first argument; each rank's JSON report
+    (``rank<r>.json``) when ``report``."""
+    proc = launch_two_ranks(script, str(tmp_path), *args, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] if report else []
