@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 
@@ -27,12 +28,14 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_stability import (
+    HALTED_EXIT_CODE,
     GradientSpikeGuard,
     InMemoryRollback,
     SoftmaxSaturationMonitor,
     SpectralMonitor,
     StabilityPanels,
     get_event_log,
+    halt_report,
     resolve_precision,
 )
 from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
@@ -51,7 +54,7 @@ FAULTS = {
 ROUTINE = ("snapshot", "snapshot_committed", "quarantine", "tor", "spectral_recovered")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--logdir", default="runs")
@@ -119,7 +122,11 @@ def main() -> None:
     print(f"TensorBoard logs and the event log: {trainer.log_dir}  (tensorboard --logdir {args.logdir})")
     html_path, _, _ = write_report(trainer.log_dir, os.path.join(trainer.log_dir, "report.html"))
     print(f"The stability report: {html_path} (and report.md beside it)")
+    if (report := halt_report(trainer)) is not None:
+        print(f"\nTraining was halted: {report}")
+        return HALTED_EXIT_CODE
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

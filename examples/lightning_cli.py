@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
 from torch.utils.data import DataLoader
 
-from lightning_stability import resolve_precision
+from lightning_stability import HALTED_EXIT_CODE, halt_report, resolve_precision
 from lightning_stability.demos import TinyGPT, make_dataloader
 
 
@@ -70,4 +70,6 @@ def main(args: list[str] | None = None) -> StabilityCLI:
 
 
 if __name__ == "__main__":
-    main()
+    cli = main()
+    # a halt (on_halt="stop") ends fit like a finished run: say so in the exit code
+    sys.exit(HALTED_EXIT_CODE if cli.trainer is not None and halt_report(cli.trainer) is not None else 0)

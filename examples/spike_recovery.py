@@ -15,13 +15,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import warnings
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
-from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log, resolve_precision
+from lightning_stability import (
+    HALTED_EXIT_CODE,
+    GradientSpikeGuard,
+    InMemoryRollback,
+    get_event_log,
+    halt_report,
+    resolve_precision,
+)
 from lightning_stability.demos import FaultInjector, TinyGPT, make_dataloader
 
 FAULT_STEP = 120
@@ -70,10 +78,11 @@ def run(name: str, steps: int = 200, guard: bool = True, precision: str = "32-tr
         "actions": ", ".join(sorted({e.action for e in acted if e.action})) or "-",
         "final": sum(tail) / len(tail) if tail else math.nan,
         "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+        "halted": halt_report(trainer),
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--no-guard", action="store_true", help="inject the faults with no callbacks")
@@ -90,7 +99,11 @@ def main() -> None:
         ratio = r["final"] / clean if math.isfinite(r["final"]) else math.nan
         print(f"{r['name']:22s} {r['detected'][:38]:38s} {r['actions'][:22]:22s} {r['final']:10.4f} {ratio:8.3f}x "
               f"{str(r['finite']):>6s}")
+    halted = [r for r in results if r["halted"]]
+    for r in halted:
+        print(f"\n{r['name']}: training was halted: {r['halted']}")
+    return HALTED_EXIT_CODE if halted else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

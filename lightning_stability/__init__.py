@@ -5,6 +5,7 @@ TensorBoard; those load only when a component that needs them is used.
 """
 
 from lightning_stability.callbacks import (
+    HALTED_EXIT_CODE,
     GradientSpikeGuard,
     InMemoryRollback,
     LowBitOptimizer,
@@ -12,6 +13,7 @@ from lightning_stability.callbacks import (
     SpectralMonitor,
     StabilityPanels,
     TrainingHalted,
+    halt_report,
     read_quarantine,
 )
 from lightning_stability.events import EventLog, StabilityEvent, get_event_log, read_events
@@ -22,6 +24,7 @@ from lightning_stability.plugins import FP8Precision, resolve_precision
 __version__ = "0.1.0"
 
 __all__ = [
+    "HALTED_EXIT_CODE",
     "EventLog",
     "FP8Precision",
     "GradientSpikeGuard",
@@ -36,6 +39,7 @@ __all__ = [
     "__version__",
     "analyze_model",
     "get_event_log",
+    "halt_report",
     "read_events",
     "read_quarantine",
     "resolve_precision",

@@ -49,6 +49,11 @@ class StabilityCallback(Callback):
         return self._generate_state_key(name=self.name) if self.name else type(self).__qualname__
 
     @property
+    def halted(self) -> bool:
+        """Whether this callback halted the last fit (``on_halt="stop"`` ends ``fit`` normally: ask here)."""
+        return self._halted
+
+    @property
     def source(self) -> str:
         return f"{type(self).__name__}[{self.name}]" if self.name else type(self).__name__
 
@@ -167,11 +172,50 @@ class StabilityCallback(Callback):
         self.load_state_dict(copy.deepcopy(state))
 
 
+# The exit code the examples (and the CLI's scripts) use for a fit that a stability callback halted.
+HALTED_EXIT_CODE = 3
+
+
+def halt_report(trainer: pl.Trainer) -> str | None:
+    """The report of the stability callback that halted the trainer's last fit, or ``None``.
+
+    With ``on_halt="stop"`` a halt ends ``Trainer.fit`` like a finished run (Lightning has no status
+    for it); scripts ask here and exit with an error code::
+
+        trainer.fit(model, loader)
+        if (report := halt_report(trainer)) is not None:
+            print(report)
+            sys.exit(HALTED_EXIT_CODE)
+    """
+    for cb in getattr(trainer, "callbacks", []):
+        if isinstance(cb, StabilityCallback) and cb.halted:
+            return cb.halt_report or f"{cb.source} halted training"
+    return None
+
+
 def is_logging_step(trainer: pl.Trainer) -> bool:
     # LightningModule.log costs ~0.1 ms a key; call it only where the logger will write, as
     # Lightning decides it (its logger connector), and on steps with a detection.
     connector = getattr(trainer, "_logger_connector", None)
     return bool(connector.should_update_logs) if connector is not None else True
+
+
+def log_step_metrics(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], detection: bool
+) -> None:
+    """Log a callback's few per-step metrics through ``LightningModule.log_dict``, so that they reach
+    ``trainer.callback_metrics`` (``EarlyStopping`` and ``ModelCheckpoint`` can monitor them).
+
+    On a logging step Lightning writes them to the loggers. A detection step is always written, at
+    that step, whatever ``log_every_n_steps`` says: the panels and the report must show the spike on
+    the step it happened, not a smooth curve beside it.
+    """
+    logging_step = is_logging_step(trainer)
+    if not (logging_step or detection):
+        return
+    pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+    if detection and not logging_step:
+        log_to_loggers(trainer, metrics)
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int) -> int:

@@ -50,6 +50,8 @@ _CHARTS: dict[str, list[tuple[str, str, list[str]]]] = {
 }
 _INTERVENTIONS = ("Interventions", "events by kind (cumulative)", [r"stability/events/.*"])
 TIMELINE_TAG = "stability/timeline"
+# The detections GradientSpikeGuard reports (of any guard, named or not): the progress bar's spikes.
+SPIKE_KINDS = frozenset({"nonfinite", "grad_spike", "loss_spike", "element_spike"})
 
 
 def stability_layout(sources: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
@@ -96,8 +98,8 @@ class StabilityPanels(Callback):
 
     Every new event is written to TensorBoard's *Text* tab under ``stability/timeline`` at the step
     it happened (a table: step, source, kind, severity, action, target, numbers), at most once per
-    batch. With ``prog_bar`` the progress bar shows ``spikes`` (the warning and critical events of
-    ``GradientSpikeGuard``) and ``interventions`` (the events that acted) so far.
+    batch. With ``prog_bar`` the progress bar shows ``spikes`` (the warning and critical detections of
+    every ``GradientSpikeGuard``, named or not) and ``interventions`` (the events that acted) so far.
 
     Without a ``TensorBoardLogger`` it warns once and only the progress bar counts remain; it never
     stops a fit.
@@ -154,7 +156,7 @@ class StabilityPanels(Callback):
         self._count(event)
 
     def _count(self, event: StabilityEvent) -> None:
-        if event.source == "GradientSpikeGuard" and event.severity != "info":
+        if event.kind in SPIKE_KINDS and event.severity != "info":
             self._counts["spikes"] += 1
         if event.action:
             self._counts["interventions"] += 1

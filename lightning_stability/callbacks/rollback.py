@@ -26,6 +26,7 @@ from lightning_stability.callbacks._base import (
     check_positive,
     grad_scaler,
     is_logging_step,
+    log_step_metrics,
     synchronised_sources,
 )
 from lightning_stability.events import StabilityEvent
@@ -138,17 +139,22 @@ class InMemoryRollback(StabilityCallback):
 
     Args:
         every_n_steps: optimizer steps between snapshots (>= 1).
-        keep: snapshot slots (>= 2: the newest good snapshot is never overwritten by a new one on probation).
+        keep: snapshot slots (>= 2: the newest good snapshot is never overwritten by a new one on
+            probation). Left out: 2, or as many as the ``commit_after`` passed needs.
         commit_after: healthy steps after a snapshot before it may be restored (>= 1, and less than
             ``every_n_steps * (keep - 1)`` so that a snapshot can be committed before its slot is reused).
+            Left out: 20, shortened to ``every_n_steps * (keep - 1) - 1`` where the ring is shorter.
         max_rollbacks: rollbacks allowed within ``budget_window`` steps (>= 1); one more halts.
         budget_window: the window, in optimizer steps, of the rollback budget (>= 1).
         rollback_on_nonfinite_loss: skip the step and roll back when the loss is NaN or infinite.
         lr_backoff_factor: multiply the LR by this (in (0, 1)) for ``lr_backoff_steps`` after a
             rollback; ``None`` for no back-off.
         lr_backoff_steps: length of the back-off in optimizer steps (>= 1).
-        sample_ids: where batches carry their sample ids: a key of a mapping batch (default
-            ``"index"``), a function ``batch -> ids``, or ``None``.
+        sample_ids: where batches carry their sample ids: a key of a mapping batch (a dict or a
+            ``BatchEncoding``) or the name of a batch attribute (a dataclass field) holding a tensor, a
+            sequence or an int (default ``"index"``), a function ``batch -> ids``, or ``None``. A batch
+            without such ids (a plain ``(x, y)`` tuple, say) is recorded by its position: epoch, batch
+            index and rank; nothing of the batch itself is kept.
         max_host_bytes: host memory the snapshots of this process may use; ``None`` reads what the
             machine (and its container limit) has available, shared among the local ranks.
         on_halt: ``"stop"`` (set ``trainer.should_stop``) or ``"raise"`` (raise :class:`TrainingHalted`).
@@ -158,8 +164,8 @@ class InMemoryRollback(StabilityCallback):
     def __init__(
         self,
         every_n_steps: int = 100,
-        keep: int = 2,
-        commit_after: int = 20,
+        keep: int | None = None,
+        commit_after: int | None = None,
         max_rollbacks: int = 3,
         budget_window: int = 1000,
         rollback_on_nonfinite_loss: bool = True,
@@ -173,13 +179,8 @@ class InMemoryRollback(StabilityCallback):
         super().__init__(name)
         cls = type(self).__name__
         self.every_n_steps = check_int(cls, "every_n_steps", every_n_steps, 1)
-        self.keep = check_int(cls, "keep", keep, 2)
-        self.commit_after = check_int(cls, "commit_after", commit_after, 1)
-        if self.commit_after >= self.every_n_steps * (self.keep - 1):
-            raise ValueError(
-                f"{cls}(commit_after={commit_after!r}): expected less than every_n_steps * (keep - 1) = "
-                f"{self.every_n_steps * (self.keep - 1)}, or no snapshot could be committed before its slot is reused"
-            )
+        self.keep, self.commit_after = _ring_shape(cls, self.every_n_steps, keep, commit_after)
+        self._keep_given = keep is not None
         self.max_rollbacks = check_int(cls, "max_rollbacks", max_rollbacks, 1)
         self.budget_window = check_int(cls, "budget_window", budget_window, 1)
         if not isinstance(rollback_on_nonfinite_loss, bool):
@@ -505,7 +506,7 @@ class InMemoryRollback(StabilityCallback):
                 else:
                     self._take_snapshot(trainer, pl_module)
         if is_logging_step(trainer) or request:
-            self._log_metrics(pl_module)
+            self._log_metrics(trainer, pl_module, request)
         self._mark = time.perf_counter()
 
     # -- snapshots -------------------------------------------------------------------------------
@@ -535,7 +536,7 @@ class InMemoryRollback(StabilityCallback):
             return None
         return (
             f"{type(self).__name__}(keep={self.keep}): {what} need {_mib(needed)} of host memory, more than "
-            f"the {_mib(limit)} this process may use ({source}). Lower keep (>= 2), free host memory, "
+            f"the {_mib(limit)} this process may use ({source}). Lower keep{'' if self._keep_given else ' (2 by default)'} (>= 2), free host memory, "
             "or set max_host_bytes if the limit is wrong."
         )
 
@@ -702,7 +703,7 @@ class InMemoryRollback(StabilityCallback):
                     data = json.load(f)
             data["rollbacks"].append({"step": step, "restored_step": restored, "reason": reason, "batches": records})
             ids = {i for rb in data["rollbacks"] for r in rb["batches"] for i in (r["sample_ids"] or [])}
-            data["sample_ids"] = sorted(ids, key=lambda i: (isinstance(i, str), i))
+            data["sample_ids"] = sorted(ids, key=lambda i: (isinstance(i, str), i if isinstance(i, (int, float)) else str(i)))
             try:
                 os.makedirs(self._run_dir, exist_ok=True)
                 tmp = path + ".tmp"
@@ -739,15 +740,24 @@ class InMemoryRollback(StabilityCallback):
         scale_lr_for_step(optimizer, [self.lr_backoff_factor] * len(optimizer.param_groups))
 
     def _sample_ids(self, batch: Any) -> Any:
+        """The batch's sample ids, or ``None`` (the batch is then known by its position).
+
+        Only the ids are kept, never the batch: a bound method (``tuple.index``, ``list.index``) or
+        any other attribute that is not id-like is not taken for ids.
+        """
         if self.sample_ids is None:
             return None
         if callable(self.sample_ids):
-            return self.sample_ids(batch)
-        if isinstance(batch, Mapping):
-            return batch.get(self.sample_ids)
-        return getattr(batch, self.sample_ids, None)
+            ids = self.sample_ids(batch)
+        elif isinstance(batch, Mapping):
+            ids = batch.get(self.sample_ids)
+        elif isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
+            ids = None  # a plain tuple or list has no named fields; its attributes are its methods
+        else:
+            ids = getattr(batch, self.sample_ids, None)  # dataclasses, named tuples, custom batches
+        return _detached_ids(ids)
 
-    def _log_metrics(self, pl_module: pl.LightningModule) -> None:
+    def _log_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, detection: bool) -> None:
         metrics = {
             "stability/rollback/tor": self.tor,
             "stability/rollback/count": float(len(self._rollbacks)),
@@ -755,7 +765,7 @@ class InMemoryRollback(StabilityCallback):
             "stability/rollback/snapshot_mb": self.snapshot_bytes / 2**20,
         }
         metrics.update(self.event_count_metrics())
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        log_step_metrics(trainer, pl_module, metrics, detection)
 
 
 def read_quarantine(path: str | os.PathLike[str]) -> set[Any]:
@@ -788,6 +798,56 @@ def _gather_objects(trainer: pl.Trainer, items: list[dict[str, Any]]) -> list[di
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, items)
     return [r for rank_items in gathered for r in rank_items]
+
+
+def _ring_shape(cls: str, every_n_steps: int, keep: int | None, commit_after: int | None) -> tuple[int, int]:
+    """``keep`` and ``commit_after``, each following what the user passed when left out.
+
+    A snapshot must be committed before its slot is reused: ``commit_after < every_n_steps * (keep - 1)``.
+    Left out, ``commit_after`` is 20 steps, shortened to fit the ring; ``keep`` is 2, or as many slots
+    as the ``commit_after`` the user asked for needs.
+    """
+    if keep is not None:
+        keep = check_int(cls, "keep", keep, 2)
+    if commit_after is not None:
+        commit_after = check_int(cls, "commit_after", commit_after, 1)
+    if keep is None:
+        need = 20 if commit_after is None else commit_after
+        keep = max(2, need // every_n_steps + 2) if commit_after is not None else 2
+        if commit_after is None and every_n_steps * (keep - 1) <= 1:
+            keep = 3  # a snapshot every step: one more slot, so that one can be committed after a step
+    limit = every_n_steps * (keep - 1)
+    if commit_after is None:
+        if limit < 2:
+            raise ValueError(
+                f"{cls}(every_n_steps={every_n_steps}, keep={keep}): expected every_n_steps * (keep - 1) >= 2, "
+                "or no snapshot could be committed before its slot is reused; raise keep"
+            )
+        commit_after = min(20, limit - 1)
+    if commit_after >= limit:
+        raise ValueError(
+            f"{cls}(every_n_steps={every_n_steps}, keep={keep}, commit_after={commit_after}): expected "
+            f"commit_after < every_n_steps * (keep - 1) = {limit}, or no snapshot could be committed before its "
+            "slot is reused; raise keep or every_n_steps, or lower commit_after"
+        )
+    return keep, commit_after
+
+
+def _detached_ids(ids: Any) -> Any:
+    """Sample ids that keep nothing else alive: a tensor, a list of scalars, or ``None`` when ``ids``
+    does not look like ids (a method, a string of text, a nested structure)."""
+    if ids is None or callable(ids):
+        return None
+    if isinstance(ids, Tensor):
+        ids = ids.detach()
+        if ids.untyped_storage().nbytes() > ids.numel() * ids.element_size():
+            ids = ids.clone()  # a view of a larger tensor would keep all of it
+        return ids
+    if isinstance(ids, (bool, int, str)) or (hasattr(ids, "tolist") and not isinstance(ids, (list, tuple))):
+        return _to_list(ids)
+    if isinstance(ids, Sequence) and all(isinstance(i, (int, str)) or isinstance(i, Tensor) and i.numel() == 1 for i in ids):
+        return list(ids)
+    return None
 
 
 def _to_list(ids: Any) -> list[Any] | None:

@@ -24,6 +24,7 @@ from lightning_stability.callbacks._base import (
     check_positive,
     grad_scaler,
     is_logging_step,
+    log_step_metrics,
     sharded_strategy,
 )
 from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
@@ -164,8 +165,10 @@ class GradientSpikeGuard(StabilityCallback):
     With several optimizers, each has its own baselines and ladder.
 
     Args:
-        window: number of accepted steps in the rolling baselines (>= 2).
-        warmup: healthy steps needed before spike detection is armed (1..window).
+        window: number of accepted steps in the rolling baselines (>= 2); left out, 128 (or
+            ``warmup`` when that is larger).
+        warmup: healthy steps needed before spike detection is armed (1..window); left out, 32 (or
+            ``window`` when that is smaller).
         grad_zscore, grad_ratio: both must be reached for a gradient-norm spike.
         loss_zscore, loss_ratio: both must be reached for a loss spike (the ratio is ignored
             when the loss baseline is not positive).
@@ -184,8 +187,8 @@ class GradientSpikeGuard(StabilityCallback):
 
     def __init__(
         self,
-        window: int = 128,
-        warmup: int = 32,
+        window: int | None = None,
+        warmup: int | None = None,
         grad_zscore: float = 6.0,
         grad_ratio: float = 2.5,
         loss_zscore: float = 6.0,
@@ -202,10 +205,14 @@ class GradientSpikeGuard(StabilityCallback):
     ) -> None:
         super().__init__(name)
         cls = type(self).__name__
-        self.window = check_int(cls, "window", window, 2)
-        self.warmup = check_int(cls, "warmup", warmup, 1)
-        if self.warmup > self.window:
-            raise ValueError(f"{cls}(warmup={warmup!r}): expected at most window={window}")
+        # Each default follows the other argument where only one is given: window=16 arms after 16
+        # steps, warmup=200 gets a window of 200.
+        if warmup is not None:
+            warmup = check_int(cls, "warmup", warmup, 1)
+        self.window = check_int(cls, "window", window, 2) if window is not None else max(128, warmup or 0)
+        self.warmup = warmup if warmup is not None else min(32, self.window)
+        if window is not None and self.warmup > self.window:
+            raise ValueError(f"{cls}(warmup={warmup!r}, window={window!r}): expected warmup at most window")
         self.grad_zscore = check_positive(cls, "grad_zscore", grad_zscore)
         self.grad_ratio = check_positive(cls, "grad_ratio", grad_ratio, above=1.0)
         self.loss_zscore = check_positive(cls, "loss_zscore", loss_zscore)
@@ -372,8 +379,7 @@ class GradientSpikeGuard(StabilityCallback):
             severity = "critical" if action in ("rollback", "halt") else _SEVERITY[detection]
             self.emit(trainer, detection, severity, stats, action)
 
-        if detection is not None or is_logging_step(trainer):
-            self._log_metrics(pl_module, index, stats)
+        self._log_metrics(trainer, pl_module, index, stats, detection is not None)
 
     @override
     def on_train_batch_end(
@@ -624,7 +630,11 @@ class GradientSpikeGuard(StabilityCallback):
 
         return pre_hook
 
-    def _log_metrics(self, pl_module: pl.LightningModule, index: int, stats: dict[str, float]) -> None:
+    def _log_metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, stats: dict[str, float], detection: bool
+    ) -> None:
+        if not (detection or is_logging_step(trainer)):
+            return
         suffix = f"/opt{index}" if index > 0 else ""
         metrics = {
             f"stability/grad/norm{suffix}": stats["grad_norm"],
@@ -638,9 +648,7 @@ class GradientSpikeGuard(StabilityCallback):
         if math.isfinite(stats.get("loss_zscore", math.nan)):
             metrics[f"stability/loss/zscore{suffix}"] = stats["loss_zscore"]
         metrics.update(self.event_count_metrics())
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-
-
+        log_step_metrics(trainer, pl_module, metrics, detection)
 
 
 def _optimizer_index(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> int:
@@ -659,9 +667,34 @@ def _scaler_skips(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> bool:
     scaler = grad_scaler(trainer)
     if scaler is None:
         return False
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(opt), {})
-    found = state.get("found_inf_per_device", {})
+    # torch keeps what unscale_ found in a private table; if it moves, say so, and assume the scaler
+    # saw the overflow (it sees every gradient; the loss is finite): never read an ordinary fp16
+    # overflow as a non-finite detection that climbs the ladder.
+    states = getattr(scaler, SCALER_STATES, None)
+    if not isinstance(states, dict):
+        _warn_scaler_moved(scaler)
+        return True
+    found = states.get(id(opt), {}).get(SCALER_FOUND_INF)
+    if not isinstance(found, dict):
+        _warn_scaler_moved(scaler)
+        return True
     return any(float(t.sum()) > 0 for t in found.values())
+
+
+# torch.amp.GradScaler's private per-optimizer table, as unscale_ fills it (pinned by a test)
+SCALER_STATES = "_per_optimizer_states"
+SCALER_FOUND_INF = "found_inf_per_device"
+_warned_scaler: list[bool] = []
+
+
+def _warn_scaler_moved(scaler: Any) -> None:
+    if not _warned_scaler:
+        _warned_scaler.append(True)
+        rank_zero_warn(
+            f"GradientSpikeGuard: {type(scaler).__name__}.{SCALER_STATES}[id(optimizer)][{SCALER_FOUND_INF!r}] "
+            f"is not where torch {torch.__version__} used to keep it; non-finite gradients with a finite loss are "
+            "taken for fp16 overflows the loss scaler skips (an amp_overflow event). Please report this."
+        )
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:

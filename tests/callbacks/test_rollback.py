@@ -378,7 +378,9 @@ def test_reports_the_bytes_it_holds(tmp_path):
     [
         ({"every_n_steps": 0}, r"every_n_steps=0\): expected an int >= 1"),
         ({"keep": 1}, r"keep=1\): expected an int >= 2"),
-        ({"commit_after": 100}, r"commit_after=100\): expected less than every_n_steps \* \(keep - 1\) = 100"),
+        ({"keep": 2, "commit_after": 100},
+         r"keep=2, commit_after=100\): expected commit_after < every_n_steps \* \(keep - 1\) = 100"),
+        ({"every_n_steps": 1, "keep": 2}, r"every_n_steps=1, keep=2\): expected every_n_steps \* \(keep - 1\) >= 2"),
         ({"max_rollbacks": 0}, r"max_rollbacks=0"),
         ({"lr_backoff_factor": 1.5}, r"lr_backoff_factor=1.5\): expected a float in \(0, 1\) or None"),
         ({"on_halt": "exit"}, r"on_halt='exit'\): expected 'stop' or 'raise'"),

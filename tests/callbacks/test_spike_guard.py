@@ -393,7 +393,7 @@ def test_several_guards_need_distinct_names(tmp_path):
     [
         ({"window": 1}, ValueError, r"window=1\): expected an int >= 2"),
         ({"window": 8.0}, TypeError, "window=8.0"),
-        ({"warmup": 200}, ValueError, "at most window=128"),
+        ({"warmup": 200, "window": 128}, ValueError, r"warmup=200, window=128\): expected warmup at most window"),
         ({"grad_zscore": -1.0}, ValueError, "grad_zscore=-1.0"),
         ({"grad_ratio": 1.0}, ValueError, "grad_ratio=1.0"),
         ({"loss_ratio": float("nan")}, ValueError, "loss_ratio=nan"),
