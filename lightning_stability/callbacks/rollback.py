@@ -75,8 +75,9 @@ class InMemoryRollback(StabilityCallback):
     the copy goes to pinned memory without making the host wait. A ring of ``keep`` slots is reused.
 
     A snapshot becomes *good* only after ``commit_after`` optimizer steps have followed it without a
-    warning or critical event and with finite losses; one taken while a spike was under way is
-    dropped. A snapshot is postponed while the current step itself is in trouble.
+    critical event, a warning that something acted on (a detection the guard answered, an
+    intervention) and with finite losses; one taken while a spike was under way is dropped. Advice (a
+    monitor's warning with no action) does not count against a snapshot. A snapshot is postponed while the current step itself is in trouble.
 
     A rollback restores the newest good snapshot, in place (the same parameter and state tensors: the
     optimizer, DDP and hooks keep their references). It happens at the end of the optimizer step in
@@ -397,7 +398,7 @@ class InMemoryRollback(StabilityCallback):
                 self._request = self._request or reason
             else:
                 self._pending_request = self._pending_request or reason
-        if event.severity in ("warning", "critical"):
+        if _troubling(event):
             if same_on_all_ranks:
                 self._trouble = True
             else:
@@ -766,6 +767,16 @@ class InMemoryRollback(StabilityCallback):
         }
         metrics.update(self.event_count_metrics())
         log_step_metrics(trainer, pl_module, metrics, detection)
+
+
+def _troubling(event: StabilityEvent) -> bool:
+    """Does the event say the training state may be going bad (so a snapshot on probation is not
+    trusted)? A critical event, or a warning that something acted on: a detection the guard answered,
+    an intervention. Advice alone (a monitor's warning with no action, or ``advise``) observes a slow
+    trend, not a corrupted state: it does not discard snapshots."""
+    if event.severity == "critical":
+        return True
+    return event.severity == "warning" and event.action not in (None, "advise", "warn")
 
 
 def read_quarantine(path: str | os.PathLike[str]) -> set[Any]:
