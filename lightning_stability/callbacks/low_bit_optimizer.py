@@ -14,7 +14,7 @@ from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 from typing_extensions import override
 
-from lightning_stability.ops.optim8bit import torch_state_to_8bit
+from lightning_stability.ops.optim8bit import TORCH_STATE_SLOTS, dequantize_state, torch_state_to_8bit
 
 _BNB = RequirementCache("bitsandbytes>=0.45")
 # target -> (bitsandbytes class, optimizer family: how its state converts and which torch optimizers it replaces)
@@ -100,13 +100,12 @@ class LowBitOptimizer(Callback):
         self._register_32bit(bnb, pl_module)
         old_optimizers = list(trainer.strategy.optimizers)
         new_optimizers = [self._swap(bnb, opt) for opt in old_optimizers]
+        swapped = {id(old): new for old, new in zip(old_optimizers, new_optimizers) if old is not new}
         for config in trainer.strategy.lr_scheduler_configs:
-            sched = config.scheduler
-            for old, new in zip(old_optimizers, new_optimizers):
-                if getattr(sched, "optimizer", None) is old:
-                    sched.optimizer = new  # type: ignore[union-attr]
-                    _mark_step_calls(new)
+            _rebind(config.scheduler, swapped)
         trainer.strategy.optimizers = new_optimizers
+        self._families = [(_family_of(type(old).__name__) if old is not new else None)
+                          for old, new in zip(old_optimizers, new_optimizers)]
         rank_zero_info(
             "LowBitOptimizer: " + ", ".join(f"{a} -> {b}" for a, b in self.swapped)
             + f"; 32-bit state kept for {len(self.kept_32bit)} parameter tensors."
@@ -160,12 +159,39 @@ class LowBitOptimizer(Callback):
         if family == "sgd":  # SGD8bit's lr has no default, and it checks momentum on its own arguments
             kwargs.update(lr=groups[0]["lr"], momentum=groups[0]["momentum"])
         new = getattr(bnb.optim, cls_name)(groups, **kwargs)
-        for new_group, group in zip(new.param_groups, groups):
-            if "initial_lr" in group:
-                new_group["initial_lr"] = group["initial_lr"]
+        for new_group, group in zip(new.param_groups, optimizer.param_groups):
+            # what schedulers wrote into the groups (initial_lr; OneCycleLR's max_lr, min_lr and
+            # momentum bounds; a user's own keys): the keys the optimizer itself does not define
+            for key in set(group) - set(optimizer.defaults) - {"params"}:
+                new_group.setdefault(key, group[key])
         _convert_on_load(new, family)
         self.swapped.append((name, cls_name))
         return new
+
+    # -- checkpoints that load with or without this callback -------------------------------------
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The checkpoint's optimizer states are written in the plain-torch layout (exp_avg, exp_avg_sq,
+        # momentum_buffer, dequantised), so that a run without this callback resumes from it; the exact
+        # 8-bit states ride beside them and are put back when this callback loads the checkpoint.
+        states = checkpoint.get("optimizer_states")
+        if not states or not getattr(self, "_families", None):
+            return
+        exact = {}
+        for i, family in enumerate(self._families):
+            if family is None or i >= len(states):
+                continue
+            exact[i] = states[i]
+            states[i] = {"state": {k: _torch_layout(v, family) for k, v in states[i]["state"].items()},
+                         "param_groups": states[i]["param_groups"]}
+        checkpoint[LOW_BIT_CHECKPOINT_KEY] = exact
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        exact = checkpoint.get(LOW_BIT_CHECKPOINT_KEY)
+        if exact and "optimizer_states" in checkpoint:
+            for i, state in exact.items():
+                checkpoint["optimizer_states"][int(i)] = state
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -177,6 +203,44 @@ class LowBitOptimizer(Callback):
         for pid in self._overridden:  # the manager is one per process: leave nothing behind
             manager.pid2config.pop(pid, None)
         self._overridden = []
+
+
+LOW_BIT_CHECKPOINT_KEY = "lightning_stability_low_bit_optimizer_states"
+# where bitsandbytes' Optimizer8bit.state_dict nests the quantisation tensors (its
+# _FSDP_WRAPPED_QUANT_STATE_KEY; pinned by a test)
+BNB_NESTED_STATE = "__bnb_optimizer_quant_state__"
+# torch's container schedulers keep their children here (SequentialLR, ChainedScheduler; pinned by a test)
+CHILD_SCHEDULERS = "_schedulers"
+
+
+def _rebind(scheduler: Any, swapped: dict[int, torch.optim.Optimizer]) -> None:
+    """Point ``scheduler`` and every scheduler inside it at the swapped optimizers."""
+    old = getattr(scheduler, "optimizer", None)
+    if old is not None and id(old) in swapped:
+        new = swapped[id(old)]
+        scheduler.optimizer = new
+        _mark_step_calls(new)
+    children = getattr(scheduler, CHILD_SCHEDULERS, None)
+    if children is None and type(scheduler).__name__ in ("SequentialLR", "ChainedScheduler"):
+        raise RuntimeError(
+            f"LowBitOptimizer: {type(scheduler).__name__} no longer keeps its schedulers in {CHILD_SCHEDULERS!r} in "
+            f"torch {torch.__version__}; they cannot be rebound to the 8-bit optimizer. Please report this."
+        )
+    for child in children or ():
+        _rebind(child, swapped)
+
+
+def _torch_layout(state: dict[str, Any], family: str) -> dict[str, Any]:
+    """One parameter's bitsandbytes state (as its ``state_dict`` writes it: the quantisation tensors
+    nested under one key since bitsandbytes 0.47) as the plain-torch optimizer of ``family`` keeps it."""
+    state = {**state, **state.get(BNB_NESTED_STATE, {})}
+    if "state1" not in state:
+        return state
+    out: dict[str, Any] = {"step": torch.tensor(float(state.get("step", 0)))}
+    for key, slot, _ in TORCH_STATE_SLOTS[family]:
+        if f"state{slot}" in state:
+            out[key] = dequantize_state(state, slot).clone()
+    return out
 
 
 def _mark_step_calls(optimizer: torch.optim.Optimizer) -> None:

@@ -179,3 +179,55 @@ def test_refused_strategies_and_bad_arguments():
         LowBitOptimizer(optimizer="adamw4bit")
     with pytest.raises(ValueError, match="keep_32bit"):
         LowBitOptimizer(keep_32bit=["biases"])
+
+
+def test_container_schedulers_keep_their_children_where_the_rebinding_looks():
+    # Pinned: SequentialLR and ChainedScheduler hold their child schedulers in ``_schedulers``.
+    from lightning_stability.callbacks.low_bit_optimizer import CHILD_SCHEDULERS
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=1.0)
+    s = torch.optim.lr_scheduler
+    a, b = s.LinearLR(opt, 0.1, total_iters=2), s.ExponentialLR(opt, 0.9)
+    assert getattr(s.SequentialLR(opt, [a, b], milestones=[2]), CHILD_SCHEDULERS) == [a, b]
+    assert list(getattr(s.ChainedScheduler([a, b]), CHILD_SCHEDULERS)) == [a, b]
+
+
+def test_bnb_nests_its_quantisation_state_where_the_conversion_looks():
+    from lightning_stability.callbacks.low_bit_optimizer import BNB_NESTED_STATE
+
+    assert bnb.optim.optimizer.Optimizer8bit._FSDP_WRAPPED_QUANT_STATE_KEY == BNB_NESTED_STATE
+
+
+def test_a_checkpoint_written_with_the_callback_resumes_without_it_and_with_it(tmp_path):
+    def run(steps, callbacks, ckpt_path=None):
+        model, loader = _wide_gpt(30)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=15, save_top_k=-1)
+        trainer = make_trainer(tmp_path, steps, [*callbacks, ckpt], enable_checkpointing=True)
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
+        return trainer
+
+    saved_run = run(15, [LowBitOptimizer()])
+    opt8 = saved_run.optimizers[0]
+    path = str(tmp_path / "ckpt" / "epoch=0-step=15.ckpt")
+    eight_bit = {id(p): opt8.state[p] for g in opt8.param_groups for p in g["params"]}
+    order = [id(p) for g in opt8.param_groups for p in g["params"]]
+    assert any(st["state1"].dtype == torch.uint8 for st in eight_bit.values())
+
+    # without the callback: a plain AdamW whose moments are the 8-bit moments dequantised
+    plain = run(15, [], ckpt_path=path)  # restores, takes no step
+    opt = plain.optimizers[0]
+    assert type(opt).__name__ == "AdamW"
+    for pid, p in zip(order, [p for g in opt.param_groups for p in g["params"]]):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], dequantize_state(eight_bit[pid], "1").view(p.shape))
+    assert run(16, [], ckpt_path=path).global_step == 16  # and trains on
+
+    # with it: the exact 8-bit codes come back
+    again = run(15, [LowBitOptimizer()])  # overwrite nothing: a fresh run to the same step
+    resumed = run(16, [LowBitOptimizer()], ckpt_path=path)
+    assert again.global_step == 15 and resumed.global_step == 16
+    saved = torch.load(path, weights_only=False)
+    [exact] = saved["lightning_stability_low_bit_optimizer_states"].values()
+    nested = [{**st, **st.get("__bnb_optimizer_quant_state__", {})} for st in exact["state"].values()]
+    codes = [st["state1"] for st in nested if st["state1"].dtype == torch.uint8]
+    expected = [eight_bit[pid]["state1"] for pid in order if eight_bit[pid]["state1"].dtype == torch.uint8]
+    assert codes and len(codes) == len(expected) and all(torch.equal(c, e) for c, e in zip(codes, expected))

@@ -248,3 +248,20 @@ def test_a_moved_grad_scaler_table_warns_and_leaves_overflows_to_the_scaler(monk
     monkeypatch.setattr(spike_guard, "_warned_scaler", [])
     with pytest.warns(UserWarning, match="_per_optimizer_states.*not where torch"):
         assert spike_guard._scaler_skips(Trainer(), torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1.0))
+
+
+def test_advice_alone_does_not_discard_a_snapshot(tmp_path):
+    # A monitor's advice (a warning with no action) at step 1 observes a trend: the snapshot of step 0
+    # stays on probation and is committed; a NaN weight at 27 is then rolled back to it.
+    class Advisor(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in (1, 2):
+                get_event_log(trainer).emit(trainer.global_step, "attention_collapse", "Advisor", "warning", {}, "advise")
+
+    rollback = InMemoryRollback(every_n_steps=100)
+    loader = DataLoader(Regression("tuple"), batch_size=8)
+    trainer = make_trainer(tmp_path, 40, [FaultInjector({27: ("weight_nan", None)}), Advisor(), rollback])
+    model = Mlp()
+    trainer.fit(model, loader)
+    assert [(r["step"], r["restored_step"]) for r in rollback.rollbacks] == [(28, 0)]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
