@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -38,14 +38,14 @@ from lightning_stability.ops.spectral import (
     SpectralUpdateClip,
     alignment,
     analyze_spectrum,
-    as_matrix,
+    find_weight_matrices,
     full_spectrum,
     init_vectors,
+    matrix_view,
     normalize_rows,
     power_iteration,
     pss_delta,
     spectral_cap_delta,
-    spectral_weights,
     subspace_iteration,
     tracking_step,
     tracking_step_rows,
@@ -56,7 +56,18 @@ SPECTRAL_ACTIONS = ("warn", "cap", "pss", "clip_updates", "rollback", "halt")
 SPECTRAL_DETECTIONS = (
     "sigma_growth", "rank_collapse", "alignment", "embedding_rank_rise", "intervention_failed", "nonfinite_weight"
 )
-DEFAULT_LADDER = ("cap", "pss", "clip_updates", "rollback")
+# Observe by default: in docs/benchmarks.md ("Does it stop a blow-up?") the weight-editing rungs, cap
+# and PSS, rescued 0 of 6 learning-rate blow-ups, so nothing edits weights unless the user opts in.
+DEFAULT_LADDER = ("warn",)
+# What the advice event points to (docs/benchmarks.md: spectral clipping of every update from the
+# first step rescued 3 of 3 of those blow-ups; the monitor's own weight edits none).
+ADVICE = (
+    "SpectralMonitor observes only at its defaults (ladder=('warn',): no weight is edited). To act on a "
+    "detection, opt in: SpectralMonitor(ladder=('clip_updates', 'rollback')) clips the flagged layer's update "
+    "spectra and asks an attached InMemoryRollback for a rollback if the detection persists; "
+    "SpectralUpdateClip(optimizer, c=3.0) clipping every update from the first step rescued 3 of 3 learning-rate "
+    "blow-ups in docs/benchmarks.md, where ladder=('cap', 'pss'), which edit the weights, rescued 0 of 6."
+)
 # Detections that call for a warning only, whatever the ladder (a flattening embedding spectrum under
 # low precision is a symptom to look at, not something smoothing repairs).
 _WARN_ONLY = frozenset({"embedding_rank_rise"})
@@ -188,24 +199,25 @@ class _Group:
     def stack(self) -> Tensor:
         if self._weights is not None:
             with torch.no_grad():  # the parameters themselves, no detached views: one op in all
-                torch._foreach_copy_(self._weight_views, [as_matrix(layer.param) for layer in self.layers])
+                torch._foreach_copy_(self._weight_views, [layer.matrix(layer.param) for layer in self.layers])
             return self._weights
-        ws = [as_matrix(local(layer.param.detach())) for layer in self.layers]  # this rank's rows, sharded
+        ws = [layer.matrix(local(layer.param.detach())) for layer in self.layers]  # this rank's rows, sharded
         return torch.stack(ws).float()  # (B, m, n)
 
     def grad_stack(self, grads: list[Tensor | None]) -> Tensor:
         """The gradients as a stack ``(B, m, n)``, zeros for a matrix without one."""
         if self._grads is None:
             return torch.stack([
-                as_matrix(local(g)) if g is not None else torch.zeros(self.m, self.n, device=self.device) for g in grads
+                layer.matrix(local(g)) if g is not None else torch.zeros(self.m, self.n, device=self.device)
+                for layer, g in zip(self.layers, grads)
             ])
         dst, src = [], []
-        for view, g in zip(self._grad_views, grads):
+        for view, layer, g in zip(self._grad_views, self.layers, grads):
             if g is None:
                 view.zero_()
             else:
                 dst.append(view)
-                src.append(as_matrix(g))
+                src.append(layer.matrix(g))
         torch._foreach_copy_(dst, src)
         return self._grads
 
@@ -213,10 +225,15 @@ class _Group:
 class _Layer:
     """What the monitor keeps about one weight on the host."""
 
-    def __init__(self, monitor: SpectralMonitor, name: str, param: nn.Parameter, embedding: bool) -> None:
+    def __init__(
+        self, monitor: SpectralMonitor, name: str, param: nn.Parameter, embedding: bool, transposed: bool = False
+    ) -> None:
         self.name = name
         self.param = param
         self.embedding = embedding
+        # stored (in, out) (transformers' Conv1D): measured and edited through the (out, in) view, so
+        # u, v, the cap, PSS and the update estimate are exactly a Linear's of the same layer
+        self.transposed = transposed
         self.group: _Group | None = None
         self.slot = 0
         self.growth = RollingWindow(monitor.window)  # per-step log-growth of sigma_max between checks
@@ -276,6 +293,10 @@ class _Layer:
                 if isinstance(value, Tensor) and value.shape == target.shape:
                     target.copy_(value)
             g.clear_padding(self.slot)
+
+    def matrix(self, t: Tensor) -> Tensor:
+        """The ``(out, in)`` matrix view of the weight ``t`` (or of its gradient, or a shard of either)."""
+        return matrix_view(t, self.transposed)
 
     def own_rows(self, left: Tensor) -> Tensor:
         """This rank's rows of a left vector saved whole (a checkpoint's, under row sharding); a vector
@@ -489,6 +510,9 @@ class SpectralMonitor(StabilityCallback):
 
         self._layers: dict[str, _Layer] = {}
         self._groups: list[_Group] = []
+        self.skipped: dict[str, str] = {}  # matrix-shaped parameters not tracked, with the reason
+        self._advised = False  # the observe-only advice was given in this fit
+        self._step_loss = False  # a loss was read since the last optimizer step
         self._pending: dict[str, Any] = {}  # per-layer state loaded before the layers exist
         self._rise: float | None = None
         self._loss_sum: Tensor | None = None  # losses since the last check, on the device
@@ -651,6 +675,7 @@ class SpectralMonitor(StabilityCallback):
         for layer in self._layers.values():
             self._set_update_clip(layer, False)
         self._layers, self._groups, self._pending = {}, [], {}
+        self.skipped, self._advised, self._step_loss = {}, False, False
         self._counts, self.halt_report = {}, None
         self._loss_sum, self._loss_count, self._last_loss, self._loss_before = None, 0, math.nan, None
         self._last_check_step = -1
@@ -686,16 +711,22 @@ class SpectralMonitor(StabilityCallback):
         self._apply_pending()
 
     def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        weights = spectral_weights(pl_module, self.include, self.exclude)
+        weights, self.skipped = find_weight_matrices(pl_module, self.include, self.exclude)
         if not weights:
-            rank_zero_warn(f"{type(self).__name__}: no Linear, Embedding or Conv weight matches; nothing to monitor.")
-        modules = dict(pl_module.named_modules())
+            rank_zero_warn(f"{type(self).__name__}: no weight matrix matches; nothing to monitor.")
+        if self.skipped:
+            # one event lists every matrix-shaped parameter left untracked, each with its reason
+            self.emit(trainer, "spectral_skipped", "info",
+                      {"tracked": float(len(weights)), "skipped": float(len(self.skipped))}, None,
+                      "; ".join(f"{name}: {why}" for name, why in self.skipped.items()))
         by_shape: dict[tuple[int, int, torch.device, tuple[int, int] | None], list[_Layer]] = {}
-        for name, param in weights:
-            layer = _Layer(self, name, param, isinstance(modules[name], nn.Embedding))
-            self._layers[name] = layer
+        for name, param, transposed, embedding in weights:
             rows = _rows(type(self).__name__, name, param)
-            m, n = as_matrix(local(param)).shape
+            # row-sharded (FSDP2): the shards hold rows of the stored (in, out) matrix, so a Conv1D is
+            # measured as stored (the same singular values; u and v trade places)
+            layer = _Layer(self, name, param, embedding, transposed and rows is None)
+            self._layers[name] = layer
+            m, n = layer.matrix(local(param)).shape
             by_shape.setdefault((m, n, local(param).device, rows), []).append(layer)
         for (m, n, device, rows), layers, sizes in _merge_shapes(by_shape, self.block == 1):
             r = min(self.block, m, n) if rows is None else 1
@@ -723,13 +754,6 @@ class SpectralMonitor(StabilityCallback):
             self._weights_moved = True
 
     @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        value = loss.detach().float()
-        value = value.mean() if value.numel() != 1 else value.reshape(())
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum.to(value.device) + value
-        self._loss_count += 1
-
-    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -748,10 +772,22 @@ class SpectralMonitor(StabilityCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        loss = _batch_loss(outputs)
+        if loss is not None:
+            # Lightning's own copy of the loss, taken before AMP scales it (on_before_backward sees
+            # the scaled one: a GradScaler growth or back-off would read as a loss change) and divided
+            # by accumulate_grad_batches: the micro-batches of one optimizer step sum to its loss
+            value = loss.detach().float()
+            value = value.mean() if value.numel() != 1 else value.reshape(())
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum.to(value.device) + value
+            self._step_loss = True
         step = trainer.global_step - 1  # the optimizer step that just ran
         if step < 0 or step == self._seen_step or not self._groups:
             return  # accumulating gradients: no optimizer step yet
         self._seen_step = step
+        if self._step_loss:
+            self._loss_count += 1  # optimizer steps in the sum
+            self._step_loss = False
         if step % self.every_n_steps == 0:
             self._measure()
         if self.full_every_n_steps is not None:
@@ -818,7 +854,7 @@ class SpectralMonitor(StabilityCallback):
             g = layer.group
             assert g is not None
             # sharded: this one weight is gathered whole (an all-gather), analysed, and let go
-            weight = full(layer.param.detach())
+            weight = layer.matrix(full(layer.param.detach()))
             sv, u, v = full_spectrum(weight)
             stats = analyze_spectrum(weight, sv)
             del weight
@@ -839,19 +875,26 @@ class SpectralMonitor(StabilityCallback):
         stats = self.estimates()  # the check's host copy
         if self._converge(stats):
             stats = self.estimates()
+        local_loss = self._interval_loss()
         if trainer.world_size > 1 and all(g.reduce is None for g in self._groups):
-            stats = _agree(trainer, stats)
+            stats, loss = _agree(trainer, stats, local_loss)  # the loss rides in the same all-gather
+        elif trainer.world_size > 1:
+            loss = _rank_mean(trainer, local_loss)  # row shards: the statistics are global already
+        else:
+            loss = float(local_loss)
+        # From here on every input of a decision is the same on every rank: the (worst) statistics
+        # and the loss averaged over the ranks, before and after an intervention alike.
         for g in self._groups:
             g.align.zero_()
-        loss = self._interval_loss(trainer)
         verified = self._verify_intervention(loss)
         if math.isfinite(loss):
             self._last_loss = loss
 
-        acted = False
+        acted = detected = False
         for layer in self._layers.values():
             s = stats[layer.name]
             detection = self._detect(layer, s, step)
+            detected = detected or detection is not None
             if detection is None:
                 layer.warned = False
                 if layer.ladder.healthy():
@@ -877,7 +920,8 @@ class SpectralMonitor(StabilityCallback):
             self._request_rollback(trainer, verified)
         if acted and math.isfinite(self._last_loss):
             self._loss_before = self._last_loss
-        if is_logging_step(trainer):
+        if detected or is_logging_step(trainer):
+            # a detection's statistics reach the logger at its step, whatever log_every_n_steps says
             self._log_metrics(trainer, pl_module, stats)
 
     def _converge(self, stats: dict[str, dict[str, float]]) -> bool:
@@ -909,23 +953,18 @@ class SpectralMonitor(StabilityCallback):
                 if done >= max_iters or float(residual.max()) <= self.tol:
                     break
 
-    def _interval_loss(self, trainer: pl.Trainer) -> float:
+    def _interval_loss(self) -> Tensor:
+        """This rank's mean loss per optimizer step since the last check (NaN without one), 0-d."""
         total, count = self._loss_sum, self._loss_count
         self._loss_sum, self._loss_count = None, 0
         if total is None or count == 0:
-            return math.nan
-        mean = total / count
-        if trainer.world_size > 1 and self._loss_before is not None:
-            # only when an intervention is being judged: every rank must judge the same mean
-            mean = trainer.strategy.reduce(mean.to(trainer.strategy.root_device), reduce_op="mean")
-        return float(mean)
+            device = self._groups[0].device if self._groups else torch.device("cpu")
+            return torch.tensor(math.nan, device=device)
+        return (total / count).reshape(())
 
     def _verify_intervention(self, loss: float) -> dict[str, float] | None:
-        if self._loss_before is None:
-            return None
         before, self._loss_before = self._loss_before, None
-        worse = not math.isfinite(loss) or (before > 0 and loss > before * (1.0 + self.loss_tolerance))
-        return {"loss_before": before, "loss_after": loss} if worse else None
+        return intervention_failed(before, loss, self.loss_tolerance)
 
     def _detect(self, layer: _Layer, s: dict[str, float], step: int) -> str | None:
         sigma, rank = s["sigma_max"], s["stable_rank"]
@@ -936,7 +975,8 @@ class SpectralMonitor(StabilityCallback):
         if math.isfinite(layer.last_sigma) and layer.last_sigma > 0 and sigma > 0 and step > layer.last_check:
             growth = math.log(sigma / layer.last_sigma) / (step - layer.last_check)
             s["growth"] = growth
-        armed = step >= self.warmup and len(layer.rank) >= _MIN_HISTORY
+        # (a window shorter than _MIN_HISTORY arms once it is full)
+        armed = step >= self.warmup and len(layer.rank) >= min(_MIN_HISTORY, self.window)
         if armed:
             rb = layer.rank.baseline()
             gz = layer.growth.baseline().zscore(growth, rel_floor=0.0) if math.isfinite(growth) else math.nan
@@ -986,6 +1026,11 @@ class SpectralMonitor(StabilityCallback):
             )
         severity = "critical" if action in ("rollback", "halt") else "warning"
         self.emit(trainer, detection, severity, metrics, action if action != "warn" else None, layer.name)
+        if action == "warn" and not self._advised and set(self.ladder) <= {"warn"}:
+            # observing only: say once per fit which remedy to opt into
+            self._advised = True
+            self.emit(trainer, "spectral_advice", "info", metrics, None, layer.name)
+            rank_zero_warn(f"{type(self).__name__}: {detection} in layer {layer.name} at step {step}. {ADVICE}")
         return changed
 
     @torch.no_grad()
@@ -994,7 +1039,7 @@ class SpectralMonitor(StabilityCallback):
         assert g is not None
         b = layer.slot
         # sharded: the weight is gathered whole on this rare path; each rank writes its rows of the change
-        w = as_matrix(full(layer.param.detach())).float().unsqueeze(0)
+        w = layer.matrix(full(layer.param.detach())).float().unsqueeze(0)
         # the cap is exact only with the true top pair: a block of up to 4 vectors, led by the tracked
         # one, converges on it even where the next singular value is close (a rare path)
         m, n = g.sizes[b]
@@ -1005,7 +1050,7 @@ class SpectralMonitor(StabilityCallback):
         history = layer.sigmas.values()
         cap = self.cap_factor * float(history[-1]) if len(history) else float(sigma[0])
         delta = spectral_cap_delta(u, v, sigma, cap)[0]
-        as_matrix(local(layer.param.data)).add_(_own_rows(g, delta).to(layer.param.dtype))
+        layer.matrix(local(layer.param.data)).add_(_own_rows(g, delta).to(layer.param.dtype))
         g.vector("u", b).copy_(_own_rows(g, u[0]))
         g.reseed(b, v[0])
         g.sigma[b] = torch.minimum(sigma[0], torch.tensor(cap, device=sigma.device))
@@ -1021,8 +1066,8 @@ class SpectralMonitor(StabilityCallback):
         k = max(1, min(self.pss_max_k, int(round(rank)) if math.isfinite(rank) else 1))
         gen = _gen(self.seed + step, layer.name)
         # sharded: gathered whole on this rare path (the same seeded projections on every rank)
-        delta, new, u, v = pss_delta(as_matrix(full(layer.param.detach())), k, self.pss_fn, generator=gen)
-        as_matrix(local(layer.param.data)).add_(_own_rows(g, delta).to(layer.param.dtype))
+        delta, new, u, v = pss_delta(layer.matrix(full(layer.param.detach())), k, self.pss_fn, generator=gen)
+        layer.matrix(local(layer.param.data)).add_(_own_rows(g, delta).to(layer.param.dtype))
         g.vector("u", b).copy_(_own_rows(g, u))
         g.reseed(b, v)
         g.sigma[b] = new[0]
@@ -1060,22 +1105,59 @@ class SpectralMonitor(StabilityCallback):
             pl_module.log_dict(counts, on_step=True, on_epoch=False, batch_size=1)
 
 
-def _agree(trainer: pl.Trainer, stats: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Every rank's statistics become the worst rank's, so that all take the same decision: one
-    all-gather on a check step. Under DDP each rank measures its own replica of the weights; the
-    replicas agree unless one rank's copy was corrupted (a NaN written on one rank only), and then its
-    numbers must decide for every rank, or that rank alone would ask for a rollback."""
+def _agree(
+    trainer: pl.Trainer, stats: dict[str, dict[str, float]], loss: Tensor
+) -> tuple[dict[str, dict[str, float]], float]:
+    """Every rank's statistics become the worst rank's, and the loss the mean of the ranks' (NaN if
+    any rank's is), so that all take the same decision: one all-gather on a check step. Under DDP each
+    rank measures its own replica of the weights; the replicas agree unless one rank's copy was
+    corrupted (a NaN written on one rank only), and then its numbers must decide for every rank, or
+    that rank alone would ask for a rollback. Each rank's loss is its own data's: judged alone, an
+    intervention could fail on one rank and pass on another."""
     names = sorted(stats)
-    if not names:
-        return stats
-    keys = sorted(stats[names[0]])
+    keys = sorted(stats[names[0]]) if names else []
+    device = trainer.strategy.root_device
     # float64 holds the float32 statistics exactly: agreeing replicas keep their values bit for bit
-    local_ = torch.tensor([[stats[n][k] for k in keys] for n in names], dtype=torch.float64,
-                          device=trainer.strategy.root_device)  # (layers, keys)
-    gathered = trainer.strategy.all_gather(local_)  # (world, layers, keys)
-    low = torch.tensor([k == "stable_rank" for k in keys], device=local_.device)
-    worst = torch.where(low, gathered.amin(0), gathered.amax(0))  # NaN on any rank stays NaN
-    return {n: dict(zip(keys, row)) for n, row in zip(names, worst.cpu().tolist())}
+    local_ = torch.tensor([stats[n][k] for n in names for k in keys], dtype=torch.float64, device=device)
+    local_ = torch.cat([local_, loss.to(device=device, dtype=torch.float64).reshape(1)])  # (layers * keys + 1,)
+    gathered = trainer.strategy.all_gather(local_)  # (world, layers * keys + 1)
+    mean_loss = float(gathered[:, -1].mean())
+    table = gathered[:, :-1].reshape(gathered.shape[0], len(names), len(keys))  # (world, layers, keys)
+    low = torch.tensor([k == "stable_rank" for k in keys], device=device, dtype=torch.bool)
+    worst = torch.where(low, table.amin(0), table.amax(0))  # NaN on any rank stays NaN
+    return {n: dict(zip(keys, row)) for n, row in zip(names, worst.cpu().tolist())}, mean_loss
+
+
+def _rank_mean(trainer: pl.Trainer, value: Tensor) -> float:
+    """The mean of ``value`` over the ranks (NaN if any rank's is): one all-reduce, on check steps only.
+    ``torch.distributed`` directly: Lightning's ``strategy.reduce`` adds a barrier this does not need."""
+    t = value.to(device=trainer.strategy.root_device, dtype=torch.float32).reshape(1).clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        t = t / torch.distributed.get_world_size()
+    return float(t[0])
+
+
+def intervention_failed(before: float | None, after: float, tolerance: float) -> dict[str, float] | None:
+    """The metrics of an ``intervention_failed`` detection, or ``None``: the mean loss ``after`` an
+    intervention is non-finite or worse than ``before`` it by more than ``tolerance`` (relative).
+    ``before`` is ``None`` when no intervention is being judged. Under DDP both must be the same on
+    every rank (the rank mean), or one rank would ask for a rollback alone."""
+    if before is None:
+        return None
+    worse = not math.isfinite(after) or (before > 0 and after > before * (1.0 + tolerance))
+    return {"loss_before": before, "loss_after": after} if worse else None
+
+
+def _batch_loss(outputs: Any) -> Tensor | None:
+    """The loss of a training batch as ``on_train_batch_end`` receives it: a tensor, or a mapping's
+    ``"loss"`` (Lightning's unscaled copy, divided by ``accumulate_grad_batches``); else ``None``."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+        return loss if isinstance(loss, Tensor) else None
+    return None
 
 
 def _rows(owner: str, name: str, param: Tensor) -> tuple[int, int] | None:
@@ -1170,4 +1252,4 @@ def _patterns(owner: str, name: str, value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-__all__ = ["SPECTRAL_ACTIONS", "SpectralMonitor"]
+__all__ = ["ADVICE", "DEFAULT_LADDER", "SPECTRAL_ACTIONS", "SpectralMonitor", "intervention_failed"]

@@ -473,3 +473,135 @@ def test_a_padded_stack_recovers_after_a_nan_weight_is_rolled_back(tmp_path):
     assert "rollback_halt" not in {k for _, k in events}
     assert trainer.global_step == 40 and all(torch.isfinite(p).all() for p in model.parameters())
     assert all(math.isfinite(s["sigma_max"]) for s in monitor.estimates().values())
+
+
+def test_the_loss_check_after_an_intervention_judges_the_same_loss_on_every_rank(tmp_path):
+    # Each rank's loss is its own data's (10x apart here). The check after the cap compared this
+    # rank's loss before it with the rank mean after it: rank 0 (loss 1x, mean 5.5x) asked for a
+    # rollback alone, whose collectives would then run on one rank.
+    from tests.callbacks._two_ranks import run_two_ranks
+
+    ranks = run_two_ranks("ddp_spectral_loss_script.py", tmp_path)
+    assert ranks[0]["events"] == ranks[1]["events"]
+    kinds = [(e[0], e[1], e[2]) for e in ranks[0]["events"]]
+    assert (35, "sigma_growth", "cap") in kinds
+    assert not [k for k in kinds if k[1] == "intervention_failed"]
+    assert ranks[0]["last_loss"] == ranks[1]["last_loss"]  # the rank mean, on both
+
+
+def test_intervention_failed_decides_from_the_losses_it_is_given():
+    from lightning_stability.callbacks.spectral_monitor import intervention_failed
+
+    assert intervention_failed(None, 5.0, 0.1) is None  # nothing being judged
+    assert intervention_failed(2.0, 2.1, 0.1) is None
+    assert intervention_failed(2.0, 2.3, 0.1) == {"loss_before": 2.0, "loss_after": 2.3}
+    assert intervention_failed(2.0, math.nan, 0.1) is not None
+    # per-rank losses (1.0 and 10.0 before, the same after): judged alone, rank 0 fails and rank 1
+    # passes; judged on the rank mean, as the monitor now does, both take one decision
+    before, after = [1.0, 10.0], [1.5, 10.5]
+    assert [intervention_failed(b, sum(after) / 2, 0.1) is None for b in before] == [False, True]
+    mean_before = sum(before) / 2
+    assert [intervention_failed(mean_before, sum(after) / 2, 0.1) is None for _ in before] == [True, True]
+
+
+def _agree_fake(per_rank_losses):
+    """_agree on a fake two-rank strategy whose all_gather stacks the ranks' tensors (this rank's first)."""
+    from types import SimpleNamespace
+
+    from lightning_stability.callbacks.spectral_monitor import _agree
+
+    stats = {"a": {"sigma_max": 2.0, "stable_rank": 3.0}}
+    out = []
+    for rank in (0, 1):
+        others = [torch.tensor([2.0, 3.0, loss], dtype=torch.float64) for loss in per_rank_losses]
+        strategy = SimpleNamespace(root_device=torch.device("cpu"), all_gather=lambda t, o=others: torch.stack(o))
+        out.append(_agree(SimpleNamespace(strategy=strategy), stats, torch.tensor(per_rank_losses[rank])))
+    return out
+
+
+def test_the_ranks_agree_on_one_loss_at_a_check():
+    (s0, l0), (s1, l1) = _agree_fake([1.0, 10.0])
+    assert l0 == l1 == 5.5 and s0 == s1 == {"a": {"sigma_max": 2.0, "stable_rank": 3.0}}
+    (_, l0), (_, l1) = _agree_fake([1.0, math.nan])  # a NaN loss on one rank is non-finite on both
+    assert math.isnan(l0) and math.isnan(l1)
+
+
+def test_at_its_defaults_the_monitor_observes_and_advises_the_remedy_to_opt_into(tmp_path):
+    # docs/benchmarks.md: cap and PSS rescued 0 of 6 blow-ups, so nothing edits weights by default
+    from lightning_stability.callbacks.spectral_monitor import ADVICE
+
+    def run(root, monitor):
+        model, loader = tiny_gpt(124)
+        trainer = make_trainer(root, 124, [_mlp_bump()] + ([monitor] if monitor else []))
+        trainer.fit(model, loader)
+        return model, trainer
+
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, full_every_n_steps=None)
+    with pytest.warns(UserWarning, match=r"opt in: SpectralMonitor\(ladder=\('clip_updates', 'rollback'\)\)"):
+        watched, trainer = run(tmp_path / "watched", monitor)
+    plain, _ = run(tmp_path / "plain", None)
+    for p, q in zip(watched.parameters(), plain.parameters()):
+        assert torch.equal(p, q)  # training exactly as without the monitor
+    growth = _events(trainer, "sigma_growth")
+    assert [(e.step, e.action, e.target) for e in growth] == [(121, None, MLP)]
+    (advice,) = _events(trainer, "spectral_advice")
+    assert (advice.step, advice.severity, advice.action, advice.target) == (121, "info", None, MLP)
+    assert "SpectralUpdateClip(optimizer, c=3.0)" in ADVICE and "ladder=('cap', 'pss')" in ADVICE
+
+
+@pytest.mark.parametrize(("precision", "accumulate"), [("fp16-scaler", 1), ("32-true", 2)])
+def test_the_loss_the_monitor_judges_is_the_unscaled_loss_per_optimizer_step(tmp_path, precision, accumulate):
+    # Under 16-mixed Lightning scales the loss before on_before_backward sees it (x65536 here), and
+    # divides it by accumulate_grad_batches: the monitor's interval loss must be neither.
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    kw = {"accumulate_grad_batches": accumulate}
+    if precision == "fp16-scaler":  # CPU 16-mixed has no GradScaler of its own: give it one
+        kw["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+
+    class Losses(pl.Callback):
+        def __init__(self):
+            self.per_step: dict[int, float] = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                loss = float(pl_module.training_step(batch, batch_idx))  # the model's own, unscaled, whole
+            step = batch_idx // accumulate  # one epoch: the micro-batches of each optimizer step in order
+            self.per_step[step] = self.per_step.get(step, 0.0) + loss / accumulate
+
+    model, loader = tiny_gpt(10 * accumulate)
+    losses = Losses()
+    monitor = SpectralMonitor(check_every_n_steps=5, full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 10, [losses, monitor], **kw)
+    trainer.fit(model, loader)
+    if precision == "fp16-scaler":
+        assert trainer.precision_plugin.scaler.get_scale() > 1000  # the loss on_before_backward sees is huge
+    expected = sum(losses.per_step[s] for s in range(5, 10)) / 5  # the check of steps 5..9
+    assert monitor.state_dict()["last_loss"] == pytest.approx(expected, rel=2e-2)
+
+
+def test_a_detection_step_is_logged_whatever_log_every_n_steps_says(tmp_path):
+    model, loader = tiny_gpt(40)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(128, generator=g), torch.randn(32, generator=g)
+    bump = Tamper(MLP, 23, lambda w: w + 5 * torch.outer(a / a.norm(), b / b.norm()) * torch.linalg.matrix_norm(w, 2))
+    logger = MemoryLogger()
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=15, full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 40, [bump, monitor], log_every_n_steps=50, logger=logger)
+    trainer.fit(model, loader)
+    detections = {e.step - 1: e for e in _events(trainer, "sigma_growth") if e.target == MLP}  # the checked step
+    assert 23 in detections
+    steps = {step for step, metrics in logger.records if any(k.startswith("stability/spectral/") for k in metrics)}
+    detected_steps = {e.step - 1 for e in get_event_log(trainer) if e.severity != "info"}
+    assert 23 in steps and steps <= detected_steps  # no logging step falls within 40 steps at 50
+    logged = logger.metrics_at(23)[f"stability/spectral/{MLP}/sigma_max"]
+    assert logged == pytest.approx(detections[23].metrics["sigma_max"], rel=1e-6)
+
+
+def test_a_window_shorter_than_the_armed_history_still_arms(tmp_path):
+    # window=2 (allowed) kept at most 2 checks, and detections needed 3: they never armed
+    model, loader = tiny_gpt(124)
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, window=2, ladder=("cap",), full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 122, [_mlp_bump(), monitor])
+    trainer.fit(model, loader)
+    assert (121, "cap", MLP) in [(e.step, e.action, e.target) for e in _events(trainer, "sigma_growth")]

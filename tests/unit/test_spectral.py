@@ -17,11 +17,13 @@ from lightning_stability.ops.spectral import (
     analyze_spectrum,
     as_matrix,
     decay_exponent,
+    find_weight_matrices,
     fit_power_law,
     full_spectrum,
     init_vectors,
     inverse_sqrt_newton_schulz,
     marchenko_pastur_spikes,
+    matrix_view,
     power_iteration,
     pss_delta,
     randomized_svd,
@@ -142,6 +144,65 @@ def test_spectral_weights_skips_vector_weights():
     lin.weight = nn.Parameter(torch.randn(3))  # a 1-D weight on a spectral module type
     model = nn.Sequential(lin, nn.Linear(3, 2), nn.LayerNorm(2), nn.BatchNorm1d(2))
     assert [name for name, _ in spectral_weights(model)] == ["1"]
+
+
+def test_multihead_attention_and_rnn_weights_are_tracked_by_parameter_name():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)  # one in_proj_weight (24, 8); out_proj a Linear
+            self.cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)  # q/k/v_proj_weight of their own
+            self.rnn = nn.LSTM(8, 5, num_layers=1, proj_size=3)
+
+    net = Net()
+    tracked, skipped = find_weight_matrices(net)
+    names = {w.name: w for w in tracked}
+    assert sorted(names) == sorted([
+        "attn.in_proj_weight", "attn.out_proj", "cross.q_proj_weight", "cross.k_proj_weight", "cross.v_proj_weight",
+        "cross.out_proj", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_hr_l0",
+    ])
+    assert skipped == {}
+    assert names["attn.in_proj_weight"].param is net.attn.in_proj_weight and not names["attn.in_proj_weight"].transposed
+    assert names["cross.k_proj_weight"].param.shape == (8, 4)
+    # the owning module's name selects its parameters too
+    assert sorted(w.name for w in find_weight_matrices(net, exclude=["cross"])[0]) == [
+        "attn.in_proj_weight", "attn.out_proj", "cross.out_proj", "rnn.weight_hh_l0", "rnn.weight_hr_l0",
+        "rnn.weight_ih_l0",
+    ]
+    _, left_out = find_weight_matrices(net, include=["attn*"])
+    assert left_out["rnn.weight_ih_l0"] == "left out by include/exclude"
+
+
+def test_transformers_conv1d_is_tracked_transposed_and_its_layout_is_pinned():
+    transformers = pytest.importorskip("transformers")
+    conv1d = transformers.pytorch_utils.Conv1D(7, 5)  # nf=7 outputs, nx=5 inputs
+    # the layout the monitor relies on: weight (nx, nf) = (in, out), forward x @ W + b
+    assert (conv1d.nx, conv1d.nf) == (5, 7) and conv1d.weight.shape == (5, 7)
+    x = torch.randn(3, 5)
+    assert_close(conv1d(x), nn.functional.linear(x, matrix_view(conv1d.weight, transposed=True), conv1d.bias))
+    (w,), skipped = find_weight_matrices(nn.Sequential(conv1d))
+    assert w.name == "0" and w.transposed and skipped == {}
+    view = matrix_view(w.param, w.transposed)
+    assert view.shape == (7, 5) and view.data_ptr() == conv1d.weight.data_ptr()  # a view: edits reach it
+    # a Conv1D whose layout moved is listed as skipped, not measured in a wrong orientation
+    conv1d.nf = 9
+    tracked, skipped = find_weight_matrices(nn.Sequential(conv1d))
+    assert tracked == [] and "is not (nx, nf) = (5, 9)" in skipped["0"]
+
+
+def test_other_matrix_shaped_parameters_are_skipped_with_a_reason():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(4, 3))
+            self.up = nn.ConvTranspose2d(3, 2, 2)
+            self.codes = nn.Parameter(torch.zeros(4, 4, dtype=torch.int8), requires_grad=False)
+
+    tracked, skipped = find_weight_matrices(Odd())
+    assert tracked == []
+    assert "2-D parameter of Odd" in skipped["table"] and "orientation is unknown" in skipped["table"]
+    assert "transposed-convolution" in skipped["up"]
+    assert "torch.int8 weight" in skipped["codes"]
 
 
 def test_as_matrix_of_a_conv_kernel_is_out_by_in_times_kernel():
