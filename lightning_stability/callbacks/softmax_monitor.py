@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from lightning_stability.callbacks._base import (
     check_fraction,
     check_int,
     check_positive,
+    grad_scaler,
     log_to_loggers,
     sharded_strategy,
 )
@@ -30,26 +32,36 @@ from lightning_stability.ops.saturation import (
     nlm_alignment,
     nlm_from_sums,
     perpendicular_grad_,
+    reduce_softmax_rows,
     sample_rows,
     sharded_nlm_and_perp_sums,
     sharded_perpendicular_grad_,
     softcap,
     softcapped_attention,
-    softmax_stats,
+    softmax_row_stats,
     z_loss_grad,
-    zero_loss_fraction,
+    zero_loss_counts,
 )
 from lightning_stability.ops.sharded import all_reduce_sum_, local
 
 SOFTMAX_REMEDIES = ("z_loss", "softcap", "perp_grad", "qk_clip", "attn_softcap", "advise")
-# What each detection may get, in order; ``advise`` is an event naming the structural fix.
+# What each detection gets by default, in order; ``advise`` is an event naming the structural fix. A
+# remedy is in a default ladder only where a benchmark in docs/ shows it helps once the detection has
+# fired: QK-clip does (docs/benchmarks.md, attention logit growth). No benchmark shows z-loss or the
+# output soft-cap helping, and the perpendicular gradient is shown helping only when on from the first
+# step (the grokking runs), not switched on at a detection: those three are opt-in (OPT_IN).
 DEFAULT_REMEDIES: dict[str, tuple[str, ...]] = {
-    "logit_drift": ("z_loss", "softcap", "advise"),
-    "softmax_collapse": ("perp_grad", "advise"),
+    "logit_drift": ("advise",),
+    "softmax_collapse": ("advise",),
     "attention_collapse": ("advise",),
     # attn_softcap is a rung to opt into: on examples/attention_logit_growth.py climbing to it after QK-clip
     # ended worse than QK-clip alone (docs/softmax.md)
     "attention_logit_growth": ("qk_clip", "advise"),
+}
+# The ladders to opt into, named by the advice event of a detection that fires on its default ladder.
+OPT_IN: dict[str, tuple[str, ...]] = {
+    "logit_drift": ("z_loss", "softcap", "advise"),
+    "softmax_collapse": ("perp_grad", "advise"),
 }
 ADVICE = {
     "logit_drift": "add z-loss to the loss (lightning_stability.z_loss) or compute the loss in float32",
@@ -64,8 +76,23 @@ ADVICE = {
 }
 _OUT_KEYS = ("logz_mean", "logz_std", "logz_max", "max_logit", "pmax_mean")
 _HEAD_NAMES = ("lm_head", "output", "head", "classifier")
+# the last name of a head inside a wrapped model (``self.model = GPT2LMHeadModel(...)``); ``decoder`` is
+# the head of Lightning's demos.Transformer and of BERT's masked-LM head
+_HEAD_LEAVES = ("lm_head", "head", "classifier", "decoder", "output")
 # scaled_dot_product_attention's positional parameters, in order (a builtin: no signature to read)
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+# what the monitor reads of torch's multi_head_attention_forward (nn.MultiheadAttention's functional
+# core; not a documented API): checked by name on the first call, so a change in torch is a warning
+_MHA_PARAMS = (
+    "query", "key", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k", "add_zero_attn", "key_padding_mask",
+    "attn_mask", "use_separate_proj_weight", "q_proj_weight", "k_proj_weight", "is_causal",
+)
+# the module-name segments wrappers insert (FSDP1, activation checkpointing, torch.compile): left out of
+# layer names, so a layer has the same name however the model is wrapped
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+_ORIGINAL_MHA = F.multi_head_attention_forward
 
 
 class _Capture(TorchFunctionMode):
@@ -82,6 +109,7 @@ class _Capture(TorchFunctionMode):
             self.monitor._attention_call(args, kwargs)
         elif func is F.multi_head_attention_forward:
             self.monitor._mha_call(args, kwargs)
+            return self.monitor._inside_mha(func, args, kwargs)
         return func(*args, **kwargs)
 
 
@@ -126,7 +154,7 @@ class _Patch(_FunctionPatch):
 
         def mha_wrapper(*args: Any, **kwargs: Any) -> Any:
             monitor._mha_call(args, kwargs)
-            return mha(*args, **kwargs)
+            return monitor._inside_mha(mha, args, kwargs)
 
         return sdpa_wrapper, mha_wrapper
 
@@ -282,6 +310,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self.release = check_fraction(owner, "release", release)
         self.remedies = _check_remedies(owner, remedies)
         self._configured_remedies = self.remedies
+        self._user_ladders = frozenset(remedies or ())  # detections whose ladder the user chose
         self._sharded = False
         self.patience = check_int(owner, "patience", patience, 1)
         self.cooldown = check_int(owner, "cooldown", cooldown, 1)
@@ -317,8 +346,20 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         self._sampling = False
         self._logits: Tensor | None = None
         self._autocast = False
+        self._found = False  # the model's modules are found (at fit start, after configure_model)
+        self._attention_like: set[int] = set()  # ids of the modules that look like attention layers
+        # one optimizer step's collection, over its micro-batches (gradient accumulation)
+        self._open_step: int | None = None  # the global step whose micro-batches are being collected
+        self._out_rows: list[dict[str, Tensor]] = []  # per micro-batch: softmax_row_stats of the logits
+        self._zero: Tensor | None = None  # summed zero_loss_counts
         self._attn: dict[str, list[dict[str, Tensor]]] = {}
+        self._ran: set[str] = set()  # attention-like modules that ran in a sampled forward
         self._nlm: Tensor | None = None
+        self._in_mha = 0  # inside multi_head_attention_forward: its own SDPA call is not a second layer
+        self._grad_factor = 1.0  # 1 / accumulate_grad_batches, as Lightning scales the loss
+        self._scaler: Any = None  # the AMP GradScaler of 16-mixed, whose scale the loss's gradient carries
+        self._skipped: set[tuple[str, str]] = set()  # (layer, reason) already reported this fit
+        self._pending_skips: list[str] = []  # layers newly skipped, for an info event at the step's end
         self._no_projection: set[str] = set()  # layers QK-clip found no q/k projections for (warned once)
         self._gen = torch.Generator().manual_seed(self.seed)
 
@@ -370,14 +411,37 @@ class SoftmaxSaturationMonitor(StabilityCallback):
                 "q/k weights, which FSDP1 flattens into 1-D shards; ModelParallelStrategy's row shards are "
                 "supported); the measurements and the other remedies stay on."
             )
-        self._names = {id(m): n for n, m in pl_module.named_modules() if n}
-        self._modules = dict(pl_module.named_modules())
-        self._head_name, self._head_module = _find_head(pl_module, self.head)
+        # the model's modules are found at fit start: Lightning runs this hook before
+        # LightningModule.configure_model, where large and sharded models build their layers
+        self._found = False
         self._softcap_warned = set()
+        self._skipped = set()
         self._remove_hooks()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._find_modules(trainer, pl_module)
+
+    def _find_modules(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The name of every module (after ``configure_model`` and the strategy's wrapping, with the
+        wrappers' segments left out), the attention-like ones, and the head with its hook."""
+        named = [(_clean(n), m) for n, m in pl_module.named_modules()]
+        self._names = {id(m): n for n, m in named if n}
+        self._modules = dict(named)
+        self._attention_like = {id(m) for n, m in named if n and _looks_like_attention(m)}
+        self._remove_hooks()
+        self._head_name, self._head_module = _find_head(self._modules, self.head)
         if self._head_module is not None:
             self._handles.append(self._head_module.register_forward_hook(self._head_hook))
+        else:
+            rank_zero_warn(
+                f"{type(self).__name__}: found no output head (no module named {', '.join(_HEAD_NAMES)} and no "
+                "nn.Linear): the output-softmax statistics come only from training_step's outputs[logits_key], "
+                "and z_loss / softcap cannot act; pass head=<module name>."
+            )
+            self.emit(trainer, "no_head", "info", {}, "pass head=<module name>")
         self._sync_softcap()
+        self._found = True
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -419,9 +483,22 @@ class SoftmaxSaturationMonitor(StabilityCallback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._logits, self._attn, self._nlm = None, {}, None
-        self._step_now = trainer.global_step
-        self._sampling = self._due(trainer.global_step)
+        if not self._found:
+            self._find_modules(trainer, pl_module)
+        step = trainer.global_step
+        if self._open_step != step:
+            # the first micro-batch of an optimizer step: under gradient accumulation every micro-batch of
+            # a sampled step is measured, and the step is decided once, after its optimizer step
+            self._open_step = step
+            self._out_rows, self._zero, self._attn, self._ran, self._nlm = [], None, {}, set(), None
+            self._step_now = step
+            self._sampling = self._due(step)
+        self._logits = None
+        # Lightning divides the loss by accumulate_grad_batches in automatic optimization; the z-loss
+        # gradient, added straight to the logits' gradient, must be divided alike, and carry the AMP
+        # loss scale that gradient carries under 16-mixed
+        self._grad_factor = 1.0 / trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1.0
+        self._scaler = grad_scaler(trainer)
         self._start_attention_softcap()  # beneath the capture: the capture sees the raw q and k
         if self._sampling and self.attention:
             self._start_capture()
@@ -496,6 +573,8 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         name = self._names.get(id(module))
         if name is not None:
             self._stack.append(name)
+            if id(module) in self._attention_like:
+                self._ran.add(name)
 
     def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
         if id(module) in self._names and self._stack:
@@ -504,40 +583,93 @@ class SoftmaxSaturationMonitor(StabilityCallback):
     def _caller(self) -> str:
         return self._stack[-1] if self._stack else "<model>"
 
+    def _skip(self, layer: str, reason: str) -> None:
+        """An attention the monitor cannot measure: one warning and one info event per layer and reason."""
+        if (layer, reason) in self._skipped:
+            return
+        self._skipped.add((layer, reason))
+        rank_zero_warn(f"{type(self).__name__}: the attention of {layer} is not measured: {reason}.")
+        self._pending_skips.append(layer)
+
+    def _inside_mha(self, fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+        # multi_head_attention_forward calls scaled_dot_product_attention itself (need_weights=False):
+        # that call is the same layer, measured already from the projections
+        self._in_mha += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._in_mha -= 1
+
     def _attention_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        if self._in_mha:
+            return
         bound = dict(zip(_SDPA_PARAMS, args))
         bound.update(kwargs)
         q, k = bound.get("query"), bound.get("key")
         if not (isinstance(q, Tensor) and isinstance(k, Tensor)) or q.dim() != 4 or k.dim() != 4:
-            return  # unbatched or unusual layouts: not measured
+            shapes = tuple(q.shape) if isinstance(q, Tensor) else type(q).__name__
+            self._skip(self._caller(), f"scaled_dot_product_attention called with query of shape {shapes}, not "
+                       "(batch, heads, length, dim)")
+            return
         self._record(q, k, bound.get("attn_mask"), bool(bound.get("is_causal", False)), bound.get("scale"))
 
     def _mha_call(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-        module = self._modules.get(self._caller())
-        if not isinstance(module, nn.MultiheadAttention) or module.in_proj_weight is None:
-            return  # separate q/k/v projection weights: not measured
-        query, key = args[0], args[1]
+        """q and k of ``nn.MultiheadAttention`` recomputed from the call's own projection weights (its
+        functional core, ``multi_head_attention_forward``, builds them inside), with its masks."""
+        layer = self._caller()
+        signature = _mha_signature()
+        missing = [p for p in _MHA_PARAMS if p not in signature.parameters]
+        if missing:
+            self._skip(layer, f"torch's multi_head_attention_forward no longer takes {missing}")
+            return
+        try:
+            a = signature.bind(*args, **kwargs)
+        except TypeError as err:
+            self._skip(layer, f"multi_head_attention_forward called in an unknown way ({err})")
+            return
+        a.apply_defaults()
+        arg = a.arguments
+        query, key, h = arg["query"], arg["key"], int(arg["num_heads"])
         if query.dim() != 3:
-            return  # unbatched: not measured
-        # multi_head_attention_forward takes (L, N, E) whatever the module's batch_first
-        query, key = query.transpose(0, 1), key.transpose(0, 1)
-        e, h = module.embed_dim, module.num_heads
-        w, bias = module.in_proj_weight.detach(), module.in_proj_bias
+            self._skip(layer, "an unbatched call of nn.MultiheadAttention")
+            return
+        if arg["bias_k"] is not None or arg["add_zero_attn"]:
+            self._skip(layer, "nn.MultiheadAttention with add_bias_kv or add_zero_attn (keys the input does not have)")
+            return
+        # (L, N, E) whatever the module's batch_first
+        e = query.shape[-1]
+        if arg["use_separate_proj_weight"]:
+            w_q, w_k = arg["q_proj_weight"], arg["k_proj_weight"]
+        else:
+            w_q, w_k = arg["in_proj_weight"][:e], arg["in_proj_weight"][e : 2 * e]
+        bias = arg["in_proj_bias"]
         b_q = bias[:e].detach() if bias is not None else None
         b_k = bias[e : 2 * e].detach() if bias is not None else None
-        q = F.linear(query.detach(), w[:e], b_q)
-        k = F.linear(key.detach(), w[e : 2 * e], b_k)
+        q = F.linear(query.detach().transpose(0, 1), w_q.detach(), b_q)
+        k = F.linear(key.detach().transpose(0, 1), w_k.detach(), b_k)
         n, lq, _ = q.shape
-        q = q.view(n, lq, h, e // h).transpose(1, 2)
-        k = k.view(n, k.shape[1], h, e // h).transpose(1, 2)
-        mask = kwargs.get("attn_mask")
-        if isinstance(mask, Tensor) and mask.dtype == torch.bool:
-            mask = ~mask  # MultiheadAttention's boolean mask marks what must NOT be attended
-        if isinstance(mask, Tensor) and mask.dim() == 2:
-            mask = mask.view(1, 1, *mask.shape)
-        self._record(q, k, mask, bool(kwargs.get("is_causal", False)), None)
+        s = k.shape[1]
+        q = q.view(n, lq, h, e // h).transpose(1, 2)  # (N, H, L, D)
+        k = k.view(n, s, h, e // h).transpose(1, 2)  # (N, H, S, D)
+        # one additive mask (N, H, L, S) from attn_mask ((L, S) or (N * H, L, S)) and key_padding_mask
+        # ((N, S)); MultiheadAttention's boolean masks mark what must NOT be attended
+        mask = torch.zeros(1, 1, 1, 1, device=q.device)
+        attn_mask, padding = arg["attn_mask"], arg["key_padding_mask"]
+        for m, shape in ((attn_mask, (1, 1, lq, s) if attn_mask is None or attn_mask.dim() == 2 else (n, h, lq, s)),
+                         (padding, (n, 1, 1, s))):
+            if isinstance(m, Tensor):
+                add = torch.zeros(m.shape, device=q.device).masked_fill(m, -math.inf) if m.dtype == torch.bool else m.float()
+                mask = mask + add.reshape(shape)
+        causal = bool(arg["is_causal"]) and not isinstance(attn_mask, Tensor)  # the mask is the causal one then
+        self._record(q, k, mask.expand(n, h, lq, s) if mask.numel() > 1 else None, causal, None)
 
     def _record(self, q: Tensor, k: Tensor, mask: Any, causal: bool, scale: Any) -> None:
+        try:
+            self._measure(q, k, mask, causal, scale)
+        except (RuntimeError, ValueError, IndexError) as err:  # a layout it does not know: skipped, said why
+            self._skip(self._caller(), f"{type(err).__name__}: {err}")
+
+    def _measure(self, q: Tensor, k: Tensor, mask: Any, causal: bool, scale: Any) -> None:
         rows = sample_rows(q.shape[2], self.attention_rows, self._gen)
         if q.shape[0] > self.attention_batch:  # a few sequences of the batch, the same for q, k and mask
             pick = torch.randperm(q.shape[0], generator=self._gen)[: self.attention_batch].to(q.device)
@@ -561,8 +693,16 @@ class SoftmaxSaturationMonitor(StabilityCallback):
             # the hook holds a detached alias, not ``out`` itself: a hook that refers to its own tensor
             # makes a cycle that keeps every step's logits alive
             logits = out.detach()
-            out.register_hook(lambda grad: grad + z_loss_grad(logits, coef).to(grad.dtype))
+            out.register_hook(lambda grad: grad + z_loss_grad(logits, coef, scale=self._z_scale(grad)).to(grad.dtype))
         return None
+
+    def _z_scale(self, grad: Tensor) -> float | Tensor:
+        """What the z-loss gradient is multiplied by to match the gradient it is added to: ``1 /
+        accumulate_grad_batches`` (Lightning divides the loss so), times the AMP loss scale under
+        ``16-mixed`` (``GradScaler.scale``: a device tensor, no host read)."""
+        if self._scaler is None:
+            return self._grad_factor
+        return self._scaler.scale(torch.full((), self._grad_factor, dtype=torch.float32, device=grad.device))
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -597,36 +737,74 @@ class SoftmaxSaturationMonitor(StabilityCallback):
     ) -> None:
         self._stop_capture()
         self._stop_attention_softcap()
+        # the optimizer stepped in this batch (the last micro-batch of an accumulation); under manual
+        # optimization each batch is decided on its own
+        stepped = trainer.global_step != self._open_step or not pl_module.automatic_optimization
+        if self._sampling:
+            self._collect(outputs, batch)
+        if not stepped:
+            return  # the optimizer step's other micro-batches first: one decision per optimizer step
+        self._open_step = None
         if not self._sampling:
             return
         self._sampling = False
-        logits = self._logits
-        if isinstance(outputs, Mapping) and isinstance(outputs.get(self.logits_key), Tensor):
-            logits = outputs[self.logits_key].detach()
         values: dict[str, Tensor] = {}
-        if logits is not None:
-            dtype = self._loss_dtype(logits)
-            for key, value in softmax_stats(logits, dtype).items():
+        if self._out_rows:
+            for key, value in reduce_softmax_rows(self._out_rows).items():
                 values[f"out_{key}" if key in _OUT_KEYS else key] = value
-            targets = _find_targets(self.targets_key, outputs, batch, logits)
-            if targets is not None:
-                values["zero_loss_frac"] = zero_loss_fraction(logits, targets, dtype)
+        if self._zero is not None:
+            values["zero_loss_frac"] = self._zero[0] / self._zero[1].clamp_min(1.0)
         if self._nlm is not None:
             values["nlm_cos_max"] = self._nlm
         for layer, calls in self._attn.items():
-            for key, value in _layer_attention(calls).items():
+            layer_values, head_max = _layer_attention(calls)
+            for key, value in layer_values.items():
                 values[f"{layer}/{key}"] = value
-            if len(calls) == 1:  # per-head maxima, for QK-clip (a module called twice has no one layout)
-                for h, value in enumerate(calls[0]["max_logit"].unbind(0)):
+            if head_max is not None:  # per-head maxima over the step's micro-batches, for QK-clip
+                for h, value in enumerate(head_max.unbind(0)):
                     values[f"{layer}/max_logit_head{h}"] = value
+        self._check_coverage(trainer)
+        self._out_rows, self._zero, self._attn = [], None, {}
         stats = self._gather(trainer, values)
         self.last_stats = stats
         self._samples += 1
-        step = trainer.global_step - 1
+        step = self._step_now
         self._decide(trainer, stats, step)
         if "qk_clip" in self._remedy_on:
-            self._qk_clip(trainer, stats)
-        self._log(trainer, pl_module, stats)  # sampled steps are few: each is logged
+            self._qk_clip(trainer, stats)  # after the optimizer step, never between its micro-batches
+        self._log(trainer, stats)  # sampled steps are few: each is logged, whatever log_every_n_steps says
+
+    def _collect(self, outputs: Any, batch: Any) -> None:
+        """One micro-batch's output-softmax rows (small: three numbers a row) and zero-loss counts."""
+        logits = self._logits
+        if isinstance(outputs, Mapping) and isinstance(outputs.get(self.logits_key), Tensor):
+            logits = outputs[self.logits_key].detach()
+        self._logits = None
+        if logits is None:
+            return
+        dtype = self._loss_dtype(logits)
+        self._out_rows.append(softmax_row_stats(logits, dtype))
+        targets = _find_targets(self.targets_key, outputs, batch, logits)
+        if targets is not None:
+            counts = zero_loss_counts(logits, targets, dtype)
+            self._zero = counts if self._zero is None else self._zero + counts
+
+    def _check_coverage(self, trainer: pl.Trainer) -> None:
+        """Every attention-like module that ran must have been measured, itself or inside: else a
+        warning and an info event (e.g. Hugging Face's eager attention, a FlashAttention kernel called
+        directly, or a torch change in nn.MultiheadAttention), never a silent gap."""
+        measured = list(self._attn) + [layer for layer, _ in self._skipped]
+        for name in sorted(self._ran):
+            if not any(m == name or m.startswith(name + ".") for m in measured):
+                self._skip(name, "it ran, but made no call of torch.nn.functional.scaled_dot_product_attention or "
+                           "nn.MultiheadAttention's multi_head_attention_forward the monitor could see (eager "
+                           "attention written out as matmul and softmax, a FlashAttention/FlexAttention kernel called "
+                           "directly, or scaled_dot_product_attention imported by name: try capture='mode'); for "
+                           "Hugging Face models use attn_implementation='sdpa'")
+        self._ran = set()
+        for layer in self._pending_skips:
+            self.emit(trainer, "attention_skipped", "info", {}, None, layer)
+        self._pending_skips = []
 
     def _loss_dtype(self, logits: Tensor) -> torch.dtype:
         if self.loss_dtype is not None:
@@ -726,8 +904,13 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         target: str | None, step: int,
     ) -> None:
         metrics = dict(metrics)
+        opt_in = OPT_IN.get(detection) if detection not in self._user_ladders else None
         if action == "advise":
-            rank_zero_warn(f"{type(self).__name__}: {detection} at step {step}: {ADVICE[detection]}.")
+            extra = ""
+            if opt_in is not None:
+                extra = (f"; to let the monitor act ({', '.join(r for r in opt_in if r != 'advise')}; off by default, as "
+                         f"no benchmark shows it helping once the detection fires), pass {_opt_in_argument(detection)}")
+            rank_zero_warn(f"{type(self).__name__}: {detection} at step {step}: {ADVICE[detection]}{extra}.")
         elif action is not None:
             if action in ("z_loss", "softcap") and self._head_module is None:
                 rank_zero_warn(f"{type(self).__name__}: no head module found for {action}; pass head=<module name>.")
@@ -742,6 +925,9 @@ class SoftmaxSaturationMonitor(StabilityCallback):
                     metrics["attention_softcap"] = self.attention_softcap
                 self._sync_softcap()
         self.emit(trainer, detection, "warning", metrics, action, target)
+        if opt_in is not None and action == "advise":
+            # the remedy this detection could get, off by default: the event names the argument
+            self.emit(trainer, "advice", "info", metrics, _opt_in_argument(detection), target)
 
     def _z_coef(self) -> float:
         start = self._remedy_on.get("z_loss")
@@ -782,7 +968,9 @@ class SoftmaxSaturationMonitor(StabilityCallback):
                       {"max_logit": max(heads), "eta_min": self.qk_clip_tau / max(heads), "heads_clipped":
                        float(sum(h > self.qk_clip_tau for h in heads))}, "qk_clip", layer)
 
-    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: dict[str, float]) -> None:
+    def _log(self, trainer: pl.Trainer, stats: dict[str, float]) -> None:
+        """The sample's statistics and the event counts, straight to the loggers at this step: a step
+        with a detection reaches the logger whatever ``log_every_n_steps`` says."""
         metrics: dict[str, float] = {}
         for key, value in stats.items():
             if "/max_logit_head" in key:
@@ -790,10 +978,8 @@ class SoftmaxSaturationMonitor(StabilityCallback):
             group = "softmax" if "/" not in key else "attention"
             metrics[f"stability/{group}/{key}"] = value
         metrics["stability/softmax/z_loss_coef"] = self._z_coef()
+        metrics.update(self.event_count_metrics())
         log_to_loggers(trainer, metrics)
-        counts = self.event_count_metrics()
-        if counts:
-            pl_module.log_dict(counts, on_step=True, on_epoch=False, batch_size=1)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -816,8 +1002,11 @@ def _check_remedies(owner: str, remedies: Mapping[str, Sequence[str]] | None) ->
     return out
 
 
-def _find_head(pl_module: nn.Module, head: str | None) -> tuple[str | None, nn.Module | None]:
-    modules = dict(pl_module.named_modules())
+def _find_head(modules: Mapping[str, nn.Module], head: str | None) -> tuple[str | None, nn.Module | None]:
+    """The output head: ``head`` by name; else a top-level ``lm_head``/``output``/``head``/``classifier``;
+    else the last ``nn.Linear`` whose own name is one of ``_HEAD_LEAVES`` (a model wrapped in the
+    LightningModule: ``model.lm_head``, ``vit.classifier``, demos.Transformer's ``model.decoder``); else
+    the last ``nn.Linear``; else none."""
     if head is not None:
         if head not in modules:
             raise ValueError(f"SoftmaxSaturationMonitor(head={head!r}): no such module; modules include {list(modules)[1:8]}")
@@ -826,7 +1015,36 @@ def _find_head(pl_module: nn.Module, head: str | None) -> tuple[str | None, nn.M
         if name in modules:
             return name, modules[name]
     linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
+    leaves = [(n, m) for n, m in linears if n.rsplit(".", 1)[-1] in _HEAD_LEAVES]
+    if leaves:
+        return leaves[-1]
     return linears[-1] if linears else (None, None)
+
+
+def _opt_in_argument(detection: str) -> str:
+    return f"remedies={{{detection!r}: {OPT_IN[detection]!r}}}"
+
+
+def _clean(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _looks_like_attention(module: nn.Module) -> bool:
+    """An attention layer the monitor should see: ``nn.MultiheadAttention`` or a class named
+    ``...Attention`` (Hugging Face's ``LlamaAttention``, ``BertSelfAttention``, litgpt's
+    ``CausalSelfAttention``, the demo's ``CausalSelfAttention``)."""
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith("Attention")
+
+
+_MHA_SIGNATURE: inspect.Signature | None = None
+
+
+def _mha_signature() -> inspect.Signature:
+    """``multi_head_attention_forward``'s signature (read once; the original function, not a wrapper)."""
+    global _MHA_SIGNATURE
+    if _MHA_SIGNATURE is None:
+        _MHA_SIGNATURE = inspect.signature(_ORIGINAL_MHA)
+    return _MHA_SIGNATURE
 
 
 def _find_targets(key: str, outputs: Any, batch: Any, logits: Tensor) -> Tensor | None:
@@ -839,16 +1057,25 @@ def _find_targets(key: str, outputs: Any, batch: Any, logits: Tensor) -> Tensor 
     return None
 
 
-def _layer_attention(calls: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """One layer's statistics from its calls (usually one): entropy over heads' means, extremes."""
-    means = torch.cat([c["entropy_mean"] for c in calls])
-    return {
+def _layer_attention(calls: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], Tensor | None]:
+    """One layer's statistics from its calls in one optimizer step (one per micro-batch, usually): each
+    head's mean entropy averaged over the calls, then the minimum and median over heads; extremes over
+    all. Also the per-head largest logits over the calls, for QK-clip, where every call has the same
+    heads (else ``None``)."""
+    same = len({c["max_logit"].shape for c in calls}) == 1
+    if same:
+        means = torch.stack([c["entropy_mean"] for c in calls]).nanmean(dim=0)  # (H,)
+        head_max: Tensor | None = torch.stack([c["max_logit"] for c in calls]).amax(dim=0)
+    else:
+        means, head_max = torch.cat([c["entropy_mean"] for c in calls]), None
+    values = {
         "entropy_min": means.min(),
         "entropy_median": means.median(),
         "max_logit": torch.stack([c["max_logit"].max() for c in calls]).max(),
         "pmax_p99": torch.stack([c["pmax_p99"].max() for c in calls]).max(),
         "headroom_min": torch.stack([c["headroom_min"].min() for c in calls]).min(),
     }
+    return values, head_max
 
 
 def _count_heads(stats: Mapping[str, float], layer: str) -> int:

@@ -31,6 +31,11 @@ from lightning_stability.ops.sharded import held_rows, local
 
 Reduction = Literal["mean", "sum", "none"]
 _LN2 = math.log(2.0)
+# An additive attention mask hides a key with -inf, or with a large finite negative: Hugging Face
+# transformers adds ``torch.finfo(dtype).min``, the original BERT code -10000. At or below this value a
+# key is counted as hidden (its probability is below e^-10000 whatever the logits): else a padded key
+# would count among the keys a row sees, and the entropy would be divided by the wrong log n_i.
+MASKED = -1e4
 
 
 def significand_bits(dtype: torch.dtype) -> int:
@@ -68,18 +73,28 @@ def collapse_headroom(logits: Tensor, dtype: torch.dtype | None = None) -> Tenso
 
 
 @torch.no_grad()
-def softmax_stats(logits: Tensor, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """The output-softmax statistics of a batch of logits ``(..., classes)``, as 0-d device tensors.
-
-    ``logz_mean``, ``logz_std``, ``logz_max``: the log-partition ``logsumexp(z)`` per row;
-    ``max_logit``; ``pmax_mean``: the mean top probability; ``sc_frac``: the fraction of rows whose
-    softmax is exactly one-hot in ``dtype`` (headroom ``<= 0``); ``sc_headroom_p01``: the 1st
-    percentile of the collapse headroom (nats; :func:`collapse_headroom`).
-    """
+def softmax_row_stats(logits: Tensor, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Per row of ``logits (..., classes)``, the numbers :func:`softmax_stats` reduces, as ``(rows,)``
+    float32 (or float64) device tensors: ``lse`` (``logsumexp``), ``top`` (the largest logit) and
+    ``headroom`` (:func:`collapse_headroom` in ``dtype``, default the logits'). Far smaller than the
+    logits, so the rows of several micro-batches can be kept and reduced once per optimizer step."""
     z = _rows(logits)
-    lse = torch.logsumexp(z, dim=-1)
-    top = z.max(dim=-1).values
-    head = collapse_headroom(z, dtype or logits.dtype)
+    return {
+        "lse": torch.logsumexp(z, dim=-1),
+        "top": z.max(dim=-1).values,
+        "headroom": collapse_headroom(z, dtype or logits.dtype),
+    }
+
+
+@torch.no_grad()
+def reduce_softmax_rows(parts: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """:func:`softmax_stats` of the rows of several :func:`softmax_row_stats` results (micro-batches of
+    one optimizer step), as if their logits had come in one batch."""
+    if not parts:
+        raise ValueError("reduce_softmax_rows needs at least one part")
+    lse = torch.cat([p["lse"] for p in parts])
+    top = torch.cat([p["top"] for p in parts])
+    head = torch.cat([p["headroom"] for p in parts])
     finite = torch.where(torch.isfinite(head), head, torch.full_like(head, -1e30))
     return {
         "logz_mean": lse.mean(),
@@ -93,9 +108,22 @@ def softmax_stats(logits: Tensor, dtype: torch.dtype | None = None) -> dict[str,
 
 
 @torch.no_grad()
-def zero_loss_fraction(logits: Tensor, targets: Tensor, dtype: torch.dtype | None = None, ignore_index: int = -100) -> Tensor:
-    """The fraction of samples whose cross-entropy, computed in ``dtype`` (default the logits'), is
-    exactly zero: rows that have stopped contributing any gradient (Softmax Collapse)."""
+def softmax_stats(logits: Tensor, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The output-softmax statistics of a batch of logits ``(..., classes)``, as 0-d device tensors.
+
+    ``logz_mean``, ``logz_std``, ``logz_max``: the log-partition ``logsumexp(z)`` per row;
+    ``max_logit``; ``pmax_mean``: the mean top probability; ``sc_frac``: the fraction of rows whose
+    softmax is exactly one-hot in ``dtype`` (headroom ``<= 0``); ``sc_headroom_p01``: the 1st
+    percentile of the collapse headroom (nats; :func:`collapse_headroom`).
+    """
+    return reduce_softmax_rows([softmax_row_stats(logits, dtype)])
+
+
+@torch.no_grad()
+def zero_loss_counts(logits: Tensor, targets: Tensor, dtype: torch.dtype | None = None, ignore_index: int = -100) -> Tensor:
+    """``(2,)``: how many samples have a cross-entropy, computed in ``dtype`` (default the logits'), of
+    exactly zero, and how many samples count (targets not ``ignore_index``). Sums of several batches
+    give their joint :func:`zero_loss_fraction`."""
     z = logits.detach().reshape(-1, logits.shape[-1]).to(dtype or logits.dtype)
     t = targets.detach().reshape(-1)
     if t.numel() != z.shape[0]:
@@ -104,9 +132,16 @@ def zero_loss_fraction(logits: Tensor, targets: Tensor, dtype: torch.dtype | Non
         )
     keep = t != ignore_index
     if not bool(keep.any()):
-        return torch.zeros((), device=z.device)
+        return torch.zeros(2, device=z.device)
     loss = F.cross_entropy(z[keep], t[keep], reduction="none")
-    return (loss == 0).float().mean()
+    return torch.stack([(loss == 0).float().sum(), keep.float().sum()])
+
+
+def zero_loss_fraction(logits: Tensor, targets: Tensor, dtype: torch.dtype | None = None, ignore_index: int = -100) -> Tensor:
+    """The fraction of samples whose cross-entropy, computed in ``dtype`` (default the logits'), is
+    exactly zero: rows that have stopped contributing any gradient (Softmax Collapse)."""
+    counts = zero_loss_counts(logits, targets, dtype, ignore_index)
+    return counts[0] / counts[1].clamp_min(1.0)
 
 
 @torch.no_grad()
@@ -138,15 +173,17 @@ def z_loss(logits: Tensor, coef: float = 1e-4, reduction: Reduction = "mean") ->
 
 
 @torch.no_grad()
-def z_loss_grad(logits: Tensor, coef: float, rows: int | None = None) -> Tensor:
+def z_loss_grad(logits: Tensor, coef: float, rows: int | None = None, scale: float | Tensor = 1.0) -> Tensor:
     """The gradient of ``coef * mean((log Z)^2)`` with respect to ``logits``:
     ``2 coef log Z softmax(z) / rows`` (``rows`` defaults to the number of logit rows, the mean's
-    denominator). Returned in the logits' dtype and shape."""
+    denominator), times ``scale`` (a float or a device tensor: ``1 / accumulate_grad_batches``, an AMP
+    loss scale), applied in float32 before the cast, so a small gradient scaled up for float16 is not
+    flushed to zero first. Returned in the logits' dtype and shape."""
     z = logits.detach()
     zf = z if z.dtype == torch.float64 else z.float()
     lse = torch.logsumexp(zf, dim=-1, keepdim=True)
     n = rows if rows is not None else max(1, zf.numel() // max(1, zf.shape[-1]))
-    return (2.0 * coef / n * lse * torch.softmax(zf, dim=-1)).to(z.dtype)
+    return (2.0 * coef / n * lse * torch.softmax(zf, dim=-1) * scale).to(z.dtype)
 
 
 def softcap(x: Tensor, cap: float) -> Tensor:
@@ -296,7 +333,8 @@ def attention_stats(
 
     ``scale`` defaults to ``1 / sqrt(D)``; ``is_causal`` masks keys after the query (row ``i`` sees
     keys ``j <= i``, top-left aligned as in ``scaled_dot_product_attention``); ``attn_mask`` is a boolean mask
-    (True attends) or an additive float mask broadcastable to ``(B, H, T, S)``; ``cap`` soft-caps the
+    (True attends) or an additive float mask broadcastable to ``(B, H, T, S)`` (a value at or below
+    ``MASKED``, -1e4, hides the key: -inf, ``finfo.min``, BERT's -10000); ``cap`` soft-caps the
     scaled logits; grouped-query ``k`` (``H`` a multiple of ``Hk``) is expanded here. ``dtype`` is the
     dtype the attention runs in, for the precision headroom.
 
@@ -329,7 +367,7 @@ def attention_stats(
             visible = visible & mask
         else:
             logits = logits + mask.float()
-            visible = visible & torch.isfinite(mask)
+            visible = visible & (mask > MASKED)  # -inf and NaN are hidden too
     logits = logits.masked_fill(~visible, float("-inf"))
     n = visible.sum(-1)  # (B, H, R)
     logp = torch.log_softmax(logits, dim=-1)

@@ -14,6 +14,8 @@ from lightning_stability.callbacks.softmax_monitor import SoftmaxSaturationMonit
 from lightning_stability.ops.saturation import attention_stats, softcapped_attention, softmax_stats
 from tests.conftest import MemoryLogger, make_trainer, tiny_gpt
 
+DRIFT_LADDER = {"logit_drift": ("z_loss", "softcap", "advise")}  # opt-in: not a default
+
 
 class _Grads(pl.Callback):
     """Keeps the gradients the optimizer is about to use (after the monitor's own hook)."""
@@ -182,7 +184,7 @@ def test_softcap_remedy_bounds_the_logits(tmp_path):
 
 def test_logit_drift_climbs_its_ladder_and_recovers_turning_remedies_off(tmp_path):
     model, loader = tiny_gpt(14)
-    monitor = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5, patience=1, cooldown=2)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5, patience=1, cooldown=2, remedies=DRIFT_LADDER)
 
     class Relax(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -207,7 +209,7 @@ def test_softmax_collapse_is_detected_and_gets_perpendicular_gradients(tmp_path)
     model, loader = tiny_gpt(3)
     with torch.no_grad():
         model.lm_head.weight.mul_(1e4)  # logits in the thousands: one-hot in float32
-    monitor = SoftmaxSaturationMonitor(every_n_steps=1)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, remedies={"softmax_collapse": ("perp_grad", "advise")})
     trainer = make_trainer(tmp_path, 3, [monitor])
     trainer.fit(model, loader)
     kinds = {(e.kind, e.action) for e in get_event_log(trainer)}
@@ -219,10 +221,10 @@ def test_softmax_collapse_is_detected_and_gets_perpendicular_gradients(tmp_path)
 
 def test_state_round_trips(tmp_path):
     model, loader = tiny_gpt(4)
-    monitor = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5, remedies=DRIFT_LADDER)
     make_trainer(tmp_path, 4, [monitor]).fit(model, loader)
     state = monitor.state_dict()
-    other = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5)
+    other = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5, remedies=DRIFT_LADDER)
     other.load_state_dict(copy.deepcopy(state))
     assert other.state_dict()["active"] == state["active"]
     assert other.active_remedies == monitor.active_remedies and "z_loss" in monitor.active_remedies
@@ -435,7 +437,7 @@ def test_resume_continues_exactly(tmp_path):
 
     def run(root, ckpt=None):
         model, loader = tiny_gpt(40, batches=20)  # step 20 is an epoch boundary: the data resume exactly
-        monitor = SoftmaxSaturationMonitor(every_n_steps=3, logz_limit=0.5, cooldown=50)
+        monitor = SoftmaxSaturationMonitor(every_n_steps=3, logz_limit=0.5, cooldown=50, remedies=DRIFT_LADDER)
         saver = ModelCheckpoint(dirpath=root, every_n_train_steps=20, save_top_k=-1)
         trainer = make_trainer(root, 40, [monitor, saver], enable_checkpointing=True)
         trainer.fit(model, loader, ckpt_path=ckpt)
@@ -551,3 +553,164 @@ def test_z_loss_does_not_keep_the_logits_of_past_steps_alive(tmp_path):
         assert sum(ref() is not None for ref in alive) <= 1  # at most the last step's, held by the trainer
     finally:
         gc.enable()
+
+
+# -- gradient accumulation: one decision per optimizer step --------------------------------------------
+class _MicroBatches(pl.Callback):
+    """The q/k rows of the first layer's qkv at the start of every micro-batch, and each forward's logits."""
+
+    def __init__(self) -> None:
+        self.qk: list[tuple[int, torch.Tensor]] = []
+        self.logits: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.lm_head.register_forward_hook(
+            lambda m, a, out: self.logits.setdefault(trainer.global_step, []).append(out.detach().clone()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.qk.append((trainer.global_step, pl_module.blocks[0].attn.qkv.weight[:64].detach().clone()))
+
+
+def test_under_accumulation_qk_clip_waits_for_the_optimizer_step_and_decides_once_per_step(tmp_path):
+    model, loader = tiny_gpt(8)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[:64].mul_(6.0)  # every step above the limit: QK-clip every step
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, max_logit_limit=4.0, attention_rows=1000, attention_batch=1000)
+    micro = _MicroBatches()
+    trainer = make_trainer(tmp_path, 4, [monitor, micro], accumulate_grad_batches=2)
+    trainer.fit(model, loader)
+    assert trainer.global_step == 4 and len(micro.qk) == 8
+    # q and k are the same in both micro-batches of one optimizer step: nothing rescaled them in between
+    for (s0, w0), (s1, w1) in zip(micro.qk[0::2], micro.qk[1::2]):
+        assert s0 == s1
+        assert torch.equal(w0, w1), s0
+    # one sample, one decision and one QK-clip per optimizer step
+    assert monitor._samples == 4
+    events = [e for e in get_event_log(trainer) if e.source == "SoftmaxSaturationMonitor"]
+    clips = [e.step for e in events if e.kind == "qk_clip"]
+    assert clips[:3] == [1, 2, 3] and clips == sorted(set(clips))  # never twice in one step
+    assert [(e.step, e.action) for e in events if e.kind == "attention_logit_growth"] == [(1, "qk_clip")]
+    # the statistics are those of the step's two micro-batches together
+    both = torch.cat(micro.logits[3])
+    assert len(micro.logits[3]) == 2
+    assert monitor.last_stats["out_logz_mean"] == pytest.approx(float(softmax_stats(both)["logz_mean"]), rel=1e-5)
+    assert monitor.last_stats["out_logz_mean"] != pytest.approx(
+        float(softmax_stats(micro.logits[3][1])["logz_mean"]), rel=1e-4)
+
+
+def test_under_accumulation_patience_counts_optimizer_steps(tmp_path):
+    model, loader = tiny_gpt(12)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5, patience=2, cooldown=50, remedies=DRIFT_LADDER)
+    trainer = make_trainer(tmp_path, 6, [monitor], accumulate_grad_batches=2)
+    trainer.fit(model, loader)
+    drift = [(e.step, e.action) for e in get_event_log(trainer) if e.kind == "logit_drift"]
+    # a rung every two optimizer steps (two samples), each event at the step count after the step
+    assert drift == [(1, "z_loss"), (3, "softcap"), (5, "advise")]
+    assert monitor._samples == 6
+
+
+class _LogitGrads(pl.Callback):
+    """The gradient reaching the head's output before the monitor's z-loss hook and after it."""
+
+    def __init__(self) -> None:
+        self.before: list[torch.Tensor] = []
+        self.after: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer, pl_module):
+        def first(module, args, out):  # runs before the monitor's forward hook: its tensor hook too
+            self.logits.append(out.detach().clone())
+            out.register_hook(lambda g: self.before.append(g.detach().clone()))
+
+        def last(module, args, out):
+            out.register_hook(lambda g: self.after.append(g.detach().clone()))
+
+        pl_module.lm_head.register_forward_hook(first, prepend=True)
+        pl_module.lm_head.register_forward_hook(last)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_z_loss_gradient_carries_the_loss_scale_and_the_accumulation_factor(tmp_path, precision, accumulate):
+    """The z-loss gradient added to the logits' gradient is d/dz of c mean((log Z)^2), 2 c log Z softmax(z)
+    / rows, divided by accumulate_grad_batches as Lightning divides the loss, and multiplied by the AMP
+    loss scale under 16-mixed, as the gradient it is added to is (a GradScaler on CPU, enabled)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lightning_stability import z_loss
+
+    coef, scale = 0.05, 1024.0
+    model, loader = tiny_gpt(4)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1000, z_loss_ramp=0, z_loss_coef=coef)
+    monitor.load_state_dict({"remedy_on": {"z_loss": 0}})
+    grads = _LogitGrads()
+    kw = {"accumulate_grad_batches": accumulate}
+    if precision == "16-mixed":
+        kw["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=scale))]
+    make_trainer(tmp_path, 1, [monitor, grads], **kw).fit(model, loader)
+    assert len(grads.after) == accumulate
+    factor = (scale if precision == "16-mixed" else 1.0) / accumulate
+    for logits, before, after in zip(grads.logits, grads.before, grads.after):
+        z = logits.float().requires_grad_(True)
+        (expected,) = torch.autograd.grad(z_loss(z, coef), z)  # the explicit loss, by autograd
+        added = after.float() - before.float()
+        if precision == "16-mixed":
+            assert logits.dtype == torch.float16  # autocast really ran the head in float16
+            # float16 gradients: the difference is exact to a few units in the last place of the larger
+            ulp = float(torch.maximum(before.abs(), after.abs()).max().float()) * 2**-10
+            torch.testing.assert_close(added, expected * factor, rtol=2e-2, atol=2 * ulp)
+        else:
+            torch.testing.assert_close(added, expected * factor, rtol=1e-5, atol=1e-9)
+
+
+# -- what is logged: a detection's step reaches the logger ------------------------------------------
+def test_a_detection_at_a_step_that_is_not_a_logging_step_is_logged(tmp_path):
+    model, loader = tiny_gpt(12)
+    logger = MemoryLogger()
+    monitor = SoftmaxSaturationMonitor(every_n_steps=5, logz_limit=0.5, cooldown=50)
+    make_trainer(tmp_path, 12, [monitor], logger=logger, log_every_n_steps=50).fit(model, loader)
+    at0 = logger.metrics_at(0)  # step 0: sampled, a logit_drift detection, and not one of Lightning's logging steps
+    assert at0["stability/events/logit_drift"] == 1.0
+    assert at0["stability/softmax/out_logz_mean"] > 0.5
+    assert "stability/events/advice" in at0
+
+
+# -- defaults: only QK-clip (shown to help in docs/benchmarks.md) acts without being asked ----------
+def test_at_its_defaults_drift_and_collapse_are_reported_with_an_advice_event_and_training_is_untouched(tmp_path):
+    model, loader = tiny_gpt(3)
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in (model, reference):
+            m.lm_head.weight.mul_(1e4)  # logits in the thousands: log Z drifts and the softmax collapses
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1)
+    trainer = make_trainer(tmp_path, 3, [monitor])
+    trainer.fit(model, loader)
+    events = [e for e in get_event_log(trainer) if e.source == "SoftmaxSaturationMonitor"]
+    assert [(e.kind, e.action) for e in events if e.severity == "warning" and e.kind != "collapse_headroom_low"] == [
+        ("logit_drift", "advise"), ("softmax_collapse", "advise")]
+    advice = {e.action for e in events if e.kind == "advice"}
+    assert advice == {"remedies={'logit_drift': ('z_loss', 'softcap', 'advise')}",
+                      "remedies={'softmax_collapse': ('perp_grad', 'advise')}"}
+    assert all(e.severity == "info" for e in events if e.kind == "advice")
+    assert monitor.active_remedies == []
+    # the same three steps without the monitor: the same weights (nothing was changed)
+    make_trainer(tmp_path, 3, []).fit(reference, loader)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_ladder_the_user_chose_gets_no_advice_event(tmp_path):
+    model, loader = tiny_gpt(2)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=0.5, remedies={"logit_drift": ("advise",)})
+    trainer = make_trainer(tmp_path, 2, [monitor])
+    trainer.fit(model, loader)
+    assert [e.action for e in get_event_log(trainer) if e.kind == "logit_drift"] == ["advise"]
+    assert [e for e in get_event_log(trainer) if e.kind == "advice"] == []
+
+
+def test_qk_clip_tau_follows_the_max_logit_limit_the_user_passed():
+    assert SoftmaxSaturationMonitor(max_logit_limit=7.0).qk_clip_tau == 7.0
+    assert SoftmaxSaturationMonitor(max_logit_limit=7.0, qk_clip_tau=9.0).qk_clip_tau == 9.0
+    with pytest.raises(ValueError, match=r"qk_clip_tau=-1\.0") as err:
+        SoftmaxSaturationMonitor(qk_clip_tau=-1.0)
+    assert "max_logit_limit" not in str(err.value)

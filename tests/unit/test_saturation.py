@@ -366,3 +366,50 @@ def test_attention_stats_causal_mask_is_top_left_aligned_as_in_sdpa():
     for key in ("entropy_mean", "max_logit", "pmax_p99"):
         assert_close(causal[key], explicit[key])
     assert not torch.allclose(causal["entropy_mean"], bottom_right["entropy_mean"])
+
+
+@pytest.mark.parametrize("hidden", [float("-inf"), torch.finfo(torch.float32).min, torch.finfo(torch.float16).min, -10000.0])
+def test_attention_stats_additive_masks_hide_keys_as_a_boolean_mask_does(hidden):
+    # Hugging Face adds finfo(dtype).min, the original BERT -10000, others -inf: each hides the key, so
+    # the row's keys (the entropy's log n_i) are the unmasked ones; an additive mask read as "finite
+    # means visible" would count the padded keys and divide by log 10 instead of log 6
+    q = torch.randn(2, 2, 5, 4, generator=_gen(3))
+    k = torch.randn(2, 2, 10, 4, generator=_gen(4))
+    keep = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    keep[1, ..., 6:] = False
+    additive = torch.zeros(2, 1, 1, 10).masked_fill(~keep, hidden)
+    ref = attention_stats(q, k, attn_mask=keep)
+    got = attention_stats(q, k, attn_mask=additive)
+    for key in ("entropy_mean", "entropy_min", "max_logit", "pmax_p99"):
+        assert_close(got[key], ref[key], rtol=1e-5, atol=1e-6)
+    # and the boolean reference is the materialised attention over the 6 keys
+    p = torch.softmax((q[1] @ k[1, :, :6].transpose(-1, -2)) / 2.0, -1)
+    ent = (-(p * p.log()).sum(-1) / math.log(6)).min(-1).values
+    assert_close(ref["entropy_min"], torch.minimum(ent, attention_stats(q[:1], k[:1])["entropy_min"]), rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_rows_of_micro_batches_reduce_as_one_batch():
+    from lightning_stability.ops.saturation import reduce_softmax_rows, softmax_row_stats, zero_loss_counts
+
+    z = torch.randn(6, 7, 11, generator=_gen(5)) * 5
+    z[4, 2] = torch.tensor([200.0] + [0.0] * 10)
+    t = torch.randint(0, 11, (6, 7), generator=_gen(6))
+    t[4, 2] = 0
+    whole = softmax_stats(z)
+    parts = reduce_softmax_rows([softmax_row_stats(z[:2]), softmax_row_stats(z[2:])])
+    for key in whole:
+        assert_close(parts[key], whole[key], rtol=1e-6, atol=1e-6)
+    counts = zero_loss_counts(z[:2], t[:2]) + zero_loss_counts(z[2:], t[2:])
+    assert_close(counts[0] / counts[1], zero_loss_fraction(z, t))
+    assert float(counts[0]) == 1.0
+
+
+def test_z_loss_grad_scale_is_applied_before_the_cast():
+    # float16 logits: the gradient 2 c lse p / rows (~1e-9 here) flushes to zero in float16 unless it is
+    # scaled (an AMP loss scale of 2^16) in float32 first
+    z = (torch.randn(64, 50, generator=_gen(7)) * 3).half()
+    plain = z_loss_grad(z, 1e-4, rows=4096)
+    scaled = z_loss_grad(z, 1e-4, rows=4096, scale=torch.tensor(65536.0))
+    exact = z_loss_grad(z.double(), 1e-4, rows=4096) * 65536.0
+    assert float(plain.abs().max()) < float(exact.abs().max()) / 1000  # mostly flushed to zero
+    assert_close(scaled.double(), exact, rtol=2e-3, atol=1e-7)
