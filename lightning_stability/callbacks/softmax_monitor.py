@@ -440,6 +440,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         # the model's modules are found at fit start: Lightning runs this hook before
         # LightningModule.configure_model, where large and sharded models build their layers
         self._found = False
+        self._open_step = None  # a fit that ended mid-step leaves no half-collected step behind
         self._softcap_warned = set()
         self._skipped = set()
         self._remove_hooks()
