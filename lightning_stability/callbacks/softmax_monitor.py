@@ -189,6 +189,15 @@ class _AttentionSoftcap(_FunctionPatch):
 class SoftmaxSaturationMonitor(StabilityCallback):
     r"""Measures how saturated the output and attention softmaxes are, and acts before they break.
 
+    **What changes training at the defaults:** only QK-clip, after an ``attention_logit_growth``
+    detection (a layer's largest attention logit above ``max_logit_limit``, 100): it rescales that
+    layer's query and key weights after the optimizer step, the one remedy a benchmark in docs/ shows
+    helping once a detection fires. Every other detection at its default ladder observes: a warning
+    event with action ``advise`` and an ``advice`` info event whose action is the argument that turns
+    the remedy on (``remedies={'logit_drift': ('z_loss', 'softcap', 'advise')}``,
+    ``remedies={'softmax_collapse': ('perp_grad', 'advise')}``). The module hooks (the head's forward
+    hook; the capture during sampled forwards) change no number the model computes.
+
     **Output softmax.** The logits come from ``training_step``'s output (``outputs[logits_key]``) when
     it returns them, else from a forward hook on the head module (``head``; by default the first of
     ``lm_head``, ``output``, ``head``, ``classifier``, else the last ``nn.Linear``). On sampled steps:
@@ -209,9 +218,21 @@ class SoftmaxSaturationMonitor(StabilityCallback):
     ``entropy_min`` and ``entropy_median`` (over heads, of each head's mean row entropy divided by
     ``log n_i``, ``n_i`` the keys row ``i`` sees), ``max_logit``, ``pmax_p99``, ``headroom_min``.
 
-    **Sampling.** Every ``every_n_steps`` steps, and every step while a detection is active. The
-    statistics stay on the device until the sampled step ends; under DDP they are gathered in one
-    collective on sampled steps only, so every rank decides alike.
+    The model's modules (layer names, the head, the attention layers) are found at fit start, after
+    ``LightningModule.configure_model`` and the strategy's wrapping (whose name segments
+    ``_fsdp_wrapped_module``, ``_checkpoint_wrapped_module``, ``_orig_mod`` are left out). The head is
+    ``head`` by name, else a top-level ``lm_head``/``output``/``head``/``classifier``, else the last
+    ``nn.Linear`` named ``lm_head``/``head``/``classifier``/``decoder``/``output`` (a model wrapped in the
+    LightningModule), else the last ``nn.Linear``; none found is one ``no_head`` info event. A module
+    whose class name ends in ``Attention`` (or an ``nn.MultiheadAttention``) that runs in a sampled
+    forward without a call the monitor can read gets one warning and one ``attention_skipped`` info
+    event (Hugging Face's ``eager`` attention, a FlashAttention kernel called directly).
+
+    **Sampling.** Every ``every_n_steps`` optimizer steps, and every step while a detection is active.
+    Under gradient accumulation every micro-batch of a sampled step is measured and the step is decided
+    once, after its optimizer step (so ``patience`` and ``cooldown`` count optimizer steps, and QK-clip
+    never acts between micro-batches). The statistics stay on the device until the sampled step ends;
+    under DDP they are gathered in one collective on sampled steps only, so every rank decides alike.
 
     **Detections** (after ``warmup`` steps), with hysteresis: a detection sets at its threshold and
     clears below ``release`` times it (above, for the entropy floor), and its remedy stays on until
@@ -232,7 +253,8 @@ class SoftmaxSaturationMonitor(StabilityCallback):
 
     - ``z_loss``: a gradient hook on the logits adds the exact gradient of ``c * mean((log Z)^2)``,
       ``2 c log Z softmax(z) / rows``, with ``c`` ramped from 0 to ``z_loss_coef`` over
-      ``z_loss_ramp`` steps; the user's loss code is untouched;
+      ``z_loss_ramp`` steps, divided by ``accumulate_grad_batches`` and multiplied by the AMP loss
+      scale under ``16-mixed``, as the gradient it joins is; the user's loss code is untouched;
     - ``softcap``: the head's output becomes ``softcap * tanh(z / softcap)`` (a forward hook);
     - ``perp_grad``: before each optimizer step every gradient is projected orthogonal to its weight and
       rescaled to its norm;
@@ -249,7 +271,11 @@ class SoftmaxSaturationMonitor(StabilityCallback):
       logits themselves come down;
     - ``advise``: an event naming the structural fix the callback cannot make.
 
-    Logged (rank zero, straight to the loggers, on every sampled step): ``stability/softmax/out_logz_mean``,
+    Default ladders: ``logit_drift`` ``advise``; ``softmax_collapse`` ``advise``; ``attention_collapse``
+    ``advise``; ``attention_logit_growth`` ``qk_clip``, ``advise``.
+
+    Logged (rank zero, straight to the loggers, on every sampled step, so every step with a detection,
+    whatever ``log_every_n_steps`` says): ``stability/softmax/out_logz_mean``,
     ``out_logz_std``, ``out_logz_max``, ``out_max_logit``, ``out_pmax_mean``, ``sc_frac``,
     ``sc_headroom_p01``, ``zero_loss_frac``, ``nlm_cos_max``, ``z_loss_coef``;
     ``stability/attention/<layer>/entropy_min``, ``entropy_median``, ``max_logit``, ``pmax_p99``,
@@ -414,6 +440,7 @@ class SoftmaxSaturationMonitor(StabilityCallback):
         # the model's modules are found at fit start: Lightning runs this hook before
         # LightningModule.configure_model, where large and sharded models build their layers
         self._found = False
+        self._open_step = None  # a fit that ended mid-step leaves no half-collected step behind
         self._softcap_warned = set()
         self._skipped = set()
         self._remove_hooks()

@@ -468,14 +468,18 @@ def _head_count(module: nn.Module, names: Sequence[str]) -> int | None:
 def find_qk_projection(module: nn.Module) -> QKProjection | None:
     """The q/k projections of an attention module, where its layout is a known one: separate
     ``q_proj``/``k_proj`` linears (Hugging Face Llama, Mistral, Qwen, ...; heads from the module or its
-    ``config``), or one fused ``qkv``/``c_attn``/``Wqkv`` linear whose output is ``[q | k | v]``
+    ``config``) or ``query``/``key`` linears (Hugging Face BERT, ViT: ``num_attention_heads``,
+    ``attention_head_size``), or one fused ``qkv``/``c_attn``/``Wqkv`` linear whose output is ``[q | k | v]``
     (nanoGPT-style, the demo's ``TinyGPT``; litgpt, whose key/value part has ``n_query_groups`` heads of
     ``head_size``; heads from the module or its ``config``).
     ``None`` otherwise (pass your own :class:`QKProjection`)."""
-    q, k = getattr(module, "q_proj", None), getattr(module, "k_proj", None)
-    if isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+    for q_name, k_name in (("q_proj", "k_proj"), ("query", "key")):
+        q, k = getattr(module, q_name, None), getattr(module, k_name, None)
+        if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear)):
+            continue
         n_head = _head_count(module, ("num_heads", "num_attention_heads", "n_head", "n_heads"))
-        head_dim = _head_count(module, ("head_dim",)) or (q.out_features // n_head if n_head else None)
+        head_dim = _head_count(module, ("head_dim", "attention_head_size")) or (
+            q.out_features // n_head if n_head else None)
         if not n_head or not head_dim or k.out_features % head_dim or q.out_features != n_head * head_dim:
             return None
         return QKProjection(q, k, slice(0, q.out_features), slice(0, k.out_features), n_head,

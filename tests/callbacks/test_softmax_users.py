@@ -352,3 +352,46 @@ def test_pin_litgpt_attention_calls_torch_sdpa_by_module_attribute(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: (seen.append(a[0].shape), original(*a, **k))[1])
     _litgpt()(_IDS)
     assert len(seen) == 2
+
+
+@pytest.mark.parametrize(("family", "found"), [
+    ("hf-llama-gqa", (4, 2, 8)), ("hf-bert-padded", (4, 4, 8)), ("hf-vit", (4, 4, 8)), ("litgpt", (4, 2, 8)),
+    ("hf-gpt2", None), ("lightning-demo-transformer", None),
+])
+def test_qk_clip_finds_the_projections_where_they_are_linears_and_says_where_not(tmp_path, family, found):
+    """QK-clip on every family at its default: the q/k rows are found for Llama, BERT and ViT (query/key
+    linears), litgpt; GPT-2's Conv1D and nn.MultiheadAttention's in_proj_weight are not linears: a
+    warning per layer, no crash, and the weights left as they were."""
+    make, step, batch, _, layers = CASES[family]
+    model = _Wrapped(make, step)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monitor, trainer, warned = _fit(tmp_path, model, batch, max_logit_limit=1e-3)  # every head above tau
+    clipped = sorted(e.target for e in get_event_log(trainer) if e.kind == "qk_clip")
+    if found is None:
+        assert clipped == []
+        assert sorted(w.split(" of ")[1].split(";")[0] for w in warned if "QK-clip cannot find" in w) == sorted(layers)
+        assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    else:
+        assert clipped == sorted(layers)
+        proj = sm.find_qk_projection(dict(model.named_modules())[layers[0]])
+        assert (proj.n_head, proj.n_kv_head, proj.head_dim) == found
+        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("flag", ["bf16-mixed", "fp8-emulated"])
+def test_precisions_every_layer_measured_and_the_head_found_after_the_plugin_converted_it(tmp_path, flag):
+    from lightning_stability import resolve_precision
+    from tests.conftest import tiny_gpt
+
+    model, loader = tiny_gpt(2)
+    setup = resolve_precision(flag)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1)
+    trainer = make_trainer(tmp_path, 2, [monitor, *setup.pop("callbacks")], **setup)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader)
+    assert [str(w.message) for w in caught if str(w.message).startswith("SoftmaxSaturationMonitor")] == []
+    assert _measured(monitor.last_stats) == ["blocks.0.attn"]
+    # the hook sits on the head the model runs (after the plugin's conversion): its logits were seen
+    assert dict(model.named_modules())[monitor._head_name] is monitor._head_module
+    assert math.isfinite(monitor.last_stats["out_logz_mean"]) and monitor.last_stats["out_logz_mean"] > 0
