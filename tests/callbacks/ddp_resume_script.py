@@ -69,7 +69,8 @@ def main(out: str, mode: str) -> None:
     guard = GradientSpikeGuard(window=32, warmup=8)
     rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
     spectral = SpectralMonitor(check_every_n_steps=5, warmup=10, full_every_n_steps=20)
-    softmax = SoftmaxSaturationMonitor(every_n_steps=5, warmup=5, logz_limit=20.0, cooldown=3)
+    softmax = SoftmaxSaturationMonitor(every_n_steps=5, warmup=5, logz_limit=20.0, cooldown=3,
+                                       remedies={"logit_drift": ("z_loss", "softcap", "advise")})
     ckpt = ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_top_k=-1, save_on_train_epoch_end=True)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS,

@@ -36,7 +36,7 @@ def main(out: str, remedy: str = "z_loss") -> None:
     # ranks scale alike
     # remedy: what the drift turns on (z-loss, the default; or the perpendicular gradient, which
     # projects every gradient against its weight before the step: the ranks must project alike)
-    remedies = {"logit_drift": (remedy,)} if remedy != "z_loss" else None
+    remedies = {"logit_drift": (remedy,)}
     monitor = SoftmaxSaturationMonitor(every_n_steps=5, logz_limit=20.0, max_logit_limit=0.5, cooldown=3,
                                        remedies=remedies)
     trainer = pl.Trainer(
