@@ -6,9 +6,9 @@
     tensorboard --logdir runs/demo          # the curves; the Custom Scalars tab has the stability panels
 
 Four callbacks watch the run: ``GradientSpikeGuard`` repairs or skips bad steps, ``SpectralMonitor``
-tracks the singular spectrum of every weight (and would cap or smooth a layer whose top singular value
-runs away), ``SoftmaxSaturationMonitor`` samples the output and attention softmaxes every 50 steps (and
-would act on logit drift, collapse or runaway attention logits), ``InMemoryRollback`` keeps snapshots in
+tracks the singular spectrum of every weight (and names the remedy to opt into when a layer's top singular
+value runs away), ``SoftmaxSaturationMonitor`` samples the output and attention softmaxes every 50 steps (it
+clips q/k on runaway attention logits and advises on logit drift and collapse), ``InMemoryRollback`` keeps snapshots in
 memory and goes back to the last good one when the state itself is corrupted. ``StabilityPanels`` lays their metrics out as TensorBoard panels and writes
 the event timeline to TensorBoard's Text tab.
 The run writes TensorBoard logs, ``stability_events.jsonl`` (the event log), after a rollback
