@@ -308,12 +308,26 @@ class _Layer:
 
 
 class SpectralMonitor(StabilityCallback):
-    r"""Tracks the singular spectrum of every weight matrix during training and intervenes on it.
+    r"""Tracks the singular spectrum of every weight matrix during training; intervenes only if asked.
 
-    **Which weights.** Every weight of ``nn.Linear``, ``nn.Embedding`` and ``nn.Conv*`` modules (conv
-    kernels read as ``(out, in * kernel)`` matrices, whose singular values are not the convolution
-    operator's), selected by shell-style ``include``/``exclude`` patterns on module names. Tied
-    weights count once.
+    **Which defaults change training: none.** At its defaults the monitor observes: ``ladder=("warn",)``
+    emits each detection as an event and edits nothing (docs/benchmarks.md: capping and PSS after a
+    detection rescued 0 of 6 learning-rate blow-ups). Its first detection also emits one
+    ``spectral_advice`` event (``info``) and a warning naming the remedies to opt into (``ADVICE``):
+    ``ladder=("clip_updates", "rollback")``, or ``SpectralUpdateClip(optimizer, c=3.0)`` from the first
+    step. The one request it makes whatever the ladder: a rollback, from an attached
+    ``InMemoryRollback``, for a non-finite weight.
+
+    **Which weights.** Every weight matrix of ``nn.Linear`` (and Linear-like modules with
+    ``in_features``/``out_features``), ``nn.Embedding``, ``nn.Conv1d/2d/3d`` (kernels read as
+    ``(out, in * kernel)`` matrices, whose singular values are not the convolution operator's),
+    transformers' ``Conv1D`` (stored ``(in, out)``: measured and edited through its ``(out, in)``
+    view, exactly as the equivalent ``nn.Linear``), ``nn.MultiheadAttention`` (``in_proj_weight``, or
+    ``q/k/v_proj_weight``) and RNN/LSTM/GRU, selected by shell-style ``include``/``exclude`` patterns
+    on the names (a module's name for its ``weight``, ``<module>.<parameter>`` otherwise). Tied weights
+    count once. Every other parameter of two or more dimensions is listed with its reason in one
+    ``spectral_skipped`` event (``info``) and in ``skipped``. The layers are collected when training
+    starts, after ``configure_model``.
 
     **Every measured step** (``every_n_steps``), all on the weights' device with no host sync:
 
@@ -343,19 +357,20 @@ class SpectralMonitor(StabilityCallback):
                                 while sigma_max grows (the gradient feeds the top direction)
     ``embedding_rank_rise``     (embeddings, low precision) stable rank above ``embedding_rank_rise``
                                 times its median: a warning only
-    ``intervention_failed``     the mean loss after an intervention is worse than before it by more
-                                than ``loss_tolerance``: asks for a rollback
+    ``intervention_failed``     the mean loss per optimizer step (unscaled under AMP, summed over
+                                accumulated micro-batches) after an intervention is worse than before
+                                it by more than ``loss_tolerance``: asks for a rollback
     ``nonfinite_weight``        a non-finite sigma_max (a NaN or Inf in the weight): asks for a
                                 rollback, whatever the ladder
     ==========================  ========================================================================
 
-    **Interventions**, per layer, one rung of ``ladder`` per detection (climbing every ``patience``
-    detections until ``cooldown`` healthy checks pass), each an event:
+    **Interventions**, opted into through ``ladder``: per layer, one rung per detection (climbing every
+    ``patience`` detections until ``cooldown`` healthy checks pass), each an event:
 
     ================  =========================================================================
     action            effect
     ================  =========================================================================
-    ``warn``          an event only
+    ``warn``          an event only (the default ladder: ``("warn",)``)
     ``cap``           ``W <- W + (min(sigma, cap) - sigma) u v^T`` with the converged pair, ``cap``
                       the median of the layer's sigma_max history times ``cap_factor``
     ``pss``           parametric singularity smoothing: the top ``k`` singular values (``k`` the
@@ -382,10 +397,10 @@ class SpectralMonitor(StabilityCallback):
     ===============================================  =========================================
     key                                              when
     ===============================================  =========================================
-    ``stability/spectral/<layer>/sigma_max``         logging steps
-    ``stability/spectral/<layer>/stable_rank``       logging steps
-    ``stability/spectral/<layer>/update_ratio``      logging steps
-    ``stability/spectral/<layer>/alignment``         logging steps (the step's value)
+    ``stability/spectral/<layer>/sigma_max``         logging steps, and checks with a detection
+    ``stability/spectral/<layer>/stable_rank``       logging steps, and checks with a detection
+    ``stability/spectral/<layer>/update_ratio``      logging steps, and checks with a detection
+    ``stability/spectral/<layer>/alignment``         the same (the step's value)
     ``stability/spectral/<layer>/alpha``             the layer's full-spectrum step (also
                                                      ``alpha_weighted``, ``log_norm``, ``decay``,
                                                      ``mp_spikes``, ``ks``, ``stable_rank_exact``)
@@ -395,14 +410,15 @@ class SpectralMonitor(StabilityCallback):
 
     Example::
 
-        from lightning_stability import SpectralMonitor
-        trainer = pl.Trainer(callbacks=[SpectralMonitor(exclude=["lm_head"])])
+        from lightning_stability import InMemoryRollback, SpectralMonitor
+        trainer = pl.Trainer(callbacks=[SpectralMonitor(exclude=["lm_head"])])  # observes only
+        # opting in: clip a flagged layer's updates, then roll back if it persists
+        trainer = pl.Trainer(callbacks=[SpectralMonitor(ladder=("clip_updates", "rollback")), InMemoryRollback()])
 
     Under DDP every rank measures identical weights and gradients from identically seeded vectors, so
     measured steps need no collective. Each check gathers the per-layer statistics once (the worst
-    rank's value): the replicas agree unless one rank's copy was corrupted, and then every rank takes
-    the decision its numbers call for (the loss check after an intervention also averages the loss
-    over ranks: one all-reduce, only then). Under ``ModelParallelStrategy`` (FSDP2,
+    rank's value), and each rank's mean loss in the same all-gather: every decision reads the worst
+    statistics and the rank mean of the loss, the same numbers on every rank. Under ``ModelParallelStrategy`` (FSDP2,
     row-sharded weights) the products run on each rank's rows and their sums are all-reduced, per shape
     group: 4 all-reduces a measured step, no gather (docs/fsdp.md).
 
@@ -418,7 +434,8 @@ class SpectralMonitor(StabilityCallback):
         max_power_iters: the most extra iterations a check adds to an unconverged estimate.
         tol: residual under which an estimate counts as converged.
         check_every_n_steps: steps between checks; ``None`` checks on the logger's steps only.
-        window: checks kept in each layer's history (>= 2).
+        window: checks kept in each layer's history (>= 2); a layer's detections arm once it holds
+            ``min(3, window)`` checks.
         warmup: optimizer steps before detections are armed (>= 0): spectra change fast and
             legitimately early in training. A layer also needs 3 checks in its history.
         growth_zscore, min_growth: both must be reached for ``sigma_growth``.
@@ -426,7 +443,7 @@ class SpectralMonitor(StabilityCallback):
         alignment_threshold: in (0, 1]; PSS uses 0.8.
         embedding_rank_rise: ratio (> 1) for the embedding warning; ``"auto"`` is 1.5 under a
             precision other than 32/64-bit and off otherwise; ``None`` is off.
-        ladder: ordered actions from ``SPECTRAL_ACTIONS``.
+        ladder: ordered actions from ``SPECTRAL_ACTIONS``; ``("warn",)`` (observe) by default.
         patience, cooldown: detections per rung; healthy checks that end an incident.
         cap_factor: the cap as a multiple of the layer's median sigma_max (> 0).
         pss_fn: ``"log"`` or ``"clip"``.
