@@ -158,7 +158,7 @@ class StabilityPanels(Callback):
     def _count(self, event: StabilityEvent) -> None:
         if event.kind in SPIKE_KINDS and event.severity != "info":
             self._counts["spikes"] += 1
-        if event.action:
+        if event.action and event.action not in ("advise", "warn"):  # advice is not an intervention
             self._counts["interventions"] += 1
 
     def _write_timeline(self) -> None:
