@@ -112,7 +112,7 @@ def test_resume_restores_the_precision_state_exactly_and_continues_as_the_uninte
         assert torch.equal(p, q), name  # the resumed run is the uninterrupted one
 
 
-@pytest.mark.parametrize("flag", ["fp8-emulated", "te-mocked"])
+@pytest.mark.parametrize("flag", ["fp8-emulated", "fp8-emulated+adamw8bit", "te-mocked"])
 def test_a_checkpoint_written_with_fp8_resumes_in_a_plain_run(tmp_path, flag, request):
     if flag == "te-mocked":
         request.getfixturevalue("fake_te")
