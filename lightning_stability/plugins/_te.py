@@ -9,6 +9,7 @@ deprecated since); both are served.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import torch
@@ -100,40 +101,95 @@ def convert_linear(linear: nn.Linear) -> nn.Module:
     return new
 
 
+_MARK = "_lightning_stability_te_layer"  # set on a module this package converted: its TELayer
+
+
+def converted(module: nn.Module) -> TELayer | None:
+    """The :class:`TELayer` of a module converted by :func:`convert_linear` and wrapped, else ``None``."""
+    layer = module.__dict__.get(_MARK)
+    return layer if isinstance(layer, TELayer) else None
+
+
 class TELayer:
     """What ``FP8Precision`` needs of a converted TE layer, beside the module itself: a fallback switch
     (the layer's forward runs under ``fp8_autocast(enabled=False)``), health captured by hooks on
-    sampled steps with the scales from its FP8 metadata, and a reset of its amax history."""
+    sampled steps with the scales from its FP8 metadata, a reset of its amax history, and its FP8
+    metadata kept out of the module's state_dict.
+
+    **Shapes.** TE's FP8 GEMMs need the token count (all dimensions but the last) divisible by 8; a
+    call with another count (a last partial batch, an odd validation batch) is padded with zero rows
+    and the output sliced back: zeros change no amax and add nothing to the weight gradient, so the
+    result is the unpadded call's, and every rank keeps running the same FP8 layers.
+
+    **Checkpoints.** ``te.Linear`` saves its FP8 metadata (amax histories, scales) as ``_extra_state``
+    in its state_dict. Lightning loads the weights before the plugin converts the module, into the
+    ``nn.Linear`` that has no such key; so the key is removed from the module's state_dict (which then
+    holds exactly the weights of the plain model) and travels in the plugin's state instead
+    (:meth:`scaling_state`, :meth:`load_scaling_state`). A state_dict with ``_extra_state`` still loads
+    (TE reads it), and one without it loads into a converted module (its metadata is kept)."""
 
     def __init__(self, module: nn.Module, recipe: str, formats: tuple[FP8Format, FP8Format] = (E4M3, E5M2)) -> None:
         self.module, self.recipe, self.formats = module, recipe, formats
         self.fallback = False
         self.health_due = False
         self.health: dict[str, dict[str, Tensor]] = {}
+        self._warned_meta = False
+        for name in ("get_extra_state", "set_extra_state"):
+            if getattr(type(module), name, None) is getattr(nn.Module, name):  # not TE's own: nothing saved
+                raise RuntimeError(f"FP8Precision: {type(module).__name__} has no {name}; Transformer Engine keeps "
+                                   "its FP8 metadata there, which a checkpoint must save. This TE version is not "
+                                   "supported; use FP8Precision(backend='emulated').")
         forward = module.forward
 
         def guarded_forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
-            tokens = x.numel() // max(1, x.shape[-1])
-            if not self.fallback and tokens % 8:
-                raise ValueError(
-                    f"FP8 GEMMs need the number of tokens (all dimensions but the last) divisible by 8; this batch "
-                    f"has {tokens} for input shape {tuple(x.shape)}. Pad the batch or sequence, or keep this layer "
-                    "in high precision (FP8Precision(keep=[...]))."
-                )
             if self.fallback:
                 with fp8_autocast(enabled=False):
                     return forward(x, *args, **kwargs)
-            return forward(x, *args, **kwargs)
+            tokens = x.numel() // max(1, x.shape[-1])
+            pad = -tokens % 8
+            if not pad:
+                return forward(x, *args, **kwargs)
+            # TE's FP8 GEMM rule: pad the tokens with zero rows, slice the output back  # (tokens + pad, in)
+            padded = torch.nn.functional.pad(x.reshape(tokens, x.shape[-1]), (0, 0, 0, pad))
+            out = forward(padded, *args, **kwargs)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"FP8Precision: a TE layer returned {type(out).__name__} for a padded input; "
+                                "expected a tensor (te.Linear with return_bias=False)")
+            return out[:tokens].reshape(*x.shape[:-1], out.shape[-1])
 
         module.forward = guarded_forward  # type: ignore[method-assign]
         module.register_forward_pre_hook(self._input_hook)
         module.register_full_backward_hook(self._grad_hook)
+        module.register_state_dict_post_hook(_drop_extra_state)
+        module.register_load_state_dict_pre_hook(_keep_extra_state)
+        module.__dict__[_MARK] = self
+
+    def scaling_state(self) -> dict[str, Any]:
+        """TE's own serialisation of the layer's FP8 metadata (``get_extra_state``)."""
+        return {"extra_state": self.module.get_extra_state()}
+
+    def load_scaling_state(self, state: dict[str, Any], name: str = "") -> None:
+        if "extra_state" not in state:
+            raise ValueError(f"FP8Precision: the saved scaling state of TE layer {name!r} has no 'extra_state' "
+                             f"(has {sorted(state)}): it was not written by the TE backend")
+        self.module.set_extra_state(state["extra_state"])
+
+    def _meta(self) -> dict[str, Any]:
+        """TE's FP8 metadata of the layer (``fp8_meta``: a TE internal, read for health and reset). Missing
+        under delayed scaling means TE moved it: warn once, since the health then uses the tensors' own
+        scales and a reset cannot clear the history."""
+        meta = getattr(self.module, "fp8_meta", None)
+        if meta is None and self.recipe == "delayed" and not self._warned_meta:
+            self._warned_meta = True
+            warnings.warn(f"FP8Precision: {type(self.module).__name__} has no fp8_meta (a Transformer Engine internal "
+                          "this plugin reads); FP8 health uses each tensor's own scale and a fallback cannot reset "
+                          "the layer's amax history. Please report the TE version.", RuntimeWarning, stacklevel=2)
+        return meta or {}
 
     def _meta_scale(self, key: str, index: int, x: Tensor, fmt: FP8Format) -> Tensor:
         """The scale TE uses for this tensor: from its delayed-scaling metadata, else the tensor's own
         amax (current scaling computes it the same way, 1 where the amax is 0 or not finite)."""
-        meta = getattr(self.module, "fp8_meta", None) or {}
-        state = meta.get(key)
+        state = self._meta().get(key)
         if self.recipe == "delayed" and state is not None:
             return state.scale[index].detach().float()
         return current_scale(x, fmt)
@@ -153,9 +209,19 @@ class TELayer:
         self.health["grad"] = fp8_health(g, self._meta_scale("scaling_bwd", 0, g, self.formats[1]), self.formats[1])
 
     def reset_scaling(self) -> None:
-        meta = getattr(self.module, "fp8_meta", None) or {}
+        meta = self._meta()
         for key in ("scaling_fwd", "scaling_bwd"):
             state = meta.get(key)
             if state is not None:
                 state.amax_history.zero_()
                 state.scale.fill_(1.0)
+
+
+def _drop_extra_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    state_dict.pop(f"{prefix}_extra_state", None)  # saved by FP8Precision.state_dict instead
+
+
+def _keep_extra_state(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # a state_dict without TE's metadata (written by this plugin, or by a plain run): keep the layer's own,
+    # which a strict load would otherwise report missing. ``state_dict`` is load_state_dict's own copy.
+    state_dict.setdefault(f"{prefix}_extra_state", module.get_extra_state())

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -66,6 +66,13 @@ class EmulatedFP8Linear(nn.Linear):
     parameters (float32 master weights), with Transformer Engine's scaling: per role (input, weight,
     output gradient) an amax history and a scale. Delayed scaling uses the scale computed from the
     history before this call, then records this call's amax; current scaling uses the tensor's own.
+    Any input shape runs (the emulator has no GEMM tile rule: an odd last batch is fine).
+
+    The amax history and the scale are non-persistent buffers: they move with the module and DDP
+    broadcasts them, but the module's ``state_dict`` holds only the weights, so a checkpoint loads into
+    the model before conversion (Lightning restores the weights before the precision plugin converts
+    the module) and into a plain run. ``FP8Precision.state_dict`` saves them (:meth:`scaling_state`);
+    an older state_dict that holds them as ``<layer>.amax_history`` / ``<layer>.scale`` still loads.
 
     ``fallback`` runs the layer as a plain linear (bf16 under the plugin's autocast) instead."""
 
@@ -77,11 +84,34 @@ class EmulatedFP8Linear(nn.Linear):
                  amax_compute_algo: str = "max", device: Any = None, dtype: Any = None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe, self.formats, self.margin, self.amax_compute_algo = recipe, formats, margin, amax_compute_algo
-        self.register_buffer("amax_history", torch.zeros(amax_history_len, 3, device=device))  # (L, role)
-        self.register_buffer("scale", torch.ones(3, device=device))
+        self.register_buffer("amax_history", torch.zeros(amax_history_len, 3, device=device), persistent=False)
+        self.register_buffer("scale", torch.ones(3, device=device), persistent=False)
+        self.register_load_state_dict_pre_hook(_load_legacy_scaling)
         self.fallback = False
         self.health_due = False
         self.health: dict[str, dict[str, Tensor]] = {}
+
+    def scaling_state(self) -> dict[str, Tensor]:
+        """The delayed-scaling state, cloned to the host: what a checkpoint must hold to resume exactly."""
+        return {"amax_history": self.amax_history.detach().cpu().clone(), "scale": self.scale.detach().cpu().clone()}
+
+    @torch.no_grad()
+    def load_scaling_state(self, state: dict[str, Any], name: str = "") -> None:
+        """Copy a :meth:`scaling_state` back. A history of another length keeps its newest entries (or
+        is padded with zeros), with a warning: TE's ``amax_history_len`` is part of the recipe."""
+        history, scale = torch.as_tensor(state["amax_history"]), torch.as_tensor(state["scale"])
+        if scale.shape != self.scale.shape or history.dim() != 2 or history.shape[1] != 3:
+            raise ValueError(f"EmulatedFP8Linear {name!r}: a saved scaling state of shapes {tuple(history.shape)}, "
+                             f"{tuple(scale.shape)}; expected (amax_history_len, 3) and (3,)")
+        if history.shape[0] != self.amax_history.shape[0]:
+            rank_zero_warn(f"FP8Precision: layer {name!r} was saved with amax_history_len={history.shape[0]}, this "
+                           f"run has {self.amax_history.shape[0]}; keeping the newest entries.")
+            rows = min(history.shape[0], self.amax_history.shape[0])
+            self.amax_history.zero_()
+            self.amax_history[:rows] = history[:rows]
+        else:
+            self.amax_history.copy_(history)
+        self.scale.copy_(scale)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> EmulatedFP8Linear:
@@ -116,13 +146,6 @@ class EmulatedFP8Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.fallback:
             return F.linear(x, self.weight, self.bias)
-        tokens = x.numel() // max(1, x.shape[-1])
-        if tokens % 8:
-            raise ValueError(
-                f"FP8 GEMMs need the number of tokens (all dimensions but the last) divisible by 8; this batch "
-                f"has {tokens} for input shape {tuple(x.shape)}. Pad the batch or sequence, or keep this layer in "
-                "high precision (FP8Precision(keep=[...]))."
-            )
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             xs = self._scale(0, x)
@@ -136,6 +159,28 @@ class EmulatedFP8Linear(nn.Linear):
     def _grad_hook(self, grad: Tensor, g_scale: Tensor) -> None:
         # runs before the emulator's backward reads g_scale: set it to the scale this backward uses
         g_scale.copy_(self._scale(2, grad))
+
+
+def _load_legacy_scaling(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """State dicts written before the scaling state left the module hold it as buffers: take it from
+    there (and drop the keys, which a strict load would refuse)."""
+    keys = (f"{prefix}amax_history", f"{prefix}scale")
+    if all(k in state_dict for k in keys):
+        assert isinstance(module, EmulatedFP8Linear)
+        module.load_scaling_state({"amax_history": state_dict.pop(keys[0]), "scale": state_dict.pop(keys[1])},
+                                  prefix.rstrip("."))
+
+
+def legacy_scaling(state_dict: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
+    """The emulated layers' scaling state held by a module state_dict written before it moved to the
+    plugin's state (``<layer>.amax_history`` and ``<layer>.scale`` beside ``<layer>.weight``), by layer."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(".amax_history"):
+            layer = key[: -len(".amax_history")]
+            if f"{layer}.scale" in state_dict and f"{layer}.weight" in state_dict:
+                out[layer] = {"amax_history": value, "scale": state_dict[f"{layer}.scale"]}
+    return out
 
 
 _SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
@@ -258,11 +303,14 @@ class FP8Precision(Precision):
         self._synchronised: set[str] | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._announced = False
+        self._legacy_scaling: dict[str, dict[str, Tensor]] = {}  # from an older checkpoint's module state
 
     # -- conversion --------------------------------------------------------------------------------
     @override
     def convert_module(self, module: nn.Module) -> nn.Module:
-        linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        # a TE layer converted by an earlier fit (``trainer.test(ckpt_path=...)`` after ``fit`` converts
+        # again) counts as the linear it replaced: te.Linear is no nn.Linear
+        linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear) or _te.converted(m)]
         ends = {linears[0][0], linears[-1][0]} if linears and self.keep_first_last else set()
         self.converted_layers, self.skipped_layers, self._layers = [], {}, {}
         for name, linear in linears:
@@ -273,9 +321,12 @@ class FP8Precision(Precision):
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             if self.backend == "te":
-                converted = _te.convert_linear(linear)
-                setattr(parent, child, converted)
-                self._layers[name] = _te.TELayer(converted, self.recipe, self.formats)
+                layer = _te.converted(linear)
+                if layer is None:
+                    converted = _te.convert_linear(linear)
+                    setattr(parent, child, converted)
+                    layer = _te.TELayer(converted, self.recipe, self.formats)
+                self._layers[name] = layer
             else:
                 if not isinstance(linear, EmulatedFP8Linear):
                     linear = EmulatedFP8Linear.from_linear(
@@ -288,7 +339,10 @@ class FP8Precision(Precision):
             self._state.setdefault(name, {"bad": 0, "until": -1, "warned": 0})
         return module
 
-    def _skip_reason(self, name: str, linear: nn.Linear, ends: set[str]) -> str | None:
+    def _skip_reason(self, name: str, linear: nn.Module, ends: set[str]) -> str | None:
+        if _te.converted(linear) is not None:
+            return None  # converted by an earlier fit
+        assert isinstance(linear, nn.Linear)
         if name.rsplit(".", 1)[-1] in HEAD_NAMES:
             return "output head (kept in high precision)"
         if name in ends:
@@ -428,12 +482,27 @@ class FP8Precision(Precision):
         return [name for name, layer in self._layers.items() if layer.fallback]
 
     # -- state ---------------------------------------------------------------------------------------
+    # Lightning restores the module's weights before the strategy's setup converts the module, and this
+    # plugin's state (under its class qualname) after: the FP8 scaling state lives here, not in the
+    # module's state_dict, so it is restored into the converted layers and the weights load anywhere.
     @override
     def state_dict(self) -> dict[str, Any]:
+        """Which layers are in fallback and until when, and every converted layer's scaling state (the
+        emulator's amax history and scales; Transformer Engine's ``_extra_state``, its FP8 metadata)."""
         return {
             "layers": {name: dict(state) for name, state in self._state.items()},
             "fallback": sorted(self.fallback_layers),
+            "backend": self.backend,
+            "scaling": {name: layer.scaling_state() for name, layer in self._layers.items()},
         }
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a checkpoint written before the scaling state moved here holds it in the module's state_dict
+        # (loaded with ``strict_loading=False``, which skips those keys): take it from there
+        state = checkpoint.get(type(self).__qualname__)
+        if isinstance(state, dict) and "scaling" not in state:
+            self._legacy_scaling = legacy_scaling(checkpoint.get("state_dict", {}))
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -444,6 +513,23 @@ class FP8Precision(Precision):
         for name, layer in self._layers.items():
             layer.fallback = name in fallback
             self._state.setdefault(name, {"bad": 0, "until": -1, "warned": 0})
+        if "scaling" in state_dict:
+            scaling, backend = dict(state_dict["scaling"]), state_dict.get("backend", "emulated")
+        else:
+            scaling, backend = self._legacy_scaling, "emulated"
+        self._legacy_scaling = {}
+        if scaling and backend != self.backend:
+            rank_zero_warn(f"FP8Precision: the checkpoint's FP8 scaling state was written by the {backend!r} "
+                           f"backend; this run uses {self.backend!r}, so its layers start with fresh scales.")
+            return
+        missing = sorted(set(self._layers) - set(scaling)) if scaling else []
+        unknown = sorted(set(scaling) - set(self._layers))
+        if missing or unknown:
+            rank_zero_warn(f"FP8Precision: the checkpoint's FP8 scaling state does not match this run's converted "
+                           f"layers; fresh scales for {missing}, ignored for {unknown}.")
+        for name, layer in self._layers.items():
+            if name in scaling:
+                layer.load_scaling_state(scaling[name], name)
 
     @override
     def teardown(self) -> None:

@@ -4,10 +4,6 @@ the real thing runs in the GPU-marked tests on a Hopper machine."""
 from __future__ import annotations
 
 import importlib.util
-import sys
-from contextlib import nullcontext
-from types import SimpleNamespace
-from unittest.mock import Mock
 
 import pytest
 import torch
@@ -17,38 +13,10 @@ from lightning_stability import get_event_log
 from lightning_stability.plugins import _te
 from lightning_stability.plugins.fp8 import FP8Precision
 from tests.conftest import MemoryLogger, make_trainer, tiny_gpt
+from tests.plugins.conftest import FakeTELinear
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
                                 reason="Transformer Engine is installed: the GPU tests cover it")
-
-
-class FakeTELinear(nn.Linear):
-    """``te.Linear``'s constructor and parameters, and delayed-scaling metadata with known scales."""
-
-    def __init__(self, in_features, out_features, bias=True, params_dtype=None, device=None):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=params_dtype)
-        self.fp8_meta = {
-            "scaling_fwd": SimpleNamespace(amax_history=torch.ones(4, 3), scale=torch.tensor([2.0, 4.0, 1.0])),
-            "scaling_bwd": SimpleNamespace(amax_history=torch.ones(4, 2), scale=torch.tensor([8.0, 1.0])),
-        }
-
-
-@pytest.fixture
-def fake_te(monkeypatch):
-    te = Mock(name="transformer_engine")
-    recipe = Mock(name="transformer_engine.common.recipe")
-    te.common.recipe = recipe
-    te.pytorch.Linear = FakeTELinear
-    te.pytorch.autocast.side_effect = lambda **kwargs: nullcontext()
-    te.pytorch.fp8_autocast.side_effect = lambda **kwargs: nullcontext()
-    monkeypatch.setitem(sys.modules, "transformer_engine", te)
-    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te.pytorch)
-    monkeypatch.setitem(sys.modules, "transformer_engine.common", te.common)
-    monkeypatch.setitem(sys.modules, "transformer_engine.common.recipe", recipe)
-    monkeypatch.setattr(_te, "TE_AVAILABLE", True)
-    sm = {"value": (9, 0)}
-    monkeypatch.setattr(_te, "device_capability", lambda: sm["value"])
-    return SimpleNamespace(te=te, recipe=recipe, sm=sm)
 
 
 def test_auto_picks_te_on_hopper_with_tes_delayed_scaling_recipe(fake_te):
@@ -143,8 +111,16 @@ def test_a_fallen_back_te_layer_runs_outside_fp8_and_its_history_resets(fake_te,
     fake_te.te.pytorch.autocast.reset_mock()
     layer(torch.randn(8, 128))
     fake_te.te.pytorch.autocast.assert_called_once_with(enabled=False)
-    with pytest.raises(ValueError, match="divisible by 8"):
-        model.blocks[0].mlp[0](torch.randn(3, 32))
+    # a token count TE's FP8 GEMMs refuse (the fake raises as TE does) runs padded with zero rows: the
+    # output is the unpadded call's
+    fc = model.blocks[0].mlp[0]
+    x = torch.randn(1, 3, 32)
+    with _te.fp8_autocast(enabled=True):
+        y = fc(x)
+    assert fc.shapes[-1] == (8, 32) and y.shape == (1, 3, 128)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, fc.weight, fc.bias))
+    with pytest.raises(AssertionError, match="divisible by 8"):  # the fake keeps TE's rule
+        nn.Linear.__call__(FakeTELinear(32, 8), torch.randn(3, 32))
 
 
 def test_older_te_without_autocast_uses_fp8_autocast(fake_te):

@@ -1,0 +1,110 @@
+"""FP8Precision on the batches and models users have: token counts that are no multiple of 8 (a last
+partial batch, an odd validation batch), and layers built in ``configure_model``."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_stability.demos import TinyGPT, make_dataloader
+from lightning_stability.plugins.fp8 import EmulatedFP8Linear, FP8Precision
+from tests.conftest import make_trainer
+from tests.plugins.conftest import FakeTELinear
+
+
+class _Validated(TinyGPT):
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+        self.log("val/loss", loss)
+        return loss
+
+
+class _Shapes(pl.Callback):
+    """The input shapes the FP8 layer ``blocks.0.mlp.0`` sees, in training and in validation."""
+
+    def __init__(self):
+        self.train, self.val = [], []
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.blocks[0].mlp[0].register_forward_pre_hook(
+            lambda m, args: (self.train if m.training else self.val).append(tuple(args[0].shape)))
+
+
+@pytest.mark.parametrize("backend", ["emulated", "te"])
+def test_token_counts_not_divisible_by_8_train_and_validate(tmp_path, backend, request):
+    if backend == "te":
+        request.getfixturevalue("fake_te")  # the fake raises on such shapes as TE does
+    # 15 tokens a sequence; batches of 5 (75 tokens) and a last one of 2 (30); validation batches of 3 (45)
+    train, ds = make_dataloader(block_size=15, batch_size=5, n_samples=5 * 3 + 2)
+    val, _ = make_dataloader(block_size=15, batch_size=3, n_samples=3, seed=1)
+    pl.seed_everything(0, verbose=False)
+    model = _Validated(len(ds.vocab), block_size=15, d_model=32, n_layer=1, n_head=2, max_steps=8, warmup_steps=2)
+    plugin = FP8Precision(backend=backend)
+    shapes = _Shapes()
+    trainer = make_trainer(tmp_path, 8, [shapes], plugins=[plugin], limit_val_batches=1, val_check_interval=4,
+                           num_sanity_val_steps=1)
+    trainer.fit(model, train, val)
+    assert trainer.global_step == 8 and "blocks.0.mlp.0" in plugin.converted_layers
+    assert (2, 15, 32) in shapes.train and (5, 15, 32) in shapes.train and (3, 15, 32) in shapes.val
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    layer = model.blocks[0].mlp[0]
+    if backend == "te":
+        assert type(layer) is FakeTELinear and set(layer.shapes) >= {(80, 32), (32, 32), (48, 32)}  # padded to 8
+    else:  # the emulator runs the shape as it is, quantised like any other
+        assert isinstance(layer, EmulatedFP8Linear) and float(layer.amax_history[:, 0].amax()) > 0
+
+
+class _Configured(pl.LightningModule):
+    """A model whose layers exist only after ``configure_model`` (the pattern Lightning recommends for
+    large and sharded models), built once."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.d, self.net = d, None
+
+    def configure_model(self):
+        if self.net is not None:
+            return
+        self.net = nn.Sequential(nn.Linear(16, self.d), nn.ReLU(), nn.Linear(self.d, self.d), nn.ReLU(),
+                                 nn.Linear(self.d, self.d), nn.ReLU(), nn.Linear(self.d, 8))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _xy(n=32):
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(n, 16, generator=g), torch.randn(n, 8, generator=g))
+    return torch.utils.data.DataLoader(ds, batch_size=8)
+
+
+@pytest.mark.parametrize("backend", ["emulated", "te"])
+def test_layers_built_in_configure_model_are_converted_and_trained(tmp_path, backend, request):
+    if backend == "te":
+        request.getfixturevalue("fake_te")
+    model = _Configured()
+    plugin = FP8Precision(backend=backend)
+    trainer = make_trainer(tmp_path, 4, [], plugins=[plugin])
+    trainer.fit(model, _xy())
+    assert plugin.converted_layers == ["net.2", "net.4"]  # the first and the last are kept
+    kind = FakeTELinear if backend == "te" else EmulatedFP8Linear
+    assert [type(m) for m in model.net if isinstance(m, nn.Linear)] == [nn.Linear, kind, kind, nn.Linear]
+    # the optimizer holds the converted layers' parameters (built after the conversion)
+    held = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert {id(p) for p in model.parameters()} == held
+    # and it resumes: the weights load before the conversion, the scaling after
+    path = tmp_path / "c.ckpt"
+    trainer.save_checkpoint(path)
+    fresh, again = _Configured(), FP8Precision(backend=backend)
+    make_trainer(tmp_path / "r", 6, [], plugins=[again]).fit(fresh, _xy(), ckpt_path=str(path))
+    assert again.converted_layers == ["net.2", "net.4"]
+    if backend == "emulated":
+        assert float(fresh.net[2].amax_history.abs().sum()) > 0
