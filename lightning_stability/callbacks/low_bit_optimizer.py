@@ -106,6 +106,8 @@ class LowBitOptimizer(Callback):
         trainer.strategy.optimizers = new_optimizers
         self._families = [(_family_of(type(old).__name__) if old is not new else None)
                           for old, new in zip(old_optimizers, new_optimizers)]
+        # the plain optimizers' hyperparameters, so that a checkpoint's groups load into them
+        self._torch_defaults = [{k: v for k, v in old.defaults.items() if k != "params"} for old in old_optimizers]
         rank_zero_info(
             "LowBitOptimizer: " + ", ".join(f"{a} -> {b}" for a, b in self.swapped)
             + f"; 32-bit state kept for {len(self.kept_32bit)} parameter tensors."
@@ -182,8 +184,9 @@ class LowBitOptimizer(Callback):
             if family is None or i >= len(states):
                 continue
             exact[i] = states[i]
+            defaults = self._torch_defaults[i]
             states[i] = {"state": {k: _torch_layout(v, family) for k, v in states[i]["state"].items()},
-                         "param_groups": states[i]["param_groups"]}
+                         "param_groups": [{**defaults, **g} for g in states[i]["param_groups"]]}
         checkpoint[LOW_BIT_CHECKPOINT_KEY] = exact
 
     @override

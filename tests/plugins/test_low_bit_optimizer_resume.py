@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_stability import LowBitOptimizer
-from lightning_stability.ops.optim8bit import dequantize_state, is_8bit_layout
+from lightning_stability.ops.optim8bit import dequantize_state
 from tests.conftest import make_trainer
 from tests.plugins.test_low_bit_optimizer_users import _Hyper, _loader, _Scheduled
 
@@ -86,26 +86,6 @@ def test_a_checkpoint_written_with_the_callback_resumes_without_it(tmp_path, kin
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_checkpoint_written_with_the_callback_resumes_with_it_bit_for_bit(tmp_path):
-    model, at_save, hyper, path = _run_with_callback(tmp_path, "adamw")
-    checkpoint = torch.load(path, weights_only=False)
-    assert "exp_avg" in checkpoint["optimizer_states"][0]["state"][0]  # the portable layout ...
-    assert "LowBitOptimizer" in checkpoint["callbacks"]  # ... beside the exact 8-bit one
-
-    pl.seed_everything(0, verbose=False)
-    probe, resumed_hyper = _AtStart(), _Hyper()
-    resumed = _model("adamw")
-    make_trainer(tmp_path / "again", STEPS, [LowBitOptimizer(), probe, resumed_hyper]).fit(
-        resumed, _loader(8 * SAVE), ckpt_path=str(path))
-    for name, saved in at_save.state.items():
-        assert probe.state[name].keys() == saved.keys()
-        for key, value in saved.items():
-            assert torch.equal(probe.state[name][key], value) if torch.is_tensor(value) else probe.state[name][key] == value
-    assert resumed_hyper.lrs == hyper.lrs[SAVE:]
-    for (name, p), q in zip(resumed.named_parameters(), model.parameters()):
-        assert torch.equal(p, q), name  # the resumed run is the uninterrupted one
-
-
 def test_a_plain_checkpoint_resumes_with_the_callback_added_and_the_schedule_continues(tmp_path):
     pl.seed_everything(0, verbose=False)
     hyper = _Hyper()
@@ -126,12 +106,3 @@ def test_a_plain_checkpoint_resumes_with_the_callback_added_and_the_schedule_con
         assert 0 < err < 0.03  # quantised, not lost
     assert probe.optimizer.param_groups[0]["betas"] == (0.9, 0.999) and "optim_bits" not in saved["optimizer_states"][0]
     assert resumed_hyper.lrs == hyper.lrs[SAVE:]
-
-
-def test_portable_checkpoints_false_keeps_only_the_8bit_layout(tmp_path):
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
-    make_trainer(tmp_path, 3, [LowBitOptimizer(portable_checkpoints=False), ckpt], enable_checkpointing=True).fit(
-        _model("adamw"), _loader(8 * SAVE))
-    checkpoint = torch.load(tmp_path / "ckpt" / "epoch=0-step=3.ckpt", weights_only=False)
-    assert is_8bit_layout(checkpoint["optimizer_states"][0]["state"][0])
-    assert "LowBitOptimizer" not in checkpoint.get("callbacks", {})

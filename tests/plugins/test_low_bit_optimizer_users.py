@@ -107,18 +107,3 @@ def test_layers_built_in_configure_model_are_swapped(tmp_path, configured):
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
     assert opt.state[model.net[0].weight]["state1"].dtype == torch.uint8  # 8-bit state for the layers built late
     assert trainer.lr_scheduler_configs[0].scheduler.optimizer is opt
-
-
-def test_a_scheduler_holding_the_optimizer_elsewhere_is_refused(tmp_path):
-    class Hidden(S.LambdaLR):
-        def __init__(self, opt):
-            super().__init__(opt, lambda step: 1.0)
-            self.mine = opt  # a second reference the callback cannot know to rebind
-
-    class Model(_Scheduled):
-        def configure_optimizers(self):
-            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
-            return {"optimizer": opt, "lr_scheduler": Hidden(opt)}
-
-    with pytest.raises(RuntimeError, match="holds the replaced optimizer"):
-        make_trainer(tmp_path, 2, [LowBitOptimizer()]).fit(Model("LinearLR"), _loader())
