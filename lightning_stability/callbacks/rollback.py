@@ -823,10 +823,10 @@ def _ring_shape(cls: str, every_n_steps: int, keep: int | None, commit_after: in
     if commit_after is not None:
         commit_after = check_int(cls, "commit_after", commit_after, 1)
     if keep is None:
-        need = 20 if commit_after is None else commit_after
-        keep = max(2, need // every_n_steps + 2) if commit_after is not None else 2
-        if commit_after is None and every_n_steps * (keep - 1) <= 1:
-            keep = 3  # a snapshot every step: one more slot, so that one can be committed after a step
+        if commit_after is not None:
+            keep = max(2, commit_after // every_n_steps + 2)
+        else:
+            keep = 3 if every_n_steps == 1 else 2  # a snapshot every step: one more slot to commit one
     limit = every_n_steps * (keep - 1)
     if commit_after is None:
         if limit < 2:
