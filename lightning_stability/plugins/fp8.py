@@ -200,8 +200,9 @@ class FP8Precision(Precision):
 
     **Which layers.** Every ``nn.Linear`` whose shape an FP8 GEMM accepts (``in_features % 16 == 0``,
     ``out_features % 8 == 0``), except the first and the last linear layer (``keep_first_last``), the
-    output head (``lm_head``, ``output``, ``head``, ``classifier``) and names matching ``keep`` (fnmatch
-    patterns). ``converted_layers`` lists the converted names, ``skipped_layers`` maps the others to the
+    output head (``lm_head``, ``output``, ``head``, ``classifier``), ``nn.MultiheadAttention``'s
+    ``out_proj`` (MHA reads its weight itself) and names matching ``keep`` (fnmatch patterns). Any
+    token count runs (on TE, a count that is no multiple of 8 is padded and sliced back). ``converted_layers`` lists the converted names, ``skipped_layers`` maps the others to the
     reason.
 
     **Health** (every ``health_every_n_steps`` steps, every step while a layer is unhealthy), per
@@ -214,7 +215,11 @@ class FP8Precision(Precision):
     exceeds ``underflow_limit`` in ``patience`` consecutive samples, whose amax is not finite, or that an
     event of another stability callback names as its target, runs in bf16 on the same parameters for
     ``cooldown`` steps with its amax history reset, then FP8 is tried again. Every switch is an event
-    (``fp8_fallback``, ``fp8_retry``); the state is checkpointed (``state_dict``). With
+    (``fp8_fallback``, ``fp8_retry``).
+
+    **Checkpoints.** ``state_dict`` holds the fallback state and every converted layer's FP8 scaling
+    state (amax histories and scales, TE's ``_extra_state``), restored exactly on resume; the module's
+    own ``state_dict`` holds only the weights, so it loads before conversion and into a plain run. With
     ``fallback=False`` it only watches: an ``fp8_unhealthy`` warning per layer and incident, no switch.
 
     **DDP.** The health is gathered from every rank (one all-gather on health steps, none on the
@@ -304,6 +309,7 @@ class FP8Precision(Precision):
         self._unsubscribe: Callable[[], None] | None = None
         self._announced = False
         self._legacy_scaling: dict[str, dict[str, Tensor]] = {}  # from an older checkpoint's module state
+        self._mha_out: set[str] = set()
 
     # -- conversion --------------------------------------------------------------------------------
     @override
@@ -312,6 +318,10 @@ class FP8Precision(Precision):
         # again) counts as the linear it replaced: te.Linear is no nn.Linear
         linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear) or _te.converted(m)]
         ends = {linears[0][0], linears[-1][0]} if linears and self.keep_first_last else set()
+        # nn.MultiheadAttention reads its out_proj's weight directly (F.multi_head_attention_forward): the
+        # layer's forward never runs, so a converted one would be reported in FP8 and run in high precision
+        self._mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in module.named_modules()
+                         if isinstance(m, nn.MultiheadAttention)}
         self.converted_layers, self.skipped_layers, self._layers = [], {}, {}
         for name, linear in linears:
             reason = self._skip_reason(name, linear, ends)
@@ -343,6 +353,8 @@ class FP8Precision(Precision):
         if _te.converted(linear) is not None:
             return None  # converted by an earlier fit
         assert isinstance(linear, nn.Linear)
+        if name in self._mha_out:
+            return "out_proj of nn.MultiheadAttention (its weight is read directly, its forward never runs)"
         if name.rsplit(".", 1)[-1] in HEAD_NAMES:
             return "output head (kept in high precision)"
         if name in ends:

@@ -108,3 +108,17 @@ def test_layers_built_in_configure_model_are_converted_and_trained(tmp_path, bac
     assert again.converted_layers == ["net.2", "net.4"]
     if backend == "emulated":
         assert float(fresh.net[2].amax_history.abs().sum()) > 0
+
+
+def test_multihead_attention_out_proj_is_not_reported_as_fp8():
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` itself: converting it would claim FP8 and run
+    bf16. Lightning's ``demos.Transformer`` is built on it."""
+    from lightning.pytorch.demos import Transformer
+
+    model = Transformer(vocab_size=40, ninp=32, nhead=2, nhid=64, nlayers=1)
+    plugin = FP8Precision(backend="emulated", keep_first_last=False)
+    plugin.convert_module(model)
+    outs = [n for n, m in model.named_modules() if n.endswith("self_attn.out_proj")]
+    assert outs and all(n in plugin.skipped_layers and "MultiheadAttention" in plugin.skipped_layers[n] for n in outs)
+    assert all(type(model.get_submodule(n)) is not EmulatedFP8Linear for n in outs)
+    assert any(n.endswith("linear1") for n in plugin.converted_layers)  # the feed-forward layers still are
