@@ -45,9 +45,9 @@ def demo() -> list[Row]:
     from benchmarks.instabilities import load_example
 
     example = load_example("gpt_stability")
-    with tempfile.TemporaryDirectory() as root, recording() as rows, contextlib.redirect_stdout(open(os.devnull, "w")):
-        with mock.patch.object(sys, "argv", ["gpt_stability.py", "--logdir", root]):
-            example.main()
+    with (tempfile.TemporaryDirectory() as root, open(os.devnull, "w") as devnull, recording() as rows,
+          contextlib.redirect_stdout(devnull), mock.patch.object(sys, "argv", ["gpt_stability.py", "--logdir", root])):
+        example.main()
     return rows
 
 
