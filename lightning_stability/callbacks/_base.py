@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,8 +13,20 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from lightning_stability.core.lightning import (  # noqa: F401  (the adapters' shared helpers, re-exported)
+    any_rank,
+    grad_scaler,
+    halt_checkpoint_path,
+    is_logging_step,
+    log_metrics,
+    loss_scale,
+    rank_gather,
+    sharded_strategy,
+    step_loss,
+    synchronised_sources,
+)
+from lightning_stability.core.lr_backoff import Provider, lr_owner
 from lightning_stability.events import EventLog, get_event_log
-from lightning_stability.ops.lr import restore_lr
 from lightning_stability.ops.optim_state import unwrap_optimizer
 
 EVENTS_CHECKPOINT_KEY = "lightning_stability_events"
@@ -33,6 +45,9 @@ class StabilityCallback(Callback):
     result does not depend on which of them is present.
     """
 
+    # its events are decided from statistics every rank shares: every rank emits them alike
+    synchronised_events = True
+
     def __init__(self, name: str | None = None) -> None:
         if name is not None and (not isinstance(name, str) or not name):
             raise ValueError(f"{type(self).__name__}(name={name!r}): expected a non-empty str or None")
@@ -41,7 +56,7 @@ class StabilityCallback(Callback):
         self.halt_report: str | None = None
         self._halted = False
         self._counts: dict[str, int] = {}  # events this callback emitted, by kind
-        self._hooks: list[Any] = []  # optimizer step hook handles
+        self._lr_optimizers: list[torch.optim.Optimizer] = []  # where this callback provides LR factors
 
     @property
     @override
@@ -77,31 +92,42 @@ class StabilityCallback(Callback):
         """``stability/events/<kind>``: the cumulative count of this callback's events of each kind."""
         return {f"stability/events/{kind}": float(n) for kind, n in self._counts.items()}
 
-    # -- learning-rate hooks ---------------------------------------------------------------------
-    def register_lr_hooks(self, trainer: pl.Trainer, make_pre_hook: Callable[[int], Callable[..., None]]) -> None:
-        """A step pre-hook per optimizer (``make_pre_hook(index)``) that may scale its LR for that step
-        only, and a post-hook that puts the scheduler's LR back; removed when training ends."""
-        self.remove_lr_hooks(trainer)
+    # -- learning rate ----------------------------------------------------------------------------
+    def register_lr_provider(self, trainer: pl.Trainer, make_provider: Callable[[int], Provider]) -> None:
+        """Give every optimizer's LR owner (:mod:`lightning_stability.core.lr_backoff`) this callback's
+        per-step factors: ``make_provider(index)`` answers them for optimizer ``index``. Several
+        callbacks' factors for the same step compose by the smallest. Removed when training ends."""
+        self.remove_lr_provider()
         for index, optimizer in enumerate(trainer.optimizers):
             opt = unwrap_optimizer(optimizer)
-            self._hooks.append(opt.register_step_pre_hook(make_pre_hook(index)))
-            self._hooks.append(opt.register_step_post_hook(lambda optimizer, args, kwargs: restore_lr(optimizer)))
+            lr_owner(opt).register(self._lr_key, make_provider(index))
+            self._lr_optimizers.append(opt)
 
-    def remove_lr_hooks(self, trainer: pl.Trainer) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
-        # An exception inside optimizer.step(closure) skips the post-hook: put the scheduler's LR back.
-        for optimizer in trainer.optimizers:
-            restore_lr(unwrap_optimizer(optimizer))
+    def remove_lr_provider(self) -> None:
+        # An exception inside optimizer.step(closure) skips the post-hook: the owner puts the LR back.
+        for opt in self._lr_optimizers:
+            owner = lr_owner(opt)
+            owner.restore()
+            owner.unregister(self._lr_key)
+        self._lr_optimizers = []
+
+    @property
+    def _lr_key(self) -> str:
+        return f"{self.source}@{id(self):x}"
+
+    # -- the step's loss ---------------------------------------------------------------------------
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # every stability callback feeds the trainer's one StepLoss; it keeps each loss once
+        step_loss(trainer).add(loss, trainer.global_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.remove_lr_hooks(trainer)
+        self.remove_lr_provider()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.remove_lr_hooks(trainer)
+        self.remove_lr_provider()
 
     # -- halting ---------------------------------------------------------------------------------
     def halt(self, trainer: pl.Trainer, report: str, path: str, kind: str, metrics: dict[str, float]) -> None:
@@ -193,29 +219,16 @@ def halt_report(trainer: pl.Trainer) -> str | None:
     return None
 
 
-def is_logging_step(trainer: pl.Trainer) -> bool:
-    # LightningModule.log costs ~0.1 ms a key; call it only where the logger will write, as
-    # Lightning decides it (its logger connector), and on steps with a detection.
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(connector.should_update_logs) if connector is not None else True
-
-
 def log_step_metrics(
     trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], detection: bool
 ) -> None:
-    """Log a callback's few per-step metrics through ``LightningModule.log_dict``, so that they reach
-    ``trainer.callback_metrics`` (``EarlyStopping`` and ``ModelCheckpoint`` can monitor them).
+    """A callback's per-step metrics through the one logging path (:func:`log_metrics`)."""
+    log_metrics(trainer, metrics, detection)
 
-    On a logging step Lightning writes them to the loggers. A detection step is always written, at
-    that step, whatever ``log_every_n_steps`` says: the panels and the report must show the spike on
-    the step it happened, not a smooth curve beside it.
-    """
-    logging_step = is_logging_step(trainer)
-    if not (logging_step or detection):
-        return
-    pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-    if detection and not logging_step:
-        log_to_loggers(trainer, metrics)
+
+def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Metrics written now, whatever the logging cadence (:func:`log_metrics` with ``force``)."""
+    log_metrics(trainer, metrics, force=True)
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
@@ -230,40 +243,6 @@ def check_on_halt(owner: str, value: Any) -> str:
     if value not in ("stop", "raise"):
         raise ValueError(f"{owner}(on_halt={value!r}): expected 'stop' or 'raise'")
     return str(value)
-
-
-def grad_scaler(trainer: pl.Trainer) -> Any:
-    """The enabled AMP gradient scaler of the trainer's precision plugin, or ``None``."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
-        return None
-    return scaler
-
-
-def synchronised_sources(trainer: pl.Trainer) -> set[str]:
-    """The event sources whose events every rank emits alike, in the same step.
-
-    The stability callbacks and the FP8 plugin decide from statistics all ranks share (the gathered
-    ones, or the weights DDP keeps identical), so their events need no agreement between ranks. An
-    event from anywhere else (a user's check) may happen on one rank only.
-    """
-    sources = {cb.source for cb in trainer.callbacks if isinstance(cb, StabilityCallback)}  # type: ignore[attr-defined]
-    if getattr(trainer.precision_plugin, "synchronised_events", False):
-        sources.add(type(trainer.precision_plugin).__name__)
-    return sources
-
-
-def any_rank(trainer: pl.Trainer, flags: Sequence[bool]) -> list[bool]:
-    """Each flag, true if it is true on any rank: one all-reduce of ``len(flags)`` numbers under DDP.
-
-    ``torch.distributed`` is called directly: Lightning's ``strategy.reduce`` puts a barrier before
-    every all-reduce, a second collective that a per-step decision does not need.
-    """
-    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return list(flags)
-    t = torch.tensor([float(f) for f in flags], device=trainer.strategy.root_device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return [v > 0 for v in t.tolist()]
 
 
 def agreement_carrier(trainer: pl.Trainer) -> StabilityCallback | None:
@@ -288,14 +267,6 @@ def agreement_riders(trainer: pl.Trainer, carrier: StabilityCallback) -> list[St
     ]
 
 
-def sharded_strategy(trainer: pl.Trainer) -> str | None:
-    """The name of the trainer's strategy when it shards parameters (FSDP, ModelParallel), else ``None``."""
-    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
-    strategy = trainer.strategy
-    return type(strategy).__name__ if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) else None
-
-
 def check_fraction(owner: str, name: str, value: Any, closed: bool = False) -> float:
     """A float in (0, 1), or (0, 1] with ``closed``."""
     allowed = "(0, 1]" if closed else "(0, 1)"
@@ -312,16 +283,3 @@ def check_positive(owner: str, name: str, value: Any, above: float = 0.0) -> flo
     if not math.isfinite(value) or value <= above:
         raise ValueError(f"{owner}({name}={value!r}): expected a finite float > {above}")
     return float(value)
-
-
-def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Write many metrics straight to the trainer's loggers at the step Lightning logs this batch's
-    metrics at, from rank zero. Per-layer metrics take this path: ``LightningModule.log_dict`` costs
-    tens of microseconds per key (fine for a few counters, slow for a hundred layers' statistics) and
-    would add them all to ``trainer.callback_metrics``. Non-finite values are left out."""
-    if not trainer.is_global_zero or not trainer.loggers:
-        return
-    finite = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
-    for logger in trainer.loggers:
-        logger.log_metrics(finite, step=step)

@@ -14,6 +14,7 @@ from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 from typing_extensions import override
 
+from lightning_stability.core.modules import output_heads
 from lightning_stability.ops.optim8bit import TORCH_STATE_SLOTS, dequantize_state, torch_state_to_8bit
 
 _BNB = RequirementCache("bitsandbytes>=0.45")
@@ -32,7 +33,6 @@ TARGETS: dict[str, tuple[str, str]] = {
 # the torch (or third-party, by class name) optimizer each automatic target replaces
 _AUTO = {"AdamW": "adamw8bit", "Adam": "adam8bit", "SGD": "sgd8bit", "Lion": "lion8bit", "AdEMAMix": "ademamix8bit"}
 KEEP_32BIT = ("embeddings", "head", "norms")
-_HEAD_NAMES = ("lm_head", "output", "head", "classifier")
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.RMSNorm)
 _REFUSED_STRATEGIES = {
     "DeepSpeedStrategy": "DeepSpeed builds and shards its own optimizer",
@@ -115,10 +115,11 @@ class LowBitOptimizer(Callback):
 
     def _register_32bit(self, bnb: Any, pl_module: pl.LightningModule) -> None:
         keep: dict[int, str] = {}
+        heads = set(output_heads(pl_module.named_modules()))  # the one head rule (core.modules)
         for name, module in pl_module.named_modules():
             if ("embeddings" in self.keep_32bit and isinstance(module, nn.Embedding)) or (
                 "norms" in self.keep_32bit and isinstance(module, _NORMS)
-            ) or ("head" in self.keep_32bit and name.rsplit(".", 1)[-1] in _HEAD_NAMES):
+            ) or ("head" in self.keep_32bit and name in heads):
                 for pname, p in module.named_parameters():
                     keep[id(p)] = f"{name}.{pname}"
         manager = bnb.optim.GlobalOptimManager.get_instance()

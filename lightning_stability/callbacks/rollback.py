@@ -31,7 +31,6 @@ from lightning_stability.callbacks._base import (
 )
 from lightning_stability.events import StabilityEvent
 from lightning_stability.ops.ladder import ACTIONS
-from lightning_stability.ops.lr import scale_lr_for_step
 from lightning_stability.ops.optim_state import unwrap_optimizer
 from lightning_stability.ops.snapshot import (
     HostSnapshot,
@@ -350,7 +349,7 @@ class InMemoryRollback(StabilityCallback):
         self._carrier_later = carrier is not None and callbacks.index(carrier) > callbacks.index(self)
         self._agreed = False
         self._check_memory(trainer, pl_module)
-        self.register_lr_hooks(trainer, lambda index: self._lr_pre_hook)
+        self.register_lr_provider(trainer, lambda index: self._lr_factors)
         self._last_step = trainer.global_step
         # A fault in the first steps can be undone too. A resumed fit has the ring's steps but not its
         # snapshots: one taken at the checkpoint's own step is the state just restored, captured again
@@ -734,11 +733,12 @@ class InMemoryRollback(StabilityCallback):
         self.halt(trainer, report, path, "rollback_halt", {"rollbacks": float(count)})
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _lr_pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _lr_factors(self, optimizer: torch.optim.Optimizer) -> list[float] | None:
+        """The back-off after a rollback, for this step (``None``: no change)."""
         trainer = self._trainer_ref() if self._trainer_ref is not None else None
         if trainer is None or self.lr_backoff_factor is None or trainer.global_step >= self._backoff_until:
-            return
-        scale_lr_for_step(optimizer, [self.lr_backoff_factor] * len(optimizer.param_groups))
+            return None
+        return [self.lr_backoff_factor] * len(optimizer.param_groups)
 
     def _sample_ids(self, batch: Any) -> Any:
         """The batch's sample ids, or ``None`` (the batch is then known by its position).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -23,12 +22,14 @@ from lightning_stability.callbacks._base import (
     check_on_halt,
     check_positive,
     grad_scaler,
+    halt_checkpoint_path,
     is_logging_step,
-    log_step_metrics,
+    log_metrics,
+    loss_scale,
     sharded_strategy,
+    step_loss,
 )
-from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
-from lightning_stability.ops.lr import scale_lr_for_step
+from lightning_stability.core.escalation import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
 from lightning_stability.ops.optim_state import (
     moment_family,
     reset_moments_,
@@ -227,7 +228,6 @@ class GradientSpikeGuard(StabilityCallback):
         self.on_halt = check_on_halt(cls, on_halt)
 
         self._tracks: dict[int, _OptimizerTrack] = {}
-        self._pending_loss: Tensor | None = None
         self._halt_report: str | None = None  # a halt decided in this step, carried out at its end
         self._warned_norm_only: set[str] = set()
         self._trainer_ref: Any = None
@@ -287,11 +287,10 @@ class GradientSpikeGuard(StabilityCallback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer_ref = weakref.ref(trainer)
-        self._pending_loss = None
         self._halt_report = None
         self._halted = False
         self._riders = agreement_riders(trainer, self)
-        self.register_lr_hooks(trainer, self._make_lr_pre_hook)
+        self.register_lr_provider(trainer, self._make_lr_provider)
         for optimizer in trainer.optimizers:
             opt = unwrap_optimizer(optimizer)
             if self.theta is not None and moment_family(opt) is None:
@@ -304,13 +303,6 @@ class GradientSpikeGuard(StabilityCallback):
                     )
 
     @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        value = loss.detach().float()
-        if value.numel() != 1:
-            value = value.mean()
-        self._pending_loss = value if self._pending_loss is None else self._pending_loss + value
-
-    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -320,7 +312,7 @@ class GradientSpikeGuard(StabilityCallback):
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
         # sharded: the local shards (the rows this rank holds); everything elementwise acts on them
         grads = [local(p.grad) for p in params] if self._sharded else [p.grad for p in params]  # type: ignore[misc]
-        loss, self._pending_loss = self._pending_loss, None
+        loss = step_loss(trainer).value(trainer.global_step)  # scaled under fp16 AMP: unscaled after the reduction
         if not grads or self._halted:
             # nothing measured this step, but the riders still expect their flags agreed
             riders, flags = self._rider_flags(trainer, trainer.strategy.root_device)
@@ -367,7 +359,7 @@ class GradientSpikeGuard(StabilityCallback):
             if not track.armed and len(track.grad_window) >= self.warmup:
                 track.armed = True
                 self.emit(trainer, "armed", "info", {"window": float(len(track.grad_window))}, None)
-            if track.ladder.healthy():
+            if track.ladder.healthy():  # called on every healthy optimizer step: the cooldown counts steps
                 self.emit(trainer, "recovered", "info", {"healthy_steps": float(self.cooldown)}, None)
         else:
             unavailable = set() if log.has_responder("rollback") else {"rollback"}
@@ -388,8 +380,7 @@ class GradientSpikeGuard(StabilityCallback):
         if self._halt_report is None:
             return
         report, self._halt_report = self._halt_report, None
-        ckpt_dir = os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
-        path = os.path.join(ckpt_dir, f"stability-halt-step={trainer.global_step}.ckpt")
+        path = halt_checkpoint_path(trainer, "stability")
         report += f" A checkpoint of the state after the skipped step is at {path}."
         self.halt(trainer, report, path, "halt", {})
 
@@ -478,7 +469,7 @@ class GradientSpikeGuard(StabilityCallback):
         spike_count = self._count_spikes(trainer, opt, params, grads) if max_excess > 0 else 0.0
         loss_value = loss_sum / loss_count if loss_count > 0 else None
         if loss_value is not None:
-            loss_value /= _loss_scale(trainer)
+            loss_value /= loss_scale(trainer)
 
         return grad_norm, spike_count, checked, loss_value, ranks_disagree
 
@@ -614,21 +605,21 @@ class GradientSpikeGuard(StabilityCallback):
         # SPAM: after a reset the second moment is not meaningful yet; do not test elements against it.
         return track.warmup_from >= 0 and step < track.warmup_from + self.reset_warmup
 
-    def _make_lr_pre_hook(self, index: int) -> Any:
-        def pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _make_lr_provider(self, index: int) -> Any:
+        def factors(optimizer: torch.optim.Optimizer) -> list[float] | None:
+            """This step's LR factors: the back-off, times the update warm-up after a moment reset."""
             trainer = self._trainer_ref() if self._trainer_ref is not None else None
             track = self._tracks.get(index)
             if trainer is None or track is None:
-                return
+                return None
             step = trainer.global_step
             backoff = self.lr_backoff_factor if step < track.backoff_until else 1.0
             warm = cosine_ramp(step - track.warmup_from, self.reset_warmup) if track.warmup_from >= 0 else 1.0
             if backoff == 1.0 and warm == 1.0:
-                return
-            factors = [backoff * (warm if i in track.warmup_groups else 1.0) for i in range(len(optimizer.param_groups))]
-            scale_lr_for_step(optimizer, factors)
+                return None
+            return [backoff * (warm if i in track.warmup_groups else 1.0) for i in range(len(optimizer.param_groups))]
 
-        return pre_hook
+        return factors
 
     def _log_metrics(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, stats: dict[str, float], detection: bool
@@ -648,7 +639,7 @@ class GradientSpikeGuard(StabilityCallback):
         if math.isfinite(stats.get("loss_zscore", math.nan)):
             metrics[f"stability/loss/zscore{suffix}"] = stats["loss_zscore"]
         metrics.update(self.event_count_metrics())
-        log_step_metrics(trainer, pl_module, metrics, detection)
+        log_metrics(trainer, metrics, detection)
 
 
 def _optimizer_index(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> int:
@@ -695,15 +686,6 @@ def _warn_scaler_moved(scaler: Any) -> None:
             f"is not where torch {torch.__version__} used to keep it; non-finite gradients with a finite loss are "
             "taken for fp16 overflows the loss scaler skips (an amp_overflow event). Please report this."
         )
-
-
-def _loss_scale(trainer: pl.Trainer) -> float:
-    # Under fp16 AMP Lightning scales the loss before on_before_backward sees it.
-    scaler = grad_scaler(trainer)
-    if scaler is None:
-        return 1.0
-    scale = float(scaler.get_scale())
-    return scale if scale > 0 else 1.0
 
 
 def _finite(value: float | None) -> bool:

@@ -16,7 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_stability.callbacks._base import log_to_loggers, synchronised_sources
+from lightning_stability.core.agreement import Combine, agree
+from lightning_stability.core.lightning import log_metrics, rank_gather, synchronised_sources
+from lightning_stability.core.modules import output_heads, within
 from lightning_stability.events import get_event_log
 from lightning_stability.ops.fp8 import (
     E4M3,
@@ -36,7 +38,6 @@ RECIPES = ("delayed", "current", "block", "mxfp8", "nvfp4")
 EMULATED_RECIPES = ("delayed", "current")
 FORMATS = {"hybrid": (E4M3, E5M2), "e4m3": (E4M3, E4M3)}
 ROLES = ("input", "weight", "grad")
-HEAD_NAMES = ("lm_head", "output", "head", "classifier")
 _HEALTH_KEYS = ("amax", "scale", "headroom", "overflow_frac", "underflow_frac", "snr_db")
 _FLAG = "event_flag"  # gathered with the health: a layer named by an event on some rank
 
@@ -310,6 +311,7 @@ class FP8Precision(Precision):
         self._announced = False
         self._legacy_scaling: dict[str, dict[str, Tensor]] = {}  # from an older checkpoint's module state
         self._mha_out: set[str] = set()
+        self._heads: list[str] = []
 
     # -- conversion --------------------------------------------------------------------------------
     @override
@@ -322,6 +324,7 @@ class FP8Precision(Precision):
         # layer's forward never runs, so a converted one would be reported in FP8 and run in high precision
         self._mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in module.named_modules()
                          if isinstance(m, nn.MultiheadAttention)}
+        self._heads = output_heads(module.named_modules())  # the one head rule (core.modules)
         self.converted_layers, self.skipped_layers, self._layers = [], {}, {}
         for name, linear in linears:
             reason = self._skip_reason(name, linear, ends)
@@ -355,7 +358,7 @@ class FP8Precision(Precision):
         assert isinstance(linear, nn.Linear)
         if name in self._mha_out:
             return "out_proj of nn.MultiheadAttention (its weight is read directly, its forward never runs)"
-        if name.rsplit(".", 1)[-1] in HEAD_NAMES:
+        if within(name, self._heads):
             return "output head (kept in high precision)"
         if name in ends:
             return "first or last linear layer (keep_first_last=True)"
@@ -482,7 +485,7 @@ class FP8Precision(Precision):
         if due:
             metrics.update({f"stability/fp8/{k}": v for k, v in stats.items()})
             metrics["stability/fp8/fallback_layers"] = float(sum(layer.fallback for layer in self._layers.values()))
-            log_to_loggers(trainer, metrics)
+            log_metrics(trainer, metrics, force=True)
 
     def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None,
               target: str) -> None:
@@ -557,14 +560,10 @@ def _weight(layer: EmulatedFP8Linear | _te.TELayer) -> Tensor:
 def _gather(trainer: pl.Trainer, values: dict[str, Tensor]) -> dict[str, float]:
     """On the host, the same on every rank: one all-gather under DDP, the worst rank's value (the
     largest amax, overflow and underflow; the smallest headroom, scale and SNR)."""
-    keys = sorted(values)
-    if not keys:
-        return {}
-    vec = torch.stack([values[k].float().reshape(()) for k in keys])
-    if trainer.world_size > 1:
-        gathered = trainer.strategy.all_gather(vec)  # (world, n)
-        low = torch.tensor([k.rsplit("/", 1)[-1] in ("headroom", "scale", "snr_db") for k in keys], device=vec.device)
-        vec = torch.where(low, gathered.amin(0), gathered.amax(0))
-    return dict(zip(keys, vec.cpu().tolist()))
+    return agree(values, _worst, rank_gather(trainer))
+
+
+def _worst(key: str) -> Combine:
+    return "min" if key.rsplit("/", 1)[-1] in ("headroom", "scale", "snr_db") else "max"
 
 

@@ -22,7 +22,8 @@ def launch_two_ranks(script: str, *args: str, timeout: float = 240) -> subproces
     """Run one of the scripts beside this file on 2 gloo processes, on a port of its own (runs at the
     same time on one machine must not meet on Lightning's default port)."""
     path = os.path.join(os.path.dirname(__file__), script)
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    site = os.path.join(os.path.dirname(__file__), "_site")  # sitecustomize: the process group ends before exit
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([site, ROOT]), "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     return subprocess.run([sys.executable, path, *args], capture_output=True, text=True, env=env, timeout=timeout,
                           cwd=ROOT)
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_stability.ops.ladder import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
+from lightning_stability.core.escalation import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
 
 
 def test_detection_starts_at_first_rung_that_repairs_it():

@@ -1,0 +1,207 @@
+"""Escalation, written once: which intervention a detection gets, how long a state lasts, how much
+may be spent. Every count here is in optimizer steps, whichever callback uses it.
+
+- :class:`EscalationLadder`: the rung a detection gets, climbing with repetition (the guard, the
+  spectral monitor);
+- :class:`Hysteresis`: a per-key condition that sets after ``patience`` bad observations in a row
+  and clears ``cooldown`` steps after the last bad one (the softmax monitor's detections, FP8's
+  per-layer fallback);
+- :class:`Budget`: at most ``limit`` uses within ``window`` steps (the rollback's budget).
+
+Pure Python, no Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+ACTIONS = ("clip", "skip", "reset_moments", "lr_backoff", "rollback", "halt")
+DETECTIONS = ("nonfinite", "grad_spike", "loss_spike", "element_spike")
+# Clipping repairs a gradient with a few huge elements or a too-large norm; it cannot repair a
+# non-finite gradient, and a loss spike with a normal gradient norm leaves nothing to clip.
+_CLIP_REPAIRS = frozenset({"grad_spike", "element_spike"})
+
+
+def validate_ladder(
+    ladder: Sequence[str], owner: str = "ladder", actions: Sequence[str] = ACTIONS
+) -> tuple[str, ...]:
+    if isinstance(ladder, str) or not isinstance(ladder, Sequence):
+        raise TypeError(f"{owner}={ladder!r}: expected a sequence of actions from {list(actions)}")
+    rungs = tuple(ladder)
+    if not rungs:
+        raise ValueError(f"{owner}={ladder!r}: expected at least one action from {list(actions)}")
+    for action in rungs:
+        if action not in actions:
+            raise ValueError(f"{owner}: unknown action {action!r}; expected one of {list(actions)}")
+    if len(set(rungs)) != len(rungs):
+        raise ValueError(f"{owner}={ladder!r}: each action may appear once")
+    return rungs
+
+
+def cosine_ramp(k: int, length: int, start: float = 0.01) -> float:
+    """Update warm-up factor ``k`` steps after a moment reset: ``start`` at 0, 1 from ``length`` on."""
+    if k >= length:
+        return 1.0
+    if k <= 0:
+        return start
+    return start + (1.0 - start) * 0.5 * (1.0 - math.cos(math.pi * k / length))
+
+
+class EscalationLadder:
+    """Picks a rung for each detection and climbs with repetition.
+
+    A detection starts at the first rung that can repair it (by default the guard's rules: ``clip``
+    repairs only gradient and element spikes; ``repairs`` maps an action to the detections it can
+    repair, and an action it does not list repairs any). Every ``patience`` detections without
+    ``cooldown`` healthy steps in between climb one rung; ``cooldown`` steps without a detection bring
+    it back to the bottom. Pass ``step`` to :meth:`decide` and :meth:`healthy` and the cooldown is
+    counted in steps, however often the caller looks (a monitor that checks every 10 steps); without
+    it, in calls to :meth:`healthy`.
+    ``rollback`` is used only where a responder is available; otherwise the next rung is taken.
+    """
+
+    def __init__(
+        self,
+        rungs: Sequence[str] = ACTIONS,
+        patience: int = 3,
+        cooldown: int = 50,
+        actions: Sequence[str] = ACTIONS,
+        detections: Collection[str] = DETECTIONS,
+        repairs: Mapping[str, Collection[str]] | None = None,
+        fallback: str = "skip",
+    ) -> None:
+        self.rungs = validate_ladder(rungs, actions=actions)
+        self.detections = frozenset(detections)
+        self.repairs = {"clip": _CLIP_REPAIRS} if repairs is None else dict(repairs)
+        self.fallback = fallback  # the action when every rung is unavailable
+        self.patience = patience
+        self.cooldown = cooldown
+        self.strikes = 0
+        self.calm = 0
+        self.last_strike = -1  # the step of the last detection, where steps are given
+
+    def start_rung(self, detection: str) -> int:
+        if detection not in self.detections:
+            raise ValueError(
+                f"EscalationLadder: unknown detection {detection!r}; expected one of {sorted(self.detections)}"
+            )
+        for i, action in enumerate(self.rungs):
+            if action not in self.repairs or detection in self.repairs[action]:
+                return i
+        return len(self.rungs) - 1
+
+    def decide(self, detection: str, unavailable: Collection[str] = (), step: int | None = None) -> str:
+        """Record a detection and return the action for it."""
+        rung = min(self.start_rung(detection) + self.strikes // self.patience, len(self.rungs) - 1)
+        self.strikes += 1
+        self.calm = 0
+        if step is not None:
+            self.last_strike = step
+        while rung < len(self.rungs) - 1 and self.rungs[rung] in unavailable:
+            rung += 1
+        action = self.rungs[rung]
+        if action in unavailable:
+            # nothing above it: fall back to the strongest rung that is available
+            available = [a for a in self.rungs if a not in unavailable]
+            action = available[-1] if available else self.fallback
+        return action
+
+    def healthy(self, step: int | None = None) -> bool:
+        """Record a healthy step; ``True`` when this step ends an incident (the ladder resets)."""
+        if self.strikes == 0:
+            return False
+        self.calm = step - self.last_strike if step is not None and self.last_strike >= 0 else self.calm + 1
+        if self.calm >= self.cooldown:
+            self.strikes = 0
+            self.calm = 0
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"strikes": self.strikes, "calm": self.calm, "last_strike": self.last_strike}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.strikes = int(state.get("strikes", 0))
+        self.calm = int(state.get("calm", 0))
+        self.last_strike = int(state.get("last_strike", -1))
+
+
+class Hysteresis:
+    """A condition per key (a layer, a detection) that sets after ``patience`` bad observations in a
+    row and clears once ``cooldown`` steps have passed since the last bad one.
+
+    :meth:`observe` answers ``"set"`` on the observation that sets it, ``"clear"`` on the healthy
+    observation that clears it, else ``None``. A key nobody observes while it is set (a layer in
+    fallback is not measured) clears through :meth:`expire`.
+    """
+
+    def __init__(self, patience: int = 1, cooldown: int = 1) -> None:
+        if patience < 1 or cooldown < 1:
+            raise ValueError(f"Hysteresis(patience={patience!r}, cooldown={cooldown!r}): expected ints >= 1")
+        self.patience = patience
+        self.cooldown = cooldown
+        self.bad: dict[str, int] = {}  # key -> bad observations in a row
+        self.since: dict[str, int] = {}  # set keys -> the step of their last bad observation
+
+    def is_set(self, key: str) -> bool:
+        return key in self.since
+
+    @property
+    def any_set(self) -> bool:
+        return bool(self.since)
+
+    def observe(self, key: str, bad: bool, step: int) -> str | None:
+        if bad:
+            self.bad[key] = self.bad.get(key, 0) + 1
+            was = key in self.since
+            if was or self.bad[key] >= self.patience:
+                self.since[key] = step
+            return "set" if not was and key in self.since else None
+        self.bad[key] = 0
+        if key in self.since and step - self.since[key] >= self.cooldown:
+            del self.since[key]
+            return "clear"
+        return None
+
+    def expire(self, step: int) -> list[str]:
+        """Clear (and return) the set keys whose cooldown has run out, observed or not."""
+        done = [k for k, s in self.since.items() if step - s >= self.cooldown]
+        for key in done:
+            del self.since[key]
+            self.bad[key] = 0
+        return done
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bad": dict(self.bad), "since": dict(self.since)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.bad = {str(k): int(v) for k, v in dict(state.get("bad", {})).items()}
+        self.since = {str(k): int(v) for k, v in dict(state.get("since", {})).items()}
+
+
+class Budget:
+    """At most ``limit`` uses within any ``window`` steps: :meth:`spend` records a use at ``step`` and
+    answers whether it is still within the budget (the use that exceeds it is recorded too)."""
+
+    def __init__(self, limit: int, window: int) -> None:
+        if limit < 1 or window < 1:
+            raise ValueError(f"Budget(limit={limit!r}, window={window!r}): expected ints >= 1")
+        self.limit = limit
+        self.window = window
+        self.uses: list[int] = []
+
+    def used(self, step: int) -> int:
+        """Uses in the window that ends at ``step``."""
+        return sum(1 for s in self.uses if step - s < self.window)
+
+    def spend(self, step: int) -> bool:
+        self.uses = [s for s in self.uses if step - s < self.window] + [step]
+        return len(self.uses) <= self.limit
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"uses": list(self.uses)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.uses = [int(s) for s in state.get("uses", [])]
