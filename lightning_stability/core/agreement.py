@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 Combine = Literal["max", "min", "mean", "sum", "any"]
@@ -74,3 +75,13 @@ def agree(
     if not agreed:
         return {}
     return dict(zip(agreed, torch.stack(list(agreed.values())).cpu().tolist()))
+
+
+def gather_by_all_reduce(x: Tensor) -> Tensor:
+    """A gather (``(world, *x.shape)``) made of one all-reduce: each rank writes its values into its
+    own row of zeros, and the rows are summed. Where every other collective of a step is an
+    all-reduce (row-sharded weights), the check's agreement stays one too."""
+    table = torch.zeros(dist.get_world_size(), *x.shape, dtype=x.dtype, device=x.device)
+    table[dist.get_rank()] = x
+    dist.all_reduce(table, op=dist.ReduceOp.SUM)
+    return table

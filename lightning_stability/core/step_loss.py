@@ -20,13 +20,15 @@ class StepLoss:
 
     Several callbacks may feed the same loss (each sees it in its own ``on_before_backward``): a
     tensor already added is not added again. ``step`` is the optimizer step the losses belong to;
-    the first loss of a new step starts a new sum.
+    the first loss of a new step starts a new sum. ``added`` counts the losses added so far: a
+    consumer that remembers it can tell whether a loss has come since it last looked.
     """
 
     def __init__(self) -> None:
         self.step = -1
         self._sum: Tensor | None = None
         self._last: Any = None  # a weak reference to the last loss added
+        self.added = 0
 
     def add(self, loss: Tensor, step: int) -> None:
         last = self._last() if self._last is not None else None
@@ -39,6 +41,7 @@ class StepLoss:
             self.step, self._sum = step, None
         self._sum = value if self._sum is None else self._sum + value
         self._last = weakref.ref(loss)
+        self.added += 1
 
     def value(self, step: int, scale: float = 1.0) -> Tensor | None:
         """The step's loss (divided by the AMP ``scale``), or ``None`` when nothing was back-propagated

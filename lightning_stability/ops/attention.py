@@ -4,6 +4,7 @@ Pure torch, no Lightning."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,73 @@ def attention_stats(
         "pmax_p99": torch.nanquantile(pmax, 0.99, dim=1),
         "headroom_min": head.amin(dim=1),
     }
+
+
+def reduce_attention_calls(calls: Sequence[dict[str, Tensor]]) -> tuple[dict[str, Tensor], Tensor | None]:
+    """One layer's statistics from several :func:`attention_stats` results (its calls in one optimizer
+    step, one per micro-batch usually): each head's mean entropy averaged over the calls, then the
+    minimum and median over heads; extremes over all. Also the per-head largest logits over the calls
+    (for QK-clip) where every call has the same heads, else ``None``."""
+    same = len({c["max_logit"].shape for c in calls}) == 1
+    if same:
+        means = torch.stack([c["entropy_mean"] for c in calls]).nanmean(dim=0)  # (H,)
+        head_max: Tensor | None = torch.stack([c["max_logit"] for c in calls]).amax(dim=0)
+    else:
+        means, head_max = torch.cat([c["entropy_mean"] for c in calls]), None
+    values = {
+        "entropy_min": means.min(),
+        "entropy_median": means.median(),
+        "max_logit": torch.stack([c["max_logit"].max() for c in calls]).max(),
+        "pmax_p99": torch.stack([c["pmax_p99"].max() for c in calls]).max(),
+        "headroom_min": torch.stack([c["headroom_min"].min() for c in calls]).min(),
+    }
+    return values, head_max
+
+
+@torch.no_grad()
+def mha_query_key(
+    query: Tensor,
+    key: Tensor,
+    num_heads: int,
+    in_proj_weight: Tensor | None,
+    in_proj_bias: Tensor | None,
+    attn_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    is_causal: bool = False,
+    use_separate_proj_weight: bool = False,
+    q_proj_weight: Tensor | None = None,
+    k_proj_weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """q ``(N, H, L, D)`` and k ``(N, H, S, D)`` of ``nn.MultiheadAttention``'s functional core
+    (``multi_head_attention_forward``, which builds them inside) recomputed from its arguments:
+    ``query (L, N, E)``, ``key (S, N, E)``, the projection weights (``in_proj_weight``, or
+    ``q_proj_weight``/``k_proj_weight`` with ``use_separate_proj_weight``) and bias. Also one additive mask ``(N, H, L, S)``
+    (or ``None``) from ``attn_mask`` (``(L, S)`` or ``(N * H, L, S)``) and ``key_padding_mask``
+    ``(N, S)``, whose boolean values mark what must NOT be attended, and the causal flag left once the
+    mask is there (an ``attn_mask`` given with ``is_causal`` is the causal one)."""
+    e = query.shape[-1]
+    if use_separate_proj_weight:
+        assert q_proj_weight is not None and k_proj_weight is not None
+        w_q, w_k = q_proj_weight, k_proj_weight
+    else:
+        assert in_proj_weight is not None
+        w_q, w_k = in_proj_weight[:e], in_proj_weight[e : 2 * e]
+    b_q = in_proj_bias[:e].detach() if in_proj_bias is not None else None
+    b_k = in_proj_bias[e : 2 * e].detach() if in_proj_bias is not None else None
+    q = F.linear(query.detach().transpose(0, 1), w_q.detach(), b_q)
+    k = F.linear(key.detach().transpose(0, 1), w_k.detach(), b_k)
+    n, lq, _ = q.shape
+    s = k.shape[1]
+    q = q.view(n, lq, num_heads, e // num_heads).transpose(1, 2)  # (N, H, L, D)
+    k = k.view(n, s, num_heads, e // num_heads).transpose(1, 2)  # (N, H, S, D)
+    mask = torch.zeros(1, 1, 1, 1, device=q.device)
+    for m, shape in ((attn_mask, (1, 1, lq, s) if attn_mask is None or attn_mask.dim() == 2 else (n, num_heads, lq, s)),
+                     (key_padding_mask, (n, 1, 1, s))):
+        if isinstance(m, Tensor):
+            add = torch.zeros(m.shape, device=q.device).masked_fill(m, -math.inf) if m.dtype == torch.bool else m.float()
+            mask = mask + add.reshape(shape)
+    causal = bool(is_causal) and not isinstance(attn_mask, Tensor)
+    return q, k, mask.expand(n, num_heads, lq, s) if mask.numel() > 1 else None, causal
 
 
 def softcapped_attention(

@@ -142,6 +142,17 @@ def current_scale(x: Tensor, fmt: FP8Format, margin: int = 0) -> Tensor:
     return torch.where(ok, new, torch.ones_like(amax))
 
 
+def axiswise_scale(x: Tensor, dim: int, fmt: FP8Format) -> Tensor:
+    """Row-wise (axiswise) dynamic scaling, as torchao's ``rowwise`` recipe: one scale per slice of ``x``
+    along ``dim`` (the GEMM's contracted dimension), ``fp8_max / amax`` of the slice rounded down to a
+    power of two (so dequantising is exact), and 1 where the slice's amax is zero or not finite.
+    Shaped to broadcast against ``x`` (``dim`` kept, of size 1)."""
+    amax = x.detach().abs().amax(dim=dim, keepdim=True).float()
+    ok = (amax > 0) & torch.isfinite(amax)
+    new = torch.exp2(torch.floor(torch.log2((fmt.max_value / amax).clamp(max=torch.finfo(torch.float32).max))))
+    return torch.where(ok, new, torch.ones_like(amax))
+
+
 def roll_history(history: Tensor, amax: Tensor) -> Tensor:
     """The amax history with ``amax`` as its newest entry, ``history[0]``, the oldest dropped. In place."""
     history.copy_(torch.roll(history, 1, dims=0))
@@ -154,10 +165,14 @@ def roll_history(history: Tensor, amax: Tensor) -> Tensor:
 def fp8_health(x: Tensor, scale: Tensor | float, fmt: FP8Format) -> dict[str, Tensor]:
     """How well ``x`` fits ``fmt`` at ``scale``, as 0-d device tensors:
 
-    ``amax``; ``scale``; ``headroom``: ``log2(fp8_max / (amax * scale))`` bits (negative: the largest
+    ``amax``; ``scale``; ``headroom``: ``log2(fp8_max / max |x * scale|)`` bits (negative: the largest
     values saturate); ``overflow_frac``: values whose scaled magnitude exceeds ``fp8_max``, counted
     before the saturating cast; ``underflow_frac``: nonzero values that round to zero; ``snr_db``: the
     quantisation signal-to-noise ratio ``10 log10(sum x^2 / sum (x - q(x))^2)`` (``inf`` when exact).
+
+    ``scale`` may also hold one scale per row (:func:`axiswise_scale`, broadcasting against ``x``):
+    then ``scale`` is the smallest of them (the row with the largest values) and ``headroom`` the
+    tightest row's.
     """
     xf = x.detach().float()
     s = torch.as_tensor(scale, dtype=torch.float32, device=xf.device)
@@ -170,8 +185,8 @@ def fp8_health(x: Tensor, scale: Tensor | float, fmt: FP8Format) -> dict[str, Te
     noise = ((q / s - xf) ** 2).sum()
     return {
         "amax": amax,
-        "scale": s,
-        "headroom": torch.log2(fmt.max_value / (amax * s)),
+        "scale": s if s.dim() == 0 else s.amin(),
+        "headroom": torch.log2(fmt.max_value / (amax * s if s.dim() == 0 else scaled.abs().amax())),
         "overflow_frac": (scaled.abs() > fmt.max_value).sum() / n,
         "underflow_frac": (nonzero & (q == 0)).sum() / n,
         "snr_db": 10.0 * torch.log10(signal / noise),
@@ -219,6 +234,44 @@ def fp8_linear(
     """An emulated FP8 linear layer: see :class:`_FP8Linear`. The scales are 0-d tensors; ``g_scale``
     is read in the backward, so a delayed-scaling caller may update it in between."""
     return _FP8Linear.apply(x, weight, bias, x_scale, w_scale, g_scale, fwd_fmt, bwd_fmt)
+
+
+class _FP8LinearRowwise(torch.autograd.Function):
+    """``y = q(x) q(W)^T + b`` with torchao's row-wise scaling (:func:`axiswise_scale`), every operand in
+    E4M3 as its ``rowwise`` recipe: each GEMM's operands are scaled along the dimension it contracts.
+    Forward: ``x`` per token, ``W`` per output feature. Backward: for ``dx = g W``, ``g`` per token and
+    ``W`` per input feature; for ``dW = g^T x``, ``g`` per output feature and ``x`` per input feature
+    (both over the tokens). So the backward quantises the high-precision ``x`` and ``W`` again, each
+    along its other axis, as an FP8 GEMM of row-scaled operands must."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, fmt):  # type: ignore[no-untyped-def]
+        x2 = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        w = weight.float()  # (out, in)
+        ctx.save_for_backward(x2, w)
+        ctx.fmt, ctx.x_shape = fmt, x.shape
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        y = quantize(x2, axiswise_scale(x2, -1, fmt), fmt) @ quantize(w, axiswise_scale(w, -1, fmt), fmt).t()
+        if bias is not None:
+            y = y + bias.float()
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+        x2, w = ctx.saved_tensors
+        fmt = ctx.fmt
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g2 = grad_out.reshape(-1, grad_out.shape[-1]).float()  # (tokens, out)
+        grad_x = quantize(g2, axiswise_scale(g2, -1, fmt), fmt) @ quantize(w, axiswise_scale(w, 0, fmt), fmt)
+        grad_w = quantize(g2, axiswise_scale(g2, 0, fmt), fmt).t() @ quantize(x2, axiswise_scale(x2, 0, fmt), fmt)
+        grad_b = None if b_dtype is None else g2.sum(0).to(b_dtype)
+        return grad_x.reshape(ctx.x_shape).to(x_dtype), grad_w.to(w_dtype), grad_b, None
+
+
+def fp8_linear_rowwise(x: Tensor, weight: Tensor, bias: Tensor | None, fmt: FP8Format = E4M3) -> Tensor:
+    """An emulated FP8 linear layer with row-wise scaling: see :class:`_FP8LinearRowwise`. The scales are
+    the tensors' own (dynamic), so there is no scaling state to carry between steps."""
+    return _FP8LinearRowwise.apply(x, weight, bias, fmt)
 
 
 def snr_db(x: Tensor, approx: Tensor) -> float:

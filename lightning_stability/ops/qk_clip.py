@@ -24,14 +24,26 @@ def qk_clip_factors(max_logit: Tensor, tau: float = 100.0, alpha: float = 0.5) -
     return eta.pow(alpha), eta.pow(1.0 - alpha)
 
 
+def output_axis(module: nn.Module) -> tuple[int, int] | None:
+    """``(outputs, axis)`` of a linear-like module's weight: an ``nn.Linear`` keeps its outputs along
+    axis 0; a ``Conv1D`` (Hugging Face GPT-2, ``y = x @ W + b`` with ``W`` of shape ``(in, out)``, known
+    by its ``nf`` attribute) along axis 1. ``None`` for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, 0
+    weight, nf = getattr(module, "weight", None), getattr(module, "nf", None)
+    if isinstance(nf, int) and isinstance(weight, Tensor) and weight.ndim == 2 and weight.shape[1] == nf:
+        return nf, 1
+    return None
+
+
 @dataclass(frozen=True)
 class QKProjection:
-    """Where an attention module's queries and keys come from: the rows of one or two ``nn.Linear``
-    weights, laid out head after head (``n_head * head_dim`` query rows, ``n_kv_head * head_dim`` key
-    rows)."""
+    """Where an attention module's queries and keys come from: the outputs of one or two linear-like
+    modules (``nn.Linear``, or a ``Conv1D`` as in GPT-2: :func:`output_axis`), laid out head after head
+    (``n_head * head_dim`` query outputs, ``n_kv_head * head_dim`` key outputs)."""
 
-    q: nn.Linear
-    k: nn.Linear
+    q: nn.Module
+    k: nn.Module
     q_rows: slice
     k_rows: slice
     n_head: int
@@ -50,6 +62,13 @@ class QKProjection:
             raise ValueError(f"QKProjection: {self.n_head} query heads are not a multiple of {self.n_kv_head} key heads")
 
 
+def _output_axis(module: nn.Module) -> tuple[int, int]:
+    shape = output_axis(module)
+    if shape is None:
+        raise TypeError(f"QKProjection: {type(module).__name__} is not an nn.Linear or a Conv1D")
+    return shape
+
+
 def _head_count(module: nn.Module, names: Sequence[str]) -> int | None:
     for owner in (module, getattr(module, "config", None)):
         for name in names:
@@ -66,6 +85,7 @@ def find_qk_projection(module: nn.Module) -> QKProjection | None:
     ``attention_head_size``), or one fused ``qkv``/``c_attn``/``Wqkv`` linear whose output is ``[q | k | v]``
     (nanoGPT-style, the demo's ``TinyGPT``; litgpt, whose key/value part has ``n_query_groups`` heads of
     ``head_size``; heads from the module or its ``config``).
+    The fused linear may be a ``Conv1D`` (Hugging Face GPT-2's ``c_attn``).
     ``None`` otherwise (pass your own :class:`QKProjection`)."""
     for q_name, k_name in (("q_proj", "k_proj"), ("query", "key")):
         q, k = getattr(module, q_name, None), getattr(module, k_name, None)
@@ -80,17 +100,20 @@ def find_qk_projection(module: nn.Module) -> QKProjection | None:
                             k.out_features // head_dim, head_dim)
     for name in ("qkv", "c_attn", "Wqkv"):
         fused = getattr(module, name, None)
-        if not isinstance(fused, nn.Linear):
+        shape = output_axis(fused) if isinstance(fused, nn.Module) else None
+        if shape is None:
             continue
+        outputs = shape[0]
         n_head = _head_count(module, ("n_head", "num_heads", "n_heads", "num_attention_heads"))
         if not n_head:
             return None
         # grouped key heads where the module or its config says so (litgpt: n_query_groups, head_size)
         n_kv = _head_count(module, ("n_query_groups", "num_key_value_heads", "n_kv_heads", "n_kv_head")) or n_head
-        head_dim = _head_count(module, ("head_size", "head_dim")) or fused.out_features // (n_head + 2 * n_kv)
+        head_dim = _head_count(module, ("head_size", "head_dim")) or outputs // (n_head + 2 * n_kv)
         q_width, k_width = n_head * head_dim, n_kv * head_dim
-        if n_head % n_kv or fused.out_features != q_width + 2 * k_width:
+        if n_head % n_kv or outputs != q_width + 2 * k_width:
             return None
+        assert isinstance(fused, nn.Module)
         return QKProjection(fused, fused, slice(0, q_width), slice(q_width, q_width + k_width), n_head, n_kv, head_dim)
     return None
 
@@ -111,18 +134,22 @@ def apply_qk_clip(proj: QKProjection, head_max_logit: Tensor, tau: float = 100.0
     eta = fq * fk
     if proj.n_kv_head != proj.n_head:
         fq, fk = eta, torch.ones(proj.n_kv_head, device=eta.device)
-    # one factor per output row of each linear (q and k may be rows of one fused linear)
-    rows: dict[int, tuple[nn.Linear, Tensor]] = {}
+    # one factor per output of each linear (q and k may be outputs of one fused linear)
+    rows: dict[int, tuple[nn.Module, int, Tensor]] = {}
     for linear, span, factor in ((proj.q, proj.q_rows, fq), (proj.k, proj.k_rows, fk)):
-        _, f = rows.setdefault(id(linear), (linear, torch.ones(linear.out_features, device=eta.device)))
+        outputs, axis = _output_axis(linear)
+        _, _, f = rows.setdefault(id(linear), (linear, axis, torch.ones(outputs, device=eta.device)))
         f[span] *= factor.to(f.device).repeat_interleave(proj.head_dim)
     with torch.no_grad():
-        for linear, f in rows.values():
-            for t in (linear.weight, linear.bias):
-                if t is None:
+        for linear, axis, f in rows.values():
+            for t in (linear.get_parameter("weight"), getattr(linear, "bias", None)):
+                if not isinstance(t, Tensor):
+                    continue
+                shard = local(t.data)
+                if axis == 1 and t.ndim == 2:  # outputs along the columns (Conv1D): every held row scales alike
+                    shard.mul_(f.to(shard.device, shard.dtype).reshape(1, -1))
                     continue
                 start, stop = held_rows(t)
-                shard = local(t.data)
                 factor = f[start:stop].to(shard.device, shard.dtype)
                 shard.mul_(factor.reshape(-1, *([1] * (shard.ndim - 1))))
     return eta

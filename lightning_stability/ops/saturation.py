@@ -22,7 +22,14 @@ this module gathers them under the one name they have always been imported by.
 
 from __future__ import annotations
 
-from lightning_stability.ops.attention import MASKED, attention_stats, sample_rows, softcapped_attention
+from lightning_stability.ops.attention import (
+    MASKED,
+    attention_stats,
+    mha_query_key,
+    reduce_attention_calls,
+    sample_rows,
+    softcapped_attention,
+)
 from lightning_stability.ops.perpendicular import (
     nlm_alignment,
     nlm_from_sums,
@@ -59,10 +66,12 @@ __all__ = [
     "collapse_headroom",
     "find_qk_projection",
     "log_stablemax",
+    "mha_query_key",
     "nlm_alignment",
     "nlm_from_sums",
     "perpendicular_grad_",
     "qk_clip_factors",
+    "reduce_attention_calls",
     "reduce_softmax_rows",
     "sample_rows",
     "sharded_nlm_and_perp_sums",

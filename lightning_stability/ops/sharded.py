@@ -101,19 +101,28 @@ def all_reduce_sum_(x: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def local_sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
-    """This rank's share of ``sum ||t||^2`` over ``tensors`` (float32, a 0-dim device tensor): the
-    squares of its local shards, each divided by its replica count. Summed over ranks (one
-    all-reduce) it is the global sum of squares."""
+def local_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """This rank's share of each ``||t||^2`` (float32, ``(len(tensors),)`` on the device): the squares
+    of its local shards, each divided by its replica count. Summed over ranks (one all-reduce) they
+    are the whole tensors' squared norms."""
     if not tensors:
-        return torch.zeros(())
+        return torch.zeros(0)
     shards = [local(t) for t in tensors]
     device = shards[0].device
     norms = torch.stack(torch._foreach_norm(shards, 2, dtype=torch.float32)).to(device)  # (len,)
     weights = [1.0 / replicas(t) for t in tensors]
     if all(w == 1.0 for w in weights):
-        return norms.pow(2).sum()
-    return (norms.pow(2) * torch.tensor(weights, device=device)).sum()
+        return norms.pow(2)
+    return norms.pow(2) * torch.tensor(weights, device=device)
+
+
+@torch.no_grad()
+def local_sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """This rank's share of ``sum ||t||^2`` over ``tensors`` (a 0-dim device tensor,
+    :func:`local_squares` summed); summed over ranks, the global sum of squares."""
+    if not tensors:
+        return torch.zeros(())
+    return local_squares(tensors).sum()
 
 
 __all__ = [
@@ -123,6 +132,7 @@ __all__ = [
     "is_dtensor",
     "is_row_sharded",
     "local",
+    "local_squares",
     "local_sum_of_squares",
     "replicas",
     "row_range",

@@ -16,19 +16,29 @@ DEFAULT_THETA = 5000.0
 
 
 @torch.no_grad()
+def grad_norms(grads: Sequence[Tensor]) -> Tensor:
+    """Each gradient's L2 norm in float32, ``(len(grads),)`` on the first one's device, in their order:
+    one foreach pass per device."""
+    if len(grads) == 0:
+        return torch.zeros(0, dtype=torch.float32)
+    device = grads[0].device
+    by_device: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_device.setdefault(g.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.stack(torch._foreach_norm(list(grads), 2, dtype=torch.float32))
+    out = torch.empty(len(grads), dtype=torch.float32, device=device)
+    for idx in by_device.values():
+        out[idx] = torch.stack(torch._foreach_norm([grads[i] for i in idx], 2, dtype=torch.float32)).to(device)
+    return out
+
+
+@torch.no_grad()
 def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
     """The L2 norm of all gradients together, in float32 (non-finite if any element is)."""
     if len(grads) == 0:
         return torch.zeros((), dtype=torch.float32)
-    device = grads[0].device
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for g in grads:
-        by_device.setdefault(g.device, []).append(g)
-    partial = [
-        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float32))).to(device)
-        for gs in by_device.values()
-    ]
-    return partial[0] if len(partial) == 1 else torch.linalg.vector_norm(torch.stack(partial))
+    return torch.linalg.vector_norm(grad_norms(grads))
 
 
 @torch.no_grad()
