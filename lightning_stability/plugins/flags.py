@@ -8,7 +8,7 @@ import torch
 from lightning_utilities.core.imports import RequirementCache
 
 from lightning_stability.callbacks.low_bit_optimizer import TARGETS, LowBitOptimizer
-from lightning_stability.plugins._te import te_usable
+from lightning_stability.plugins._backend import choose_backend
 from lightning_stability.plugins.fp8 import FP8Precision
 
 # Lightning's own precision strings (``Trainer(precision=...)``), passed through as they are
@@ -21,9 +21,11 @@ FP8_FLAGS: dict[str, dict[str, Any]] = {
     "fp8": {"backend": "auto"},
     "fp8-emulated": {"backend": "emulated"},
     "fp8-current": {"backend": "auto", "recipe": "current"},
+    "fp8-torchao": {"backend": "torchao"},
 }
 OPTIMIZER_FLAGS = tuple(TARGETS)
 _TE = RequirementCache("transformer_engine>=2.0")
+_TORCHAO = RequirementCache("torchao")
 _BNB = RequirementCache("bitsandbytes>=0.45")
 
 
@@ -36,7 +38,7 @@ def resolve_precision(flag: str) -> dict[str, Any]:
 
     ``flag`` is one of Lightning's precision strings (``"bf16-mixed"``, ``"32-true"``, ...), one of
     ours (``"fp8"``: :class:`FP8Precision` with the automatic backend; ``"fp8-emulated"``;
-    ``"fp8-current"``: current scaling; ``"adamw8bit"``, ``"paged-adamw8bit"``, ``"lion8bit"``,
+    ``"fp8-current"``: current scaling; ``"fp8-torchao"``: torchao's float8 training; ``"adamw8bit"``, ``"paged-adamw8bit"``, ``"lion8bit"``,
     ``"ademamix8bit"``, ... : :class:`LowBitOptimizer` with that optimizer), or one of each joined by
     ``+`` (``"fp8+adamw8bit"``, ``"bf16-mixed+adamw8bit"``). ``precision`` is present only for
     Lightning's strings (Lightning refuses a precision string beside a precision plugin)::
@@ -82,6 +84,8 @@ def doctor_report() -> str:
         fp8_hw = False
     te_line = "installed" if _TE else 'not installed (pip install "lightning-stability[fp8]", CUDA machines only)'
     lines.append(f"Transformer Engine: {te_line}")
+    ao_line = "installed" if _TORCHAO else 'not installed (pip install "lightning-stability[fp8-torchao]", CUDA machines only)'
+    lines.append(f"torchao: {ao_line}")
     lines.append(f"FP8 GEMMs on this hardware: {'yes' if fp8_hw else 'no'} (they need SM >= 8.9)")
     if _BNB:
         import importlib.metadata
@@ -92,12 +96,15 @@ def doctor_report() -> str:
     lines.append("")
     lines.append("flag                 what it does here")
     for flag, kwargs in FP8_FLAGS.items():
-        recipe = kwargs.get("recipe", "delayed")
-        usable, why = te_usable(recipe)
-        if kwargs["backend"] == "emulated" or not usable:
-            what = f"emulated FP8 ({recipe} scaling)" + ("" if kwargs["backend"] == "emulated" else f": {why}")
+        try:  # the backend FP8Precision would pick here, as it picks it
+            backend, why, recipe = choose_backend("FP8Precision", kwargs["backend"], kwargs.get("recipe"))
+        except (ModuleNotFoundError, RuntimeError, ValueError) as err:
+            what = f"unavailable: {err}"
         else:
-            what = f"Transformer Engine FP8 ({recipe} scaling; {why})"
+            what = {"te": f"Transformer Engine FP8 ({recipe} scaling; {why})",
+                    "torchao": f"torchao float8 ({recipe} scaling; {why})",
+                    "emulated": f"emulated FP8 ({recipe} scaling)" + ("" if kwargs["backend"] == "emulated" else f": {why}"),
+                    }[backend]
         lines.append(f"{flag:<20} FP8Precision: {what}")
     for flag in OPTIMIZER_FLAGS:
         cls_name = TARGETS[flag][0]

@@ -10,13 +10,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_stability.core.agreement import Combine, agree
+from lightning_stability.core.escalation import Hysteresis
 from lightning_stability.core.lightning import log_metrics, rank_gather, synchronised_sources
 from lightning_stability.core.modules import output_heads, within
 from lightning_stability.events import get_event_log
@@ -24,26 +24,20 @@ from lightning_stability.ops.fp8 import (
     E4M3,
     E5M2,
     FP8Format,
-    amax_from_history,
-    current_scale,
-    delayed_scale,
-    fp8_health,
-    fp8_linear,
-    roll_history,
 )
-from lightning_stability.plugins import _te
+from lightning_stability.plugins import _te, _torchao
+from lightning_stability.plugins._backend import BACKENDS, EMULATED_RECIPES, RECIPES, choose_backend
+from lightning_stability.plugins._emulated import ROLES, EmulatedFP8Linear, legacy_scaling
 
-BACKENDS = ("auto", "te", "emulated")
-RECIPES = ("delayed", "current", "block", "mxfp8", "nvfp4")
-EMULATED_RECIPES = ("delayed", "current")
+__all__ = ["BACKENDS", "EMULATED_RECIPES", "RECIPES", "FP8Precision", "fp8_shape_reason"]
 FORMATS = {"hybrid": (E4M3, E5M2), "e4m3": (E4M3, E4M3)}
-ROLES = ("input", "weight", "grad")
 _HEALTH_KEYS = ("amax", "scale", "headroom", "overflow_frac", "underflow_frac", "snr_db")
 _FLAG = "event_flag"  # gathered with the health: a layer named by an event on some rank
 
 
-# block-scaled recipes quantise in blocks along both dimensions: their GEMMs need whole blocks
-_BLOCK_MULTIPLE = {"block": 128, "mxfp8": 32, "nvfp4": 32}
+# block-scaled recipes quantise in blocks along both dimensions: their GEMMs need whole blocks; torchao's
+# (torch._scaled_mm) need both dimensions divisible by 16
+_BLOCK_MULTIPLE = {"block": 128, "mxfp8": 32, "nvfp4": 32, "tensorwise": 16, "rowwise": 16}
 
 
 def fp8_shape_reason(linear: nn.Linear, recipe: str = "delayed") -> str | None:
@@ -60,128 +54,6 @@ def fp8_shape_reason(linear: nn.Linear, recipe: str = "delayed") -> str | None:
     if linear.out_features % 8:
         return f"out_features={linear.out_features} is not divisible by 8"
     return None
-
-
-class EmulatedFP8Linear(nn.Linear):
-    """An ``nn.Linear`` whose matmul runs through the FP8 emulator (:func:`fp8_linear`) on the same
-    parameters (float32 master weights), with Transformer Engine's scaling: per role (input, weight,
-    output gradient) an amax history and a scale. Delayed scaling uses the scale computed from the
-    history before this call, then records this call's amax; current scaling uses the tensor's own.
-    Any input shape runs (the emulator has no GEMM tile rule: an odd last batch is fine).
-
-    The amax history and the scale are non-persistent buffers: they move with the module and DDP
-    broadcasts them, but the module's ``state_dict`` holds only the weights, so a checkpoint loads into
-    the model before conversion (Lightning restores the weights before the precision plugin converts
-    the module) and into a plain run. ``FP8Precision.state_dict`` saves them (:meth:`scaling_state`);
-    an older state_dict that holds them as ``<layer>.amax_history`` / ``<layer>.scale`` still loads.
-
-    ``fallback`` runs the layer as a plain linear (bf16 under the plugin's autocast) instead."""
-
-    amax_history: Tensor  # (history, role): role 0 input, 1 weight, 2 output gradient
-    scale: Tensor  # (role,)
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recipe: str = "delayed",
-                 formats: tuple[FP8Format, FP8Format] = (E4M3, E5M2), margin: int = 0, amax_history_len: int = 1024,
-                 amax_compute_algo: str = "max", device: Any = None, dtype: Any = None) -> None:
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.recipe, self.formats, self.margin, self.amax_compute_algo = recipe, formats, margin, amax_compute_algo
-        self.register_buffer("amax_history", torch.zeros(amax_history_len, 3, device=device), persistent=False)
-        self.register_buffer("scale", torch.ones(3, device=device), persistent=False)
-        self.register_load_state_dict_pre_hook(_load_legacy_scaling)
-        self.fallback = False
-        self.health_due = False
-        self.health: dict[str, dict[str, Tensor]] = {}
-
-    def scaling_state(self) -> dict[str, Tensor]:
-        """The delayed-scaling state, cloned to the host: what a checkpoint must hold to resume exactly."""
-        return {"amax_history": self.amax_history.detach().cpu().clone(), "scale": self.scale.detach().cpu().clone()}
-
-    @torch.no_grad()
-    def load_scaling_state(self, state: dict[str, Any], name: str = "") -> None:
-        """Copy a :meth:`scaling_state` back. A history of another length keeps its newest entries (or
-        is padded with zeros), with a warning: TE's ``amax_history_len`` is part of the recipe."""
-        history, scale = torch.as_tensor(state["amax_history"]), torch.as_tensor(state["scale"])
-        if scale.shape != self.scale.shape or history.dim() != 2 or history.shape[1] != 3:
-            raise ValueError(f"EmulatedFP8Linear {name!r}: a saved scaling state of shapes {tuple(history.shape)}, "
-                             f"{tuple(scale.shape)}; expected (amax_history_len, 3) and (3,)")
-        if history.shape[0] != self.amax_history.shape[0]:
-            rank_zero_warn(f"FP8Precision: layer {name!r} was saved with amax_history_len={history.shape[0]}, this "
-                           f"run has {self.amax_history.shape[0]}; keeping the newest entries.")
-            rows = min(history.shape[0], self.amax_history.shape[0])
-            self.amax_history.zero_()
-            self.amax_history[:rows] = history[:rows]
-        else:
-            self.amax_history.copy_(history)
-        self.scale.copy_(scale)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> EmulatedFP8Linear:
-        """A converted copy sharing ``linear``'s parameters (the optimizer keeps seeing the same tensors)."""
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device, **kwargs)
-        new.weight = linear.weight
-        new.bias = linear.bias
-        return new
-
-    def reset_scaling(self) -> None:
-        self.amax_history.zero_()
-        self.scale.fill_(1.0)
-
-    def _scale(self, role: int, x: Tensor) -> Tensor:
-        fmt = self.formats[1] if role == 2 else self.formats[0]
-        if self.recipe == "current":
-            s = current_scale(x, fmt, self.margin)
-            self.scale[role] = s
-        else:
-            s = self.scale[role].clone()  # the scale this call uses; the history update comes after
-            amax = x.detach().abs().amax().float()
-            self.amax_history[:, role] = roll_history(self.amax_history[:, role].clone(), amax)
-            self.scale[role] = delayed_scale(
-                amax_from_history(self.amax_history[:, role], self.amax_compute_algo),  # type: ignore[arg-type]
-                self.scale[role], fmt, self.margin,
-            )
-        if self.health_due and self.training:
-            self.health[ROLES[role]] = fp8_health(x, s, fmt)
-        return s
-
-    @override
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fallback:
-            return F.linear(x, self.weight, self.bias)
-        out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            xs = self._scale(0, x)
-            ws = self._scale(1, self.weight)
-            g_scale = self.scale[2:3].clone().reshape(())
-            y = fp8_linear(x, self.weight, self.bias, xs, ws, g_scale, *self.formats)
-        if y.requires_grad:
-            y.register_hook(lambda grad: self._grad_hook(grad, g_scale))
-        return y.to(out_dtype)
-
-    def _grad_hook(self, grad: Tensor, g_scale: Tensor) -> None:
-        # runs before the emulator's backward reads g_scale: set it to the scale this backward uses
-        g_scale.copy_(self._scale(2, grad))
-
-
-def _load_legacy_scaling(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """State dicts written before the scaling state left the module hold it as buffers: take it from
-    there (and drop the keys, which a strict load would refuse)."""
-    keys = (f"{prefix}amax_history", f"{prefix}scale")
-    if all(k in state_dict for k in keys):
-        assert isinstance(module, EmulatedFP8Linear)
-        module.load_scaling_state({"amax_history": state_dict.pop(keys[0]), "scale": state_dict.pop(keys[1])},
-                                  prefix.rstrip("."))
-
-
-def legacy_scaling(state_dict: dict[str, Any]) -> dict[str, dict[str, Tensor]]:
-    """The emulated layers' scaling state held by a module state_dict written before it moved to the
-    plugin's state (``<layer>.amax_history`` and ``<layer>.scale`` beside ``<layer>.weight``), by layer."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith(".amax_history"):
-            layer = key[: -len(".amax_history")]
-            if f"{layer}.scale" in state_dict and f"{layer}.weight" in state_dict:
-                out[layer] = {"amax_history": value, "scale": state_dict[f"{layer}.scale"]}
-    return out
 
 
 _SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
@@ -235,7 +107,7 @@ class FP8Precision(Precision):
     def __init__(
         self,
         backend: str = "auto",
-        recipe: str = "delayed",
+        recipe: str | None = None,
         fp8_format: str = "hybrid",
         formats: tuple[FP8Format, FP8Format] | None = None,
         margin: int = 0,
@@ -252,10 +124,6 @@ class FP8Precision(Precision):
         fallback: bool = True,
     ) -> None:
         owner = type(self).__name__
-        if backend not in BACKENDS:
-            raise ValueError(f"{owner}(backend={backend!r}): expected one of {list(BACKENDS)}")
-        if recipe not in RECIPES:
-            raise ValueError(f"{owner}(recipe={recipe!r}): expected one of {list(RECIPES)}")
         if fp8_format not in FORMATS:
             raise ValueError(f"{owner}(fp8_format={fp8_format!r}): expected one of {list(FORMATS)}")
         if amax_compute_algo not in ("max", "most_recent"):
@@ -269,20 +137,7 @@ class FP8Precision(Precision):
                 raise ValueError(f"{owner}({name}={fraction!r}): expected a fraction in [0, 1]")
         if isinstance(keep, str):
             raise TypeError(f"{owner}(keep={keep!r}): expected a sequence of fnmatch patterns, not a str")
-        if backend == "te":
-            _te.check_te(recipe)  # a clear error naming the fix where TE cannot run here
-            self.backend, self.backend_reason = "te", _te.te_usable(recipe)[1]
-        elif backend == "auto":
-            usable, why = _te.te_usable(recipe)
-            self.backend, self.backend_reason = ("te", why) if usable else ("emulated", why)
-        else:
-            self.backend, self.backend_reason = "emulated", "requested"
-        if self.backend == "emulated" and recipe not in EMULATED_RECIPES:
-            raise ValueError(
-                f"{owner}(recipe={recipe!r}): the emulator runs per-tensor scaling ({list(EMULATED_RECIPES)}); "
-                f"block-scaled recipes need Transformer Engine on a GPU with SM>={_te.RECIPE_SM[recipe][0]}."
-                f"{_te.RECIPE_SM[recipe][1]} ({self.backend_reason})."
-            )
+        self.backend, self.backend_reason, recipe = choose_backend(owner, backend, recipe)
         self.requested_backend = backend
         self.fp8_format = fp8_format
         self._te_recipe: Any = (
@@ -300,8 +155,11 @@ class FP8Precision(Precision):
         self.converted_layers: list[str] = []
         self.skipped_layers: dict[str, str] = {}
         self.last_health: dict[str, float] = {}
-        self._layers: dict[str, EmulatedFP8Linear | _te.TELayer] = {}
-        self._state: dict[str, dict[str, int]] = {}  # layer -> {"bad": samples in a row, "until": step or -1}
+        self._layers: dict[str, EmulatedFP8Linear | _te.TELayer | _torchao.TorchaoLayer] = {}
+        # per layer: set after ``patience`` unhealthy samples in a row (or at once: a non-finite amax, an
+        # event). With fallback it stays set for ``cooldown`` steps (the layer in bf16), then FP8 is
+        # tried again; watching only, it clears at the next healthy sample (one warning per incident).
+        self._health = Hysteresis(patience, cooldown if self.fallback else 1)
         self._flagged: set[str] = set()  # layers named by other callbacks' events since the last step
         # ... by events of sources some ranks may not have seen: the ranks agree on them at the next
         # health check, with the health (under DDP; None: every source is seen by every rank)
@@ -326,6 +184,7 @@ class FP8Precision(Precision):
                          if isinstance(m, nn.MultiheadAttention)}
         self._heads = output_heads(module.named_modules())  # the one head rule (core.modules)
         self.converted_layers, self.skipped_layers, self._layers = [], {}, {}
+        for_torchao: list[str] = []
         for name, linear in linears:
             reason = self._skip_reason(name, linear, ends)
             if reason is not None:
@@ -333,7 +192,9 @@ class FP8Precision(Precision):
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
-            if self.backend == "te":
+            if self.backend == "torchao":
+                for_torchao.append(name)  # converted together below, torchao's module filter naming them
+            elif self.backend == "te":
                 layer = _te.converted(linear)
                 if layer is None:
                     converted = _te.convert_linear(linear)
@@ -349,11 +210,16 @@ class FP8Precision(Precision):
                     setattr(parent, child, linear)
                 self._layers[name] = linear
             self.converted_layers.append(name)
-            self._state.setdefault(name, {"bad": 0, "until": -1, "warned": 0})
+        fresh = {n for n in for_torchao if _torchao.converted(module.get_submodule(n)) is None}
+        if fresh:
+            _torchao.convert(module, fresh, self.recipe)
+        for name in for_torchao:
+            sub = module.get_submodule(name)
+            self._layers[name] = _torchao.converted(sub) or _torchao.TorchaoLayer(sub, self.recipe, self.formats)
         return module
 
     def _skip_reason(self, name: str, linear: nn.Module, ends: set[str]) -> str | None:
-        if _te.converted(linear) is not None:
+        if _te.converted(linear) is not None or _torchao.converted(linear) is not None:
             return None  # converted by an earlier fit
         assert isinstance(linear, nn.Linear)
         if name in self._mha_out:
@@ -380,7 +246,7 @@ class FP8Precision(Precision):
 
     # -- the step: health, decisions ---------------------------------------------------------------
     def _due(self, step: int) -> bool:
-        return step % self.health_every_n_steps == 0 or any(s["bad"] > 0 for s in self._state.values())
+        return step % self.health_every_n_steps == 0 or any(n > 0 for n in self._health.bad.values())
 
     @override
     def optimizer_step(  # type: ignore[override]
@@ -444,13 +310,12 @@ class FP8Precision(Precision):
             self._flagged_pending = set()
         self.last_health = stats
         metrics: dict[str, float] = {}
+        retry = set(self._health.expire(step)) if self.fallback else set()
         for name, layer in self._layers.items():
-            state = self._state[name]
             if layer.fallback:
-                if step >= state["until"]:
+                if name in retry:
                     layer.fallback = False
                     layer.reset_scaling()
-                    state["bad"], state["until"] = 0, -1
                     self._emit(trainer, "fp8_retry", "info", {"cooldown": float(self.cooldown)}, "fp8", name)
                 continue
             over = max((stats.get(f"{name}/{r}/overflow_frac", 0.0) for r in ROLES), default=0.0)
@@ -460,28 +325,25 @@ class FP8Precision(Precision):
                 metrics[f"stability/fp8/{name}/overflow_frac"] = over
                 metrics[f"stability/fp8/{name}/underflow_frac"] = under
             nonfinite = any(not math.isfinite(a) for a in amaxes)
-            if due and (over > self.overflow_limit or under > self.underflow_limit):
-                state["bad"] += 1
-            elif due:
-                state["bad"] = 0
-            reason = ("nonfinite_amax" if nonfinite else "event" if name in flagged
-                      else "health" if state["bad"] >= self.patience else None)
-            if reason is not None and not self.fallback:
+            was_set = self._health.is_set(name)
+            if due:
+                self._health.observe(name, over > self.overflow_limit or under > self.underflow_limit, step)
+            if nonfinite or name in flagged:
+                self._health.trip(name, step)
+            reason = ("nonfinite_amax" if nonfinite else "event" if name in flagged else "health")
+            if was_set or not self._health.is_set(name):
+                continue  # healthy, or an incident already answered
+            self._health.bad[name] = 0  # the next incident counts its samples afresh
+            if not self.fallback:
                 # watching only: one warning per incident (until the layer is healthy again)
-                if not state.get("warned"):
-                    state["warned"] = 1
-                    self._emit(trainer, "fp8_unhealthy", "warning", {"overflow_frac": over, "underflow_frac": under},
-                               None, name)
-                state["bad"] = 0 if reason == "health" else state["bad"]
-            elif reason is None and due and state["bad"] == 0:
-                state["warned"] = 0
-            if reason is not None and self.fallback:
-                layer.fallback = True
-                layer.reset_scaling()
-                state["bad"], state["until"] = 0, step + self.cooldown
-                self._emit(trainer, "fp8_fallback", "warning",
-                           {"overflow_frac": over, "underflow_frac": under, "until_step": float(state["until"])},
-                           f"bf16:{reason}", name)
+                self._emit(trainer, "fp8_unhealthy", "warning", {"overflow_frac": over, "underflow_frac": under},
+                           None, name)
+                continue
+            layer.fallback = True
+            layer.reset_scaling()
+            self._emit(trainer, "fp8_fallback", "warning",
+                       {"overflow_frac": over, "underflow_frac": under, "until_step": float(step + self.cooldown)},
+                       f"bf16:{reason}", name)
         if due:
             metrics.update({f"stability/fp8/{k}": v for k, v in stats.items()})
             metrics["stability/fp8/fallback_layers"] = float(sum(layer.fallback for layer in self._layers.values()))
@@ -490,6 +352,13 @@ class FP8Precision(Precision):
     def _emit(self, trainer: pl.Trainer, kind: str, severity: str, metrics: dict[str, float], action: str | None,
               target: str) -> None:
         get_event_log(trainer).emit(trainer.global_step, kind, "FP8Precision", severity, metrics, action, target)
+
+    def _layer_state(self, name: str) -> dict[str, int]:
+        """A layer's health in the checkpoint's terms: unhealthy samples in a row, the step its
+        fallback ends (-1: none), whether this incident was warned about (watching only)."""
+        since = self._health.since.get(name)
+        until = since + self.cooldown if since is not None and self.fallback and self._layers[name].fallback else -1
+        return {"bad": self._health.bad.get(name, 0), "until": until, "warned": int(since is not None and not self.fallback)}
 
     @property
     def fallback_layers(self) -> list[str]:
@@ -505,7 +374,7 @@ class FP8Precision(Precision):
         """Which layers are in fallback and until when, and every converted layer's scaling state (the
         emulator's amax history and scales; Transformer Engine's ``_extra_state``, its FP8 metadata)."""
         return {
-            "layers": {name: dict(state) for name, state in self._state.items()},
+            "layers": {name: self._layer_state(name) for name in self._layers},
             "fallback": sorted(self.fallback_layers),
             "backend": self.backend,
             "scaling": {name: layer.scaling_state() for name, layer in self._layers.items()},
@@ -521,13 +390,16 @@ class FP8Precision(Precision):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._state = {str(k): {"bad": int(v.get("bad", 0)), "until": int(v.get("until", -1)),
-                                "warned": int(v.get("warned", 0))}
-                       for k, v in dict(state_dict.get("layers", {})).items()}
+        self._health = Hysteresis(self.patience, self.cooldown if self.fallback else 1)
+        for name, state in dict(state_dict.get("layers", {})).items():
+            self._health.bad[str(name)] = int(state.get("bad", 0))
+            if int(state.get("until", -1)) >= 0:  # in fallback until that step
+                self._health.since[str(name)] = int(state["until"]) - self.cooldown
+            elif int(state.get("warned", 0)):  # warned in this incident (watching only)
+                self._health.since[str(name)] = -1
         fallback = set(state_dict.get("fallback", ()))
         for name, layer in self._layers.items():
             layer.fallback = name in fallback
-            self._state.setdefault(name, {"bad": 0, "until": -1, "warned": 0})
         if "scaling" in state_dict:
             scaling, backend = dict(state_dict["scaling"]), state_dict.get("backend", "emulated")
         else:
@@ -553,8 +425,8 @@ class FP8Precision(Precision):
             self._unsubscribe = None
 
 
-def _weight(layer: EmulatedFP8Linear | _te.TELayer) -> Tensor:
-    return (layer.module if isinstance(layer, _te.TELayer) else layer).get_parameter("weight")
+def _weight(layer: EmulatedFP8Linear | _te.TELayer | _torchao.TorchaoLayer) -> Tensor:
+    return (layer if isinstance(layer, EmulatedFP8Linear) else layer.module).get_parameter("weight")
 
 
 def _gather(trainer: pl.Trainer, values: dict[str, Tensor]) -> dict[str, float]:

@@ -1,0 +1,111 @@
+"""The torchao side of ``FP8Precision``: availability and hardware checks, the float8 training
+conversion (torchao's ``convert_to_float8_training`` with its recipes, our layer filter as its module
+filter), and what the plugin needs of each converted layer (:class:`TorchaoLayer`).
+
+torchao is imported only here and only when the torchao backend is used. Its float8 training scales
+dynamically (``tensorwise``: one scale per tensor from its amax, every step; ``rowwise``: one per
+row): there is no amax history to keep or reset, and a converted layer's state_dict holds only its
+weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning_utilities.core.imports import RequirementCache
+from torch import Tensor, nn
+
+from lightning_stability.ops.fp8 import E4M3, E5M2, FP8Format, current_scale, fp8_health
+from lightning_stability.plugins._te import device_capability
+
+TORCHAO_AVAILABLE = RequirementCache("torchao>=0.9")
+RECIPES = ("tensorwise", "rowwise")
+MIN_SM = (8, 9)  # FP8 tensor cores: Ada, Hopper and later
+_INSTALL = 'pip install "lightning-stability[fp8-torchao]" (torchao; CUDA machines with SM 8.9+)'
+_MARK = "_lightning_stability_torchao_layer"
+
+
+def torchao_usable() -> tuple[bool, str]:
+    """Whether torchao's float8 training can run here, and why not."""
+    if not TORCHAO_AVAILABLE:
+        return False, "torchao is not installed"
+    sm = device_capability()
+    if sm is None:
+        return False, "CUDA is not available"
+    if sm < MIN_SM:
+        return False, f"this GPU is SM{sm[0]}{sm[1]}; torchao's float8 training needs SM>={MIN_SM[0]}.{MIN_SM[1]}"
+    return True, f"torchao float8 on SM{sm[0]}{sm[1]}"
+
+
+def check_torchao() -> None:
+    """Raise a clear error when the torchao backend cannot run here, saying what it needs."""
+    ok, why = torchao_usable()
+    if ok:
+        return
+    study = "Use FP8Precision(backend='emulated') to study FP8 numerics on this machine."
+    if not TORCHAO_AVAILABLE:
+        raise ModuleNotFoundError(f"FP8Precision(backend='torchao') needs torchao: {_INSTALL}. {study}")
+    raise RuntimeError(f"FP8Precision(backend='torchao') needs a CUDA GPU with SM>=8.9; {why}. {study}")
+
+
+def convert(module: nn.Module, names: set[str], recipe: str) -> None:
+    """Convert the ``nn.Linear`` layers named ``names`` (and no other) with torchao's float8 training."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    convert_to_float8_training(module, config=config, module_filter_fn=lambda mod, fqn: fqn in names)
+
+
+def converted(module: nn.Module) -> TorchaoLayer | None:
+    layer = module.__dict__.get(_MARK)
+    return layer if isinstance(layer, TorchaoLayer) else None
+
+
+class TorchaoLayer:
+    """What ``FP8Precision`` needs of a layer torchao converted: a fallback switch (the layer runs as
+    the ``nn.Linear`` it subclasses, under the plugin's bf16 autocast) and health captured by hooks
+    on sampled steps, with the scales torchao computes the same way (each tensor's amax: for
+    ``rowwise``, the per-tensor scale, which bounds the per-row ones from below, so the underflow
+    fraction is an upper bound). Dynamic scaling keeps no history: nothing to reset or save."""
+
+    def __init__(self, module: nn.Module, recipe: str, formats: tuple[FP8Format, FP8Format] = (E4M3, E5M2)) -> None:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"FP8Precision: torchao returned {type(module).__name__} for an nn.Linear; expected "
+                            "its Float8Linear (an nn.Linear subclass). This torchao version is not supported.")
+        self.module, self.recipe, self.formats = module, recipe, formats
+        self.fallback = False
+        self.health_due = False
+        self.health: dict[str, dict[str, Tensor]] = {}
+        fp8_forward = module.forward
+
+        def guarded_forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self.fallback:
+                return nn.Linear.forward(module, x)
+            return fp8_forward(x, *args, **kwargs)
+
+        module.forward = guarded_forward  # type: ignore[method-assign,assignment]
+        module.register_forward_pre_hook(self._input_hook)
+        module.register_full_backward_hook(self._grad_hook)
+        module.__dict__[_MARK] = self
+
+    def scaling_state(self) -> dict[str, Any]:
+        return {}  # dynamic scaling: nothing but the weights, which the module saves
+
+    def load_scaling_state(self, state: dict[str, Any], name: str = "") -> None:
+        return None
+
+    def reset_scaling(self) -> None:
+        return None
+
+    def _input_hook(self, module: nn.Module, args: Any) -> None:
+        if not (self.health_due and module.training and not self.fallback and args):
+            return
+        x, weight, fmt = args[0], module.get_parameter("weight"), self.formats[0]
+        self.health["input"] = fp8_health(x, current_scale(x, fmt), fmt)
+        self.health["weight"] = fp8_health(weight, current_scale(weight, fmt), fmt)
+
+    def _grad_hook(self, module: nn.Module, grad_input: Any, grad_output: Any) -> None:
+        if not (self.health_due and not self.fallback and grad_output and grad_output[0] is not None):
+            return
+        g, fmt = grad_output[0], self.formats[1]
+        self.health["grad"] = fp8_health(g, current_scale(g, fmt), fmt)

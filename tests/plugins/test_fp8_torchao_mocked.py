@@ -1,0 +1,140 @@
+"""The torchao backend on CPU, with torchao's float8 conversion mocked the way the TE tests mock TE;
+the real thing trains in the GPU-marked tests (tests/plugins/test_fp8_gpu.py) on a device run."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_stability import get_event_log, resolve_precision
+from lightning_stability.plugins import _te, _torchao
+from lightning_stability.plugins.fp8 import FP8Precision
+from tests.conftest import make_trainer, tiny_gpt
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is not None,
+                                reason="torchao is installed: the GPU tests cover it")
+
+
+class FakeFloat8Linear(nn.Linear):
+    """torchao's Float8Linear as far as the plugin sees it: an nn.Linear subclass whose forward runs
+    the FP8 GEMM (here the plain one, counted)."""
+
+    calls: dict[int, int] = {}
+
+    def forward(self, x):
+        FakeFloat8Linear.calls[id(self)] = FakeFloat8Linear.calls.get(id(self), 0) + 1
+        return F.linear(x, self.weight, self.bias)
+
+
+@pytest.fixture
+def fake_torchao(monkeypatch):
+    seen = SimpleNamespace(recipes=[], filtered=[])
+
+    class Float8LinearConfig:
+        @staticmethod
+        def from_recipe_name(name):
+            seen.recipes.append(name)
+            return SimpleNamespace(recipe=name)
+
+    def convert_to_float8_training(module, config, module_filter_fn):
+        for fqn, mod in list(module.named_modules()):
+            if type(mod) is nn.Linear and module_filter_fn(mod, fqn):
+                seen.filtered.append(fqn)
+                mod.__class__ = FakeFloat8Linear  # torchao swaps in its own subclass, the weights kept
+        return module
+
+    torchao, float8 = ModuleType("torchao"), ModuleType("torchao.float8")
+    float8.Float8LinearConfig, float8.convert_to_float8_training = Float8LinearConfig, convert_to_float8_training
+    torchao.float8 = float8
+    monkeypatch.setitem(sys.modules, "torchao", torchao)
+    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
+    monkeypatch.setattr(_torchao, "TORCHAO_AVAILABLE", True)
+    sm = {"value": (9, 0)}
+    monkeypatch.setattr(_torchao, "device_capability", lambda: sm["value"])
+    monkeypatch.setattr(_te, "TE_AVAILABLE", False)  # auto's second choice: torchao
+    FakeFloat8Linear.calls = {}
+    seen.sm = sm
+    return seen
+
+
+def test_auto_picks_torchao_where_te_is_missing_and_says_so(fake_torchao):
+    plugin = FP8Precision()
+    assert (plugin.backend, plugin.recipe) == ("torchao", "tensorwise")
+    assert plugin.backend_reason == "torchao float8 on SM90 (Transformer Engine is not installed)"
+    assert resolve_precision("fp8-torchao")["plugins"][0].backend == "torchao"
+    fake_torchao.sm["value"] = (8, 0)  # no FP8 tensor cores: the emulator
+    assert FP8Precision().backend == "emulated"
+    with pytest.raises(RuntimeError, match=r"needs a CUDA GPU with SM>=8.9; this GPU is SM80.*backend='emulated'"):
+        FP8Precision(backend="torchao")
+
+
+def test_the_layers_our_filter_picks_are_converted_by_torchao_and_train(tmp_path, fake_torchao):
+    model, loader = tiny_gpt(6)
+    reference = FP8Precision(backend="emulated")
+    reference.convert_module(tiny_gpt(6)[0])
+    plugin = FP8Precision(backend="torchao", recipe="rowwise", health_every_n_steps=1)
+    trainer = make_trainer(tmp_path, 6, [], plugins=[plugin])
+    trainer.fit(model, loader)
+    # the same rule as the other backends (first/last linear and the head kept), through torchao's filter
+    assert plugin.converted_layers == reference.converted_layers and plugin.converted_layers
+    assert sorted(fake_torchao.filtered) == sorted(plugin.converted_layers) and fake_torchao.recipes == ["rowwise"]
+    modules = dict(model.named_modules())
+    assert all(type(modules[n]) is FakeFloat8Linear for n in plugin.converted_layers)
+    assert type(modules["lm_head"]) is nn.Linear
+    assert all(FakeFloat8Linear.calls[id(modules[n])] >= 6 for n in plugin.converted_layers)  # its forward ran
+    # the health: every role of every layer, from the tensors' own scales
+    layer = plugin.converted_layers[0]
+    for role in ("input", "weight", "grad"):
+        assert plugin.last_health[f"{layer}/{role}/amax"] > 0
+        assert plugin.last_health[f"{layer}/{role}/overflow_frac"] < 0.01  # scaled to fit: at most the amax element
+        assert 0.0 <= plugin.last_health[f"{layer}/{role}/underflow_frac"] < 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # a fit again (a test after the fit) keeps the converted layers as they are
+    plugin.convert_module(model)
+    assert len(fake_torchao.filtered) == len(plugin.converted_layers)
+
+
+def test_a_layer_named_by_an_event_falls_back_to_bf16_and_fp8_is_retried(tmp_path, fake_torchao):
+    import lightning.pytorch as pl
+
+    model, loader = tiny_gpt(12)
+    plugin = FP8Precision(backend="torchao", cooldown=4, health_every_n_steps=1)
+    target = "blocks.0.mlp.0"
+
+    class Name(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                get_event_log(trainer).emit(3, "my_check", "MyMonitor", "warning", {}, None, target)
+            module = dict(pl_module.named_modules())[target]
+            calls.append(FakeFloat8Linear.calls.get(id(module), 0))
+
+    calls: list[int] = []
+    trainer = make_trainer(tmp_path, 12, [Name()], plugins=[plugin])
+    trainer.fit(model, loader)
+    kinds = [(e.kind, e.target) for e in get_event_log(trainer) if e.source == "FP8Precision"]
+    assert ("fp8_fallback", target) in kinds and ("fp8_retry", target) in kinds
+    steps_in_fp8 = [b - a for a, b in zip(calls, calls[1:])]
+    assert 0 in steps_in_fp8 and steps_in_fp8[-1] == 1  # bf16 while fallen back, FP8 again after the cooldown
+
+
+def test_a_recipe_torchao_does_not_run_is_refused_naming_those_it_does(fake_torchao):
+    with pytest.raises(ValueError, match=r"recipe='delayed'\): the torchao backend runs \['tensorwise', 'rowwise'\]"):
+        FP8Precision(backend="torchao", recipe="delayed")
+    with pytest.raises(ValueError, match=r"the emulated backend runs \['delayed', 'current'\]"):
+        FP8Precision(backend="emulated", recipe="tensorwise")
+
+
+def test_on_this_machine_torchao_is_refused_naming_what_it_needs(monkeypatch):
+    with pytest.raises(ModuleNotFoundError, match=r"needs torchao: pip install \"lightning-stability\[fp8-torchao\]\".*"
+                                                  r"backend='emulated'"):
+        FP8Precision(backend="torchao")
+    monkeypatch.setattr(_torchao, "TORCHAO_AVAILABLE", True)
+    monkeypatch.setattr(_torchao, "device_capability", lambda: None)
+    with pytest.raises(RuntimeError, match=r"SM>=8.9; CUDA is not available\. Use FP8Precision\(backend='emulated'\)"):
+        FP8Precision(backend="torchao")
