@@ -36,6 +36,9 @@ class StabilityEvent:
         action: what was done (``"clip"``, ``"skip"``, ...), or ``None``.
         target: the part of the model it concerns (a module's qualified name, e.g.
             ``"blocks.3.attn.qkv"``), or ``None`` for the whole model.
+        details: what does not fit a float, JSON-friendly (lists, strings, numbers): the layers
+            that carry a spike (``"layers"``), the batch's sample ids (``"sample_ids"``); empty for
+            most events.
     """
 
     step: int
@@ -45,6 +48,7 @@ class StabilityEvent:
     metrics: Mapping[str, float] = field(default_factory=dict)
     action: str | None = None
     target: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
@@ -55,10 +59,12 @@ class StabilityEvent:
             raise ValueError(f"StabilityEvent(severity={self.severity!r}): expected one of {list(SEVERITIES)}")
         metrics = {str(k): float(v) for k, v in dict(self.metrics).items()}
         object.__setattr__(self, "metrics", MappingProxyType(metrics))
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly dict; non-finite metrics become the strings ``"nan"``, ``"inf"``, ``"-inf"``."""
-        return {
+        """A JSON-friendly dict; non-finite metrics become the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+        ``details`` is there only when the event has some."""
+        out = {
             "step": self.step,
             "kind": self.kind,
             "source": self.source,
@@ -67,6 +73,9 @@ class StabilityEvent:
             "action": self.action,
             "target": self.target,
         }
+        if self.details:
+            out["details"] = _encode_details(dict(self.details))
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StabilityEvent:
@@ -78,12 +87,34 @@ class StabilityEvent:
             metrics={k: float(v) for k, v in dict(data.get("metrics", {})).items()},
             action=data.get("action"),
             target=data.get("target"),
+            details=_decode_details(dict(data.get("details", {}))),
         )
 
 
 def _encode_float(value: float) -> float | str:
     # JSON has no NaN/Inf; keep the file valid for any reader.
     return value if math.isfinite(value) else str(value)
+
+
+def _decode_details(value: Any) -> Any:
+    # the inverse of _encode_details: a non-finite float came back as its string
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _decode_details(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_details(v) for v in value]
+    return value
+
+
+def _encode_details(value: Any) -> Any:
+    if isinstance(value, float):
+        return _encode_float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _encode_details(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode_details(v) for v in value]
+    return value
 
 
 class EventLog:
@@ -137,9 +168,11 @@ class EventLog:
         metrics: Mapping[str, float] | None = None,
         action: str | None = None,
         target: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> StabilityEvent:
         """Build a :class:`StabilityEvent` and append it."""
-        return self.append(StabilityEvent(step, kind, source, severity, dict(metrics or {}), action, target))
+        return self.append(StabilityEvent(step, kind, source, severity, dict(metrics or {}), action, target,
+                                          dict(details or {})))
 
     def subscribe(self, listener: Callable[[StabilityEvent], None]) -> Callable[[], None]:
         """Call ``listener(event)`` for every event appended from now on; returns an unsubscribe function."""

@@ -246,8 +246,37 @@ def _event_rows(events: Sequence[StabilityEvent]) -> list[tuple[str, ...]]:
              ", ".join(f"{k}={v:.4g}" for k, v in e.metrics.items())) for e in events if e.kind != "armed"]
 
 
+INCIDENT_HEADER = ("step", "kind", "action", "layers (ratio to their own norm)", "batch", "loss back in")
+
+
+def _incident_rows(data: RunData) -> list[tuple[str, str, str, str, str, str]]:
+    """One row per detection that says where it was (its ``details``): the layers, the batch, and how
+    many steps the loss took to come back (the first logged step after it whose loss z-score is under
+    3; at the logging cadence, so an upper bound)."""
+    zscores = data.series("stability/loss/zscore")
+    rows = []
+    for e in data.events:
+        if e.severity == "info" or not e.details:
+            continue
+        layers = ", ".join(f"{d['name']} ({_ratio(d.get('ratio'))})" for d in e.details.get("layers", []))
+        if "sample_ids" in e.details:
+            ids = list(e.details["sample_ids"])
+            batch = "ids " + ", ".join(map(str, ids[:8])) + (f" (+{len(ids) - 8})" if len(ids) > 8 else "")
+        else:
+            batch = "; ".join(f"epoch {ep} batch {b}" for ep, b in e.details.get("batches", [])) or "-"
+        back = next((step - e.step for step, z in zscores if step > e.step and z < 3.0), None)
+        rows.append((str(e.step), e.kind, e.action or "-", layers or "-", batch,
+                     f"{back} steps" if back is not None else "-"))
+    return rows
+
+
+def _ratio(value: Any) -> str:
+    return "no reference" if not isinstance(value, (int, float)) or value != value else f"x{value:.3g}"
+
+
 def render_markdown(data: RunData, lines: list[str]) -> str:
     rows = _event_rows(data.events)
+    incidents = _incident_rows(data)
     table = ["| step | source | kind | severity | action | target | numbers |", "|---:|---|---|---|---|---|---|"]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     counts = Counter((e.source, e.kind) for e in data.events)
@@ -255,6 +284,10 @@ def render_markdown(data: RunData, lines: list[str]) -> str:
         f"# Stability report: {data.logdir}", "", *[f"- {line}" for line in lines], "",
         "## Events by kind", "", "| source | kind | count |", "|---|---|---:|",
         *[f"| {s} | {k} | {n} |" for (s, k), n in sorted(counts.items())], "",
+        "## Incidents", "",
+        *(["| " + " | ".join(INCIDENT_HEADER) + " |", "|---:|---|---|---|---|---|",
+           *["| " + " | ".join(r) + " |" for r in incidents]] if incidents else ["No detection with its layers or batch."]),
+        "",
         "## Timeline", "", *(table if rows else ["No events."]), "",
     ])
 
@@ -275,6 +308,11 @@ def render_html(data: RunData, lines: list[str], figures: dict[str, bytes]) -> s
     for title, png in figures.items():
         parts.append(f"<h2>{esc(title)}</h2><img alt='{esc(title)}' src='data:image/png;base64,"
                      f"{base64.b64encode(png).decode()}'>")
+    incidents = _incident_rows(data)
+    if incidents:
+        parts.append("<h2>Incidents</h2><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in INCIDENT_HEADER) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in incidents]
+        parts.append("</table>")
     rows = _event_rows(data.events)
     parts.append("<h2>Timeline</h2>")
     if rows:

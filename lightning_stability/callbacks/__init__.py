@@ -4,6 +4,7 @@ from lightning_stability.callbacks._base import HALTED_EXIT_CODE, TrainingHalted
 from lightning_stability.callbacks.low_bit_optimizer import LowBitOptimizer
 from lightning_stability.callbacks.panels import StabilityPanels
 from lightning_stability.callbacks.rollback import InMemoryRollback, read_quarantine
+from lightning_stability.callbacks.skip_quarantined import QuarantineSampler, SkipQuarantined
 from lightning_stability.callbacks.softmax_monitor import SoftmaxSaturationMonitor
 from lightning_stability.callbacks.spectral_monitor import SpectralMonitor
 from lightning_stability.callbacks.spike_guard import GradientSpikeGuard
@@ -13,6 +14,8 @@ __all__ = [
     "GradientSpikeGuard",
     "InMemoryRollback",
     "LowBitOptimizer",
+    "QuarantineSampler",
+    "SkipQuarantined",
     "SoftmaxSaturationMonitor",
     "SpectralMonitor",
     "StabilityPanels",

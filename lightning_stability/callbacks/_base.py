@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.core.lightning import (  # noqa: F401  (the adapters' shared helpers, re-exported)
@@ -83,10 +84,12 @@ class StabilityCallback(Callback):
         metrics: dict[str, float],
         action: str | None,
         target: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
         """Emit an event from this callback at the current step, and count it by kind."""
         self._counts[kind] = self._counts.get(kind, 0) + 1
-        self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action, target)
+        self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action, target,
+                                     details)
 
     def event_count_metrics(self) -> dict[str, float]:
         """``stability/events/<kind>``: the cumulative count of this callback's events of each kind."""
@@ -219,23 +222,17 @@ def halt_report(trainer: pl.Trainer) -> str | None:
     return None
 
 
-def log_step_metrics(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], detection: bool
-) -> None:
-    """A callback's per-step metrics through the one logging path (:func:`log_metrics`)."""
-    log_metrics(trainer, metrics, detection)
-
-
-def log_to_loggers(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Metrics written now, whatever the logging cadence (:func:`log_metrics` with ``force``)."""
-    log_metrics(trainer, metrics, force=True)
-
-
 def check_int(owner: str, name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{owner}({name}={value!r}): expected an int >= {minimum}")
     if value < minimum:
         raise ValueError(f"{owner}({name}={value!r}): expected an int >= {minimum}")
+    return value
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}({name}={value!r}): expected a bool")
     return value
 
 
@@ -267,9 +264,31 @@ def agreement_riders(trainer: pl.Trainer, carrier: StabilityCallback) -> list[St
     ]
 
 
-def check_fraction(owner: str, name: str, value: Any, closed: bool = False) -> float:
-    """A float in (0, 1), or (0, 1] with ``closed``."""
-    allowed = "(0, 1]" if closed else "(0, 1)"
+def rider_flags(trainer: pl.Trainer, riders: Sequence[StabilityCallback], device: torch.device
+                ) -> tuple[list[tuple[StabilityCallback, int]], list[Tensor]]:
+    """The riders with flags to agree on now (each with how many), and the flags as 0-d 0/1 floats on
+    ``device``, for the carrier's collective."""
+    asking: list[tuple[StabilityCallback, int]] = []
+    flags: list[Tensor] = []
+    for rider in riders:
+        mine = rider.agreement_flags(trainer)
+        if mine is not None:
+            asking.append((rider, len(mine)))
+            flags += [torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in mine]
+    return asking, flags
+
+
+def deliver_flags(trainer: pl.Trainer, riders: list[tuple[StabilityCallback, int]], agreed: Sequence[float]) -> None:
+    """Hand each rider of :func:`rider_flags` its flags back, agreed between the ranks."""
+    start = 0
+    for rider, n in riders:
+        rider.on_agreement(trainer, [v > 0 for v in agreed[start:start + n]])
+        start += n
+
+
+def check_fraction(owner: str, name: str, value: Any, closed: bool = False, optional: bool = False) -> float:
+    """A float in (0, 1), or (0, 1] with ``closed``; ``optional``: the message says ``None`` is allowed too."""
+    allowed = ("(0, 1]" if closed else "(0, 1)") + (" or None" if optional else "")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{owner}({name}={value!r}): expected a float in {allowed}")
     if not (0.0 < value < 1.0 or (closed and value == 1.0)):

@@ -10,7 +10,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callbacks._base import (
@@ -21,79 +20,39 @@ from lightning_stability.callbacks._base import (
     check_int,
     check_on_halt,
     check_positive,
+    deliver_flags,
     grad_scaler,
     halt_checkpoint_path,
     is_logging_step,
     log_metrics,
     loss_scale,
+    rank_gather,
+    rider_flags,
     sharded_strategy,
     step_loss,
 )
-from lightning_stability.core.escalation import ACTIONS, EscalationLadder, cosine_ramp, validate_ladder
-from lightning_stability.ops.optim_state import (
-    moment_family,
-    reset_moments_,
-    second_moments,
-    unwrap_optimizer,
+from lightning_stability.callbacks._rollback_quarantine import SampleIds, check_sample_ids
+from lightning_stability.callbacks._spike_act import apply_action
+from lightning_stability.callbacks._spike_forensics import Forensics
+from lightning_stability.callbacks._spike_measure import (  # noqa: F401  (SCALER_*: pinned by a test)
+    SCALER_FOUND_INF,
+    SCALER_STATES,
+    StepMeasure,
+    scaler_found_inf,
 )
-from lightning_stability.ops.robust import Baseline, RollingWindow
-from lightning_stability.ops.sharded import all_reduce_sum_, local, local_sum_of_squares
-from lightning_stability.ops.spikes import (
-    chunk_by_numel,
-    clip_element_spikes_,
-    count_element_spikes,
-    global_grad_norm,
-    max_spike_excess,
-    scale_grads_,
+from lightning_stability.callbacks._spike_policy import (
+    SEVERITY,
+    OptimizerTrack,
+    describe_halt,
+    detect,
+    detection_size,
+    loss_in_band,
 )
+from lightning_stability.core.escalation import ACTIONS, cosine_ramp, validate_ladder
+from lightning_stability.ops.optim_state import moment_family, unwrap_optimizer
+from lightning_stability.ops.sharded import local
 
 DEFAULT_LADDER = ACTIONS
-# Element checks run over chunks of at most this many elements: the temporaries stay bounded
-# (two float32 copies of a chunk) on large models, and small models need a single chunk.
-CHUNK_NUMEL = 1 << 26
-# Before arming, a gradient norm this many times the median of the (at least this many) healthy
-# steps seen so far is a spike.
-PRE_ARM_RATIO = 100.0
-PRE_ARM_MIN_SAMPLES = 4
-_SEVERITY = {"nonfinite": "critical", "grad_spike": "warning", "loss_spike": "warning", "element_spike": "warning"}
-
-
-class _OptimizerTrack:
-    """Everything the guard remembers about one optimizer."""
-
-    def __init__(self, guard: GradientSpikeGuard) -> None:
-        self.grad_window = RollingWindow(guard.window)
-        self.loss_window = RollingWindow(guard.window)
-        self.ladder = EscalationLadder(guard.ladder, guard.patience, guard.cooldown)
-        self.armed = False
-        self.backoff_until = -1  # global step (exclusive) until which the LR is backed off
-        self.warmup_from = -1  # first global step of the update warm-up after a moment reset
-        self.warmup_groups: list[int] = []
-        self.actions: dict[str, int] = {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "grad_window": self.grad_window.state_dict(),
-            "loss_window": self.loss_window.state_dict(),
-            "ladder": self.ladder.state_dict(),
-            "armed": self.armed,
-            "backoff_until": self.backoff_until,
-            "warmup_from": self.warmup_from,
-            "warmup_groups": list(self.warmup_groups),
-            "actions": dict(self.actions),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.grad_window.load_state_dict(state.get("grad_window", {}))
-        self.loss_window.load_state_dict(state.get("loss_window", {}))
-        self.ladder.load_state_dict(state.get("ladder", {}))
-        self.armed = bool(state.get("armed", False))
-        self.backoff_until = int(state.get("backoff_until", -1))
-        self.warmup_from = int(state.get("warmup_from", -1))
-        self.warmup_groups = [int(i) for i in state.get("warmup_groups", [])]
-        self.actions = {str(k): int(v) for k, v in dict(state.get("actions", {})).items()}
-
-
 class GradientSpikeGuard(StabilityCallback):
     r"""Detects non-finite values and gradient/loss spikes every optimizer step and intervenes.
 
@@ -121,7 +80,7 @@ class GradientSpikeGuard(StabilityCallback):
     action                    effect on the step
     ========================  ================================================================
     ``clip``                  clamp spiking elements to ``sign(g) sqrt(theta v)`` and rescale the
-                              global norm to the baseline median
+                              global norm to the spike threshold (the largest norm not a spike)
     ``skip``                  every ``.grad`` set to ``None``: weights and moments unchanged,
                               the LR schedule moves on
     ``reset_moments``         skip, zero first and second moments, then ramp updates back in
@@ -175,12 +134,18 @@ class GradientSpikeGuard(StabilityCallback):
             when the loss baseline is not positive).
         theta: SPAM's element spike threshold; ``None`` turns per-element detection off.
         ladder: ordered actions from ``ACTIONS``; each may appear once.
-        patience: detections per rung before climbing (>= 1).
+        patience: failures of a rung before climbing to the next (>= 1): a rung failed when the fault
+            came back within ``recovery`` steps at the same or a larger size (a spike that ``clip``
+            absorbed, the loss staying in its band, is not a failure), or the loss stayed out of its band.
         cooldown: healthy steps that end an incident and reset the ladder (>= 1).
+        recovery: steps within which a detection counts against the rung applied before it (>= 1);
+            ``rollback`` and ``halt`` are for a lost run: a loss that has not come back to its band
+            since the incident began, or a non-finite step that came back after the rungs below.
         reset_warmup: steps of update warm-up after a moment reset (>= 1).
         lr_backoff_factor: LR multiplier during a back-off, in (0, 1).
         lr_backoff_steps: length of a back-off in optimizer steps (>= 1).
         on_halt: ``"stop"`` (set ``trainer.should_stop``) or ``"raise"`` (raise :class:`TrainingHalted`).
+        sample_ids: the batch's sample ids (as ``InMemoryRollback``'s), named in a detection's ``details``.
         name: distinguishes several guards in one trainer (their checkpoint ``state_key``).
     """
 
@@ -198,10 +163,12 @@ class GradientSpikeGuard(StabilityCallback):
         ladder: Sequence[str] = DEFAULT_LADDER,
         patience: int = 3,
         cooldown: int = 50,
+        recovery: int = 10,
         reset_warmup: int = 20,
         lr_backoff_factor: float = 0.5,
         lr_backoff_steps: int = 100,
         on_halt: Literal["stop", "raise"] = "stop",
+        sample_ids: SampleIds = "index",
         name: str | None = None,
     ) -> None:
         super().__init__(name)
@@ -222,17 +189,21 @@ class GradientSpikeGuard(StabilityCallback):
         self.ladder = validate_ladder(ladder, f"{cls}(ladder)")
         self.patience = check_int(cls, "patience", patience, 1)
         self.cooldown = check_int(cls, "cooldown", cooldown, 1)
+        self.recovery = check_int(cls, "recovery", recovery, 1)
         self.reset_warmup = check_int(cls, "reset_warmup", reset_warmup, 1)
         self.lr_backoff_factor = check_fraction(cls, "lr_backoff_factor", lr_backoff_factor)
         self.lr_backoff_steps = check_int(cls, "lr_backoff_steps", lr_backoff_steps, 1)
         self.on_halt = check_on_halt(cls, on_halt)
+        self.sample_ids = check_sample_ids(cls, sample_ids)
+        self._forensics = Forensics(self.sample_ids)  # which layers and which batch a detection concerns
 
-        self._tracks: dict[int, _OptimizerTrack] = {}
+        self._tracks: dict[int, OptimizerTrack] = {}
         self._halt_report: str | None = None  # a halt decided in this step, carried out at its end
         self._warned_norm_only: set[str] = set()
         self._trainer_ref: Any = None
         self._riders: list[StabilityCallback] = []  # callbacks whose agreement flags ride on our collective
         self._sharded = False  # parameters are shards (FSDP, ModelParallel): statistics are sums over ranks
+        self._measure = StepMeasure(self.theta, sharded=False, gather=None)
 
     # -- state -----------------------------------------------------------------------------------
     @override
@@ -247,7 +218,7 @@ class GradientSpikeGuard(StabilityCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._tracks = {}
         for i, track_state in dict(state_dict.get("tracks", {})).items():
-            track = _OptimizerTrack(self)
+            track = OptimizerTrack(self)
             track.load_state_dict(track_state)
             self._tracks[int(i)] = track
         self.halt_report = state_dict.get("halt_report")
@@ -260,9 +231,9 @@ class GradientSpikeGuard(StabilityCallback):
         super().restore_snapshot_state(state)
         self._counts, self.halt_report = counts, report
 
-    def _track(self, index: int) -> _OptimizerTrack:
+    def _track(self, index: int) -> OptimizerTrack:
         if index not in self._tracks:
-            self._tracks[index] = _OptimizerTrack(self)
+            self._tracks[index] = OptimizerTrack(self)
         return self._tracks[index]
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -290,6 +261,7 @@ class GradientSpikeGuard(StabilityCallback):
         self._halt_report = None
         self._halted = False
         self._riders = agreement_riders(trainer, self)
+        self._measure = StepMeasure(self.theta, self._sharded, rank_gather(trainer))
         self.register_lr_provider(trainer, self._make_lr_provider)
         for optimizer in trainer.optimizers:
             opt = unwrap_optimizer(optimizer)
@@ -315,9 +287,9 @@ class GradientSpikeGuard(StabilityCallback):
         loss = step_loss(trainer).value(trainer.global_step)  # scaled under fp16 AMP: unscaled after the reduction
         if not grads or self._halted:
             # nothing measured this step, but the riders still expect their flags agreed
-            riders, flags = self._rider_flags(trainer, trainer.strategy.root_device)
+            riders, flags = rider_flags(trainer, self._riders, trainer.strategy.root_device)
             if riders:
-                self._deliver(trainer, riders, [float(f) for f in any_rank(trainer, [bool(f) for f in flags])])
+                deliver_flags(trainer, riders, [float(f) for f in any_rank(trainer, [bool(f) for f in flags])])
         if not grads:
             return
         if self._halted:
@@ -327,9 +299,15 @@ class GradientSpikeGuard(StabilityCallback):
             trainer.should_stop = True
             return
 
-        grad_norm, spike_count, checked, loss_value, ranks_disagree = self._measure(
-            trainer, opt, track, params, grads, loss
-        )
+        step = trainer.global_step
+        # SPAM: after a moment reset the second moment is not meaningful yet; elements are not tested against it
+        elements = self.theta is not None and track.armed and not track.in_reset_warmup(step, self.reset_warmup)
+        riders, flags = rider_flags(trainer, self._riders, grads[0].device) if trainer.world_size > 1 else ([], [])
+        measured = self._measure.measure(opt, params, grads, loss, elements and moment_family(opt) is not None, flags)
+        deliver_flags(trainer, riders, measured.flags)
+        grad_norm, spike_count, checked = measured.grad_norm, measured.spike_count, measured.checked
+        loss_value = None if measured.loss is None else measured.loss / loss_scale(trainer)
+        ranks_disagree = measured.ranks_disagree
 
         gb = track.grad_window.baseline()
         lb = track.loss_window.baseline()
@@ -346,7 +324,9 @@ class GradientSpikeGuard(StabilityCallback):
             stats.update(loss=loss_value, loss_baseline=lb.median, loss_zscore=lb.zscore(loss_value),
                          loss_ratio=lb.ratio(loss_value))
 
-        detection = self._detect(track, stats, loss_value)
+        detection = detect(self, track, stats, loss_value)
+        in_band = loss_in_band(self, track, stats, loss_value)
+        track.ladder.observe(step, in_band)
         log = self.event_log(trainer)
         if detection == "nonfinite" and _finite(loss_value) and _scaler_skips(trainer, opt):
             # fp16 AMP: overflowing gradients with a finite loss are the loss scaler's business. It
@@ -359,24 +339,44 @@ class GradientSpikeGuard(StabilityCallback):
             if not track.armed and len(track.grad_window) >= self.warmup:
                 track.armed = True
                 self.emit(trainer, "armed", "info", {"window": float(len(track.grad_window))}, None)
+            track.level_shift(False)
+            self._forensics.healthy_step(index, params, measured)
             if track.ladder.healthy():  # called on every healthy optimizer step: the cooldown counts steps
                 self.emit(trainer, "recovered", "info", {"healthy_steps": float(self.cooldown)}, None)
         else:
             unavailable = set() if log.has_responder("rollback") else {"rollback"}
-            action = track.ladder.decide(detection, unavailable)
+            persistent = track.ladder.persistent
+            action = track.ladder.decide(detection, unavailable, step, detection_size(detection, stats), in_band)
             if action == "clip" and (detection == "nonfinite" or ranks_disagree):
                 action = "skip"  # a NaN cannot be clipped; ranks with different gradients cannot clip alike
-            self._apply(trainer, opt, index, track, action, detection, stats, params, grads, gb)
+            absorbed = action == "clip" and in_band and detection in ("grad_spike", "element_spike")
+            if track.level_shift(absorbed) and math.isfinite(grad_norm):
+                # the norm's level has moved (at a high LR, say): its new level enters the baseline
+                track.grad_window.push(grad_norm)
+                if loss_value is not None:
+                    track.loss_window.push(loss_value)
+            if track.ladder.persistent and not persistent:
+                self._warn_persistent(trainer, index, detection, stats)
+            halt = apply_action(action, detection, opt, track, step, params, grads, self._measure, stats,
+                                stats["grad_threshold"], self.theta, self.lr_backoff_steps)
+            if halt and self._halt_report is None:
+                self._halt_report = describe_halt(type(self).__name__, step, index, detection, stats, track)
             track.actions[action] = track.actions.get(action, 0) + 1
-            severity = "critical" if action in ("rollback", "halt") else _SEVERITY[detection]
-            self.emit(trainer, detection, severity, stats, action)
+            severity = "critical" if action in ("rollback", "halt") else SEVERITY[detection]
+            details = self._forensics.details(index, pl_module, params, measured, self._measure, trainer.world_size)
+            self.emit(trainer, detection, severity, stats, action, details=details)
 
         self._log_metrics(trainer, pl_module, index, stats, detection is not None)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._forensics.see_batch(trainer.global_step, trainer.current_epoch, batch_idx, batch)  # read on a detection only
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._forensics.batch_end(trainer.global_step)
         if self._halt_report is None:
             return
         report, self._halt_report = self._halt_report, None
@@ -384,226 +384,17 @@ class GradientSpikeGuard(StabilityCallback):
         report += f" A checkpoint of the state after the skipped step is at {path}."
         self.halt(trainer, report, path, "halt", {})
 
-    # -- detection and actions -------------------------------------------------------------------
-    def _measure(
-        self,
-        trainer: pl.Trainer,
-        opt: torch.optim.Optimizer,
-        track: _OptimizerTrack,
-        params: list[Tensor],
-        grads: list[Tensor],
-        loss: Tensor | None,
-    ) -> tuple[float, float, int, float | None, bool]:
-        """The step's statistics on the host, the same on every rank.
-
-        Returns the gradient norm, the spiking-element count, the number of elements checked, the
-        (unscaled, rank-averaged) loss or ``None``, and whether the ranks' gradient norms differ.
-        """
-        step = trainer.global_step
-        # sharded: this rank's share of the sum of squares, not a norm (summed over ranks below)
-        norm = local_sum_of_squares([p.grad for p in params]) if self._sharded else global_grad_norm(grads)  # type: ignore[misc]
-        device = norm.device
-        use_elements = self.theta is not None and track.armed and not self._in_reset_warmup(track, step)
-        # Fast path: the largest g^2 - theta v over all elements (three foreach passes). Only where it
-        # is positive can an element spike; then the exact count follows (see _count_spikes).
-        element_checks = use_elements and moment_family(opt) is not None
-        excesses: list[Tensor] = []
-        checked = 0
-        if element_checks:
-            for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
-                moments = self._moments(opt, [params[i] for i in chunk])
-                excesses.append(max_spike_excess([grads[i] for i in chunk], moments, self.theta))  # type: ignore[arg-type]
-                checked += sum(grads[i].numel() for i, v in zip(chunk, moments) if v is not None)
-        excess = excesses[0] if len(excesses) == 1 else torch.stack(excesses).max() if excesses else None
-        riders, flags = self._rider_flags(trainer, device) if trainer.world_size > 1 else ([], [])
-        if self._sharded:
-            # Sharded gradients: one all-reduce of four sums per step, the same numbers on every
-            # rank. Each rank holds different rows, so the norm is the root of the summed squares
-            # (not a maximum of per-rank norms) and the ranks cannot disagree on it; a NaN on any rank
-            # makes the sum NaN. Only the sign of the element excess matters (it gates the count).
-            zero = torch.zeros((), device=device)
-            sums = torch.stack([
-                norm,
-                (excess.to(device) > 0).float() if excess is not None else zero,
-                loss.to(device) if loss is not None else zero,
-                zero + (1.0 if loss is not None else 0.0),
-                *flags,  # the riders' 0/1 flags: a sum above zero is a flag set on some rank
-            ])
-            sum_sq, max_excess, loss_sum, loss_count, *agreed = all_reduce_sum_(sums).tolist()
-            self._deliver(trainer, riders, agreed)
-            grad_norm = min_norm = math.sqrt(sum_sq) if sum_sq >= 0 else math.nan
-        elif trainer.world_size > 1:
-            # The guard's only collective: one all-gather of four numbers, so every rank computes the
-            # same statistics from the same inputs and takes the same decision. After DDP's all-reduce
-            # the gradients agree; the loss does not, and a NaN loss on any one rank must make every
-            # rank skip. A gradient norm that differs between ranks means a rank's gradients were
-            # corrupted after the reduction: then only skipping keeps replicas equal.
-            zero = torch.zeros((), device=device)
-            local = torch.stack([
-                norm,
-                excess.to(device) if excess is not None else zero - math.inf,
-                loss.to(device) if loss is not None else zero,
-                zero + (1.0 if loss is not None else 0.0),
-                *flags,  # the riders' 0/1 flags, set where set on any rank
-            ])
-            gathered = trainer.strategy.all_gather(local).reshape(-1, local.numel())
-            grad_norm, max_excess, loss_sum, loss_count, min_norm, *agreed = torch.cat([
-                torch.stack([
-                    gathered[:, 0].max(),  # max propagates NaN
-                    gathered[:, 1].max(),
-                    gathered[:, 2].sum(),
-                    gathered[:, 3].sum(),
-                    gathered[:, 0].min(),
-                ]),
-                gathered[:, 4:].amax(dim=0),
-            ]).tolist()
-            self._deliver(trainer, riders, agreed)
-        else:
-            # One device-to-host transfer per step: the decision needs these scalars on the host.
-            # (A placeholder fills the slots that are absent; the host knows which they are.)
-            values = torch.stack([norm, norm if excess is None else excess, norm if loss is None else loss]).tolist()
-            grad_norm = min_norm = values[0]
-            max_excess = values[1] if excess is not None else -math.inf
-            loss_sum, loss_count = (values[2], 1.0) if loss is not None else (0.0, 0.0)
-        ranks_disagree = grad_norm != min_norm and math.isfinite(grad_norm)
-        spike_count = self._count_spikes(trainer, opt, params, grads) if max_excess > 0 else 0.0
-        loss_value = loss_sum / loss_count if loss_count > 0 else None
-        if loss_value is not None:
-            loss_value /= loss_scale(trainer)
-
-        return grad_norm, spike_count, checked, loss_value, ranks_disagree
-
-    def _rider_flags(self, trainer: pl.Trainer, device: torch.device) -> tuple[list[tuple[StabilityCallback, int]], list[Tensor]]:
-        """The riders with flags to agree on now (each with how many), and the flags as 0/1 floats."""
-        riders: list[tuple[StabilityCallback, int]] = []
-        flags: list[Tensor] = []
-        for rider in self._riders:
-            mine = rider.agreement_flags(trainer)
-            if mine is not None:
-                riders.append((rider, len(mine)))
-                flags += [torch.as_tensor(f, dtype=torch.float32, device=device).reshape(()) for f in mine]
-        return riders, flags
-
-    def _deliver(self, trainer: pl.Trainer, riders: list[tuple[StabilityCallback, int]], agreed: Sequence[float]) -> None:
-        """Hand each rider its flags back, agreed between the ranks."""
-        start = 0
-        for rider, n in riders:
-            rider.on_agreement(trainer, [v > 0 for v in agreed[start:start + n]])
-            start += n
-
-    def _count_spikes(
-        self, trainer: pl.Trainer, opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]
-    ) -> float:
-        """Exact SPAM spike count (elements with no history excluded), on steps that may have spikes."""
-        count = torch.zeros((), device=grads[0].device)
-        for chunk in chunk_by_numel(grads, CHUNK_NUMEL):
-            n, _ = count_element_spikes(
-                [grads[i] for i in chunk], self._moments(opt, [params[i] for i in chunk]), self.theta  # type: ignore[arg-type]
-            )
-            count = count + n
-        if self._sharded:
-            count = all_reduce_sum_(count.float())  # each rank counted its own rows
-        elif trainer.world_size > 1:
-            # a second small collective, only on such steps: every rank must use the same count
-            count = trainer.strategy.all_gather(count.float().reshape(1)).max()
-        return float(count)
-
-    def _detect(
-        self, track: _OptimizerTrack, stats: dict[str, float], loss: float | None
-    ) -> str | None:
-        """The detection that decides the step: of all that fired, the one needing the strongest rung.
-
-        A corrupted batch shows as a loss spike *and* a gradient spike; the loss spike asks for a skip,
-        which beats clipping the batch's gradient and applying it anyway.
-        """
-        if not math.isfinite(stats["grad_norm"]) or (loss is not None and not math.isfinite(loss)):
-            return "nonfinite"
-        if not track.armed:
-            # Before the baselines are trustworthy only a wild outlier is called a spike, so even the
-            # first steps never apply a gradient hundreds of times larger than any seen so far.
-            wild = len(track.grad_window) >= PRE_ARM_MIN_SAMPLES and stats["grad_ratio"] >= PRE_ARM_RATIO
-            if wild:
-                stats["grad_spike"] = 1.0
-            return "grad_spike" if wild else None
-        fired = []
-        if stats["grad_zscore"] >= self.grad_zscore and stats["grad_ratio"] >= self.grad_ratio:
-            fired.append("grad_spike")
-        if loss is not None and stats["loss_zscore"] >= self.loss_zscore:
-            ratio = stats["loss_ratio"]
-            if math.isnan(ratio) or ratio >= self.loss_ratio:
-                fired.append("loss_spike")
-        if stats["spike_count"] > 0:
-            fired.append("element_spike")
-        if not fired:
-            return None
-        for kind in fired:
-            stats[kind] = 1.0
-        return max(fired, key=lambda kind: (track.ladder.start_rung(kind), -fired.index(kind)))
-
-    def _apply(
-        self,
-        trainer: pl.Trainer,
-        opt: torch.optim.Optimizer,
-        index: int,
-        track: _OptimizerTrack,
-        action: str,
-        detection: str,
-        stats: dict[str, float],
-        params: list[Tensor],
-        grads: list[Tensor],
-        gb: Baseline,
-    ) -> None:
-        step = trainer.global_step
-        if action == "clip":
-            if stats["spike_count"] > 0 and self.theta is not None:
-                for p, g in zip(params, grads):  # a rare path: decode the moments again, one at a time
-                    clip_element_spikes_([g], self._moments(opt, [p]), self.theta)  # type: ignore[list-item]
-            if detection == "grad_spike" and math.isfinite(gb.median) and gb.median > 0:
-                # rescale the global norm to the baseline (after the element clip, if any); sharded,
-                # one more all-reduce, on this step only, and every rank scales by the same factor
-                norm = (
-                    all_reduce_sum_(local_sum_of_squares([p.grad for p in params])).sqrt()  # type: ignore[misc]
-                    if self._sharded else global_grad_norm(grads)
-                )
-                factor = torch.clamp(gb.median / norm.clamp_min(1e-12), max=1.0)
-                scale_grads_(grads, factor.to(grads[0].device))
-            return
-        for p in params:  # every rung above clip skips the step
-            p.grad = None
-        if action == "reset_moments":
-            reset_moments_(opt, params)
-            track.warmup_from = step + 1
-            ids = {id(p) for p in params}
-            track.warmup_groups = [i for i, g in enumerate(opt.param_groups) if any(id(p) in ids for p in g["params"])]
-        elif action == "lr_backoff":
-            track.backoff_until = step + 1 + self.lr_backoff_steps
-        elif action == "halt" and self._halt_report is None:
-            self._halt_report = self._describe_halt(step, index, detection, stats, track)
-
-    def _describe_halt(
-        self, step: int, index: int, detection: str, stats: dict[str, float], track: _OptimizerTrack
-    ) -> str:
-        if detection in ("loss_spike",):
-            statistic = f"loss {stats.get('loss', math.nan):.6g} against a baseline median of {stats.get('loss_baseline', math.nan):.6g}"
-        else:
-            statistic = (
-                f"gradient norm {stats['grad_norm']:.6g} against a baseline median of {stats['grad_baseline']:.6g}"
-                f" (robust z-score {stats['grad_zscore']:.3g}), {int(stats['spike_count'])} spiking elements"
-            )
-        tried = ", ".join(f"{a} x{n}" for a, n in track.actions.items()) or "nothing yet"
-        return (
-            f"{type(self).__name__} halted training at optimizer step {step} (optimizer {index}): {detection} with "
-            f"{statistic}. Interventions tried in this run: {tried}. The halted step was skipped."
+    # -- actions ---------------------------------------------------------------------------------
+    def _warn_persistent(self, trainer: pl.Trainer, index: int, detection: str, stats: dict[str, float]) -> None:
+        """Once per incident: the run is noisy, not lost; it goes on at the strongest rung below a rollback."""
+        self.emit(trainer, "persistent_instability", "warning", stats, None)
+        rank_zero_warn(
+            f"{type(self).__name__}: {detection} keeps coming back at step {trainer.global_step} (optimizer {index}) "
+            "but the run is not lost (its loss is finite and has not stayed out of its band through the rungs below), "
+            "so training goes on at the strongest rung short of a rollback or a halt. "
+            "If it persists: lower the learning rate, enable QK-clip or z-loss (SoftmaxSaturationMonitor), "
+            "or raise grad_zscore / theta if these spikes are this model's normal noise."
         )
-
-    def _moments(self, opt: torch.optim.Optimizer, params: list[Tensor]) -> list[Tensor | None]:
-        """The second moments of ``params``; sharded, their local shards (the rows of the gradients)."""
-        moments = second_moments(opt, params)
-        return [None if v is None else local(v) for v in moments] if self._sharded else moments
-
-    def _in_reset_warmup(self, track: _OptimizerTrack, step: int) -> bool:
-        # SPAM: after a reset the second moment is not meaningful yet; do not test elements against it.
-        return track.warmup_from >= 0 and step < track.warmup_from + self.reset_warmup
 
     def _make_lr_provider(self, index: int) -> Any:
         def factors(optimizer: torch.optim.Optimizer) -> list[float] | None:
@@ -650,42 +441,9 @@ def _optimizer_index(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> int:
 
 
 def _scaler_skips(trainer: pl.Trainer, opt: torch.optim.Optimizer) -> bool:
-    """Has the AMP loss scaler found an inf for this optimizer, so that it will skip the step itself?
-
-    It decides in ``unscale_``, before ``on_before_optimizer_step``: a NaN that appears later, or a
-    finite gradient whose norm overflows float32, is not seen by it and must be handled here.
-    """
+    """Will the fp16 AMP loss scaler skip this optimizer's step itself (it found an inf)?"""
     scaler = grad_scaler(trainer)
-    if scaler is None:
-        return False
-    # torch keeps what unscale_ found in a private table; if it moves, say so, and assume the scaler
-    # saw the overflow (it sees every gradient; the loss is finite): never read an ordinary fp16
-    # overflow as a non-finite detection that climbs the ladder.
-    states = getattr(scaler, SCALER_STATES, None)
-    if not isinstance(states, dict):
-        _warn_scaler_moved(scaler)
-        return True
-    found = states.get(id(opt), {}).get(SCALER_FOUND_INF)
-    if not isinstance(found, dict):
-        _warn_scaler_moved(scaler)
-        return True
-    return any(float(t.sum()) > 0 for t in found.values())
-
-
-# torch.amp.GradScaler's private per-optimizer table, as unscale_ fills it (pinned by a test)
-SCALER_STATES = "_per_optimizer_states"
-SCALER_FOUND_INF = "found_inf_per_device"
-_warned_scaler: list[bool] = []
-
-
-def _warn_scaler_moved(scaler: Any) -> None:
-    if not _warned_scaler:
-        _warned_scaler.append(True)
-        rank_zero_warn(
-            f"GradientSpikeGuard: {type(scaler).__name__}.{SCALER_STATES}[id(optimizer)][{SCALER_FOUND_INF!r}] "
-            f"is not where torch {torch.__version__} used to keep it; non-finite gradients with a finite loss are "
-            "taken for fp16 overflows the loss scaler skips (an amp_overflow event). Please report this."
-        )
+    return scaler is not None and scaler_found_inf(scaler, opt)
 
 
 def _finite(value: float | None) -> bool:
