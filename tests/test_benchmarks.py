@@ -133,3 +133,102 @@ def test_instability_findings_are_read_off_the_runs():
                                               ([1.0, float("nan")], "1.00x to NaN")])
 def test_span(values, expected):
     assert instabilities._span(values, suffix="x") == expected
+
+
+def _noisy(model: str, multiple: float, seed: int, arm: str, loss: float, halted: bool = False, actions=()):
+    from benchmarks import noisy
+
+    return noisy.Fit(model, multiple, 1e-3 * multiple, seed, arm, loss, 300, halted, loss, tuple(actions))
+
+
+def test_noisy_ratios_are_judged_per_seed_and_a_halt_only_where_the_unguarded_run_ended_finite():
+    from benchmarks import noisy
+
+    none, ours, _ = noisy.ARMS
+    assert noisy.seed_ratio(2.0, 2.04) == pytest.approx(1.02)
+    assert noisy.seed_ratio(2.0, math.nan) == math.inf and noisy.seed_ratio(math.nan, 1.0) is None
+    fits = [
+        # 1x: one seed 0.90x, the other 1.05x: the mean (0.975x) is within the goal, the worst seed is not
+        _noisy("TinyGPT", 1, 0, none, 2.0), _noisy("TinyGPT", 1, 0, ours, 1.8),
+        _noisy("TinyGPT", 1, 1, none, 2.0), _noisy("TinyGPT", 1, 1, ours, 2.1),
+        _noisy("TinyGPT", 1, 0, noisy.ARMS[2], 2.06),  # the nudged control of seed 0 only: 1.03x
+        # 10x: exactly 1.02x is not worse than 1.02x; the unguarded seed 1 ended NaN, the monitors halted it
+        _noisy("TinyGPT", 10, 0, none, 2.5), _noisy("TinyGPT", 10, 0, ours, 2.55),
+        _noisy("TinyGPT", 10, 1, none, math.nan), _noisy("TinyGPT", 10, 1, ours, 3.0, halted=True),
+        # 100x: a halt (at a better loss) where the unguarded run ended finite, and a NaN the unguarded run avoided
+        _noisy("GPT-2 (HF)", 100, 0, none, 3.0), _noisy("GPT-2 (HF)", 100, 0, ours, 2.9, halted=True),
+        _noisy("GPT-2 (HF)", 100, 1, none, 3.0), _noisy("GPT-2 (HF)", 100, 1, ours, math.nan),
+    ]
+    one, ten, hundred = noisy.rows(fits[::-1])  # in the models' and multiples' order whatever the fits' order
+    assert (one.multiple, ten.multiple, hundred.model) == (1, 10, "GPT-2 (HF)")
+    assert one.ratio_mean == pytest.approx(0.975) and one.ratio_worst == pytest.approx(1.05)
+    assert one.worse and not one.met
+    assert one.nudged[0] == pytest.approx(1.03) and one.nudged[1] is None and one.nudged_worst == pytest.approx(1.03)
+    assert ten.ratios[1] is None and ten.ratio_worst == pytest.approx(1.02) and ten.met
+    assert ten.needless_halts == 0 and ten.unguarded_finite == 1
+    assert hundred.needless_halts == 1 and hundred.ratio_worst == math.inf and not hundred.met
+    worse, halts = noisy.goal_lines([one, ten, hundred])
+    assert worse.startswith("never worse than 1.02x no callbacks: NOT met (2 of 5 runs worse)")
+    assert "worst ratio NaN (GPT-2 (HF) 100x, seed 1)" in worse
+    assert "the nudged control (every gradient of one step times 1 + 1e-06, no callbacks) ends up to 1.030x " \
+           "the unguarded run (TinyGPT 1x, seed 0)" in worse
+    assert halts.startswith("never halted where the unguarded run finishes finite: NOT met; 1 such halts of 5 runs")
+    assert "(2 halts in all)" in halts
+    good_worse, good_halts = noisy.goal_lines([ten])
+    assert good_worse.startswith("never worse than 1.02x no callbacks: met; worst ratio 1.020x (TinyGPT 10x, seed 0)")
+    assert good_halts.startswith("never halted where the unguarded run finishes finite: met")
+    table = noisy.table([one, ten, hundred])
+    assert "| TinyGPT | 10x (0.01) | 2.500 (1 NaN) | 2.775 | 1.020x | 1.020x | - | 1/2 |" in table
+    assert "| TinyGPT | 1x (0.001) | 2.000 | 1.950 | 0.975x | 1.050x | 1.030x |" in table
+    diverged = noisy.diverged_lines([one, ten, hundred])
+    assert diverged == ["TinyGPT 10x, seed 1: the unguarded run ended NaN; with the monitors: halted, evaluation "
+                        "loss 3.000. no intervention"]
+
+
+def test_noisy_events_are_grouped_and_routine_ones_left_out():
+    from benchmarks import noisy
+    from lightning_stability import StabilityEvent
+
+    events = [
+        StabilityEvent(step=32, kind="armed", source="GradientSpikeGuard", severity="info"),
+        StabilityEvent(step=40, kind="element_spike", source="GradientSpikeGuard", severity="warning", action="clip"),
+        StabilityEvent(step=51, kind="attention_logit_growth", source="SoftmaxSaturationMonitor", severity="warning",
+                       action="qk_clip", target="blocks.0.attn"),
+        StabilityEvent(step=51, kind="qk_clip", source="SoftmaxSaturationMonitor", severity="info", action="qk_clip"),
+        StabilityEvent(step=52, kind="qk_clip", source="SoftmaxSaturationMonitor", severity="info", action="qk_clip"),
+        StabilityEvent(step=90, kind="element_spike", source="GradientSpikeGuard", severity="warning", action="clip"),
+        StabilityEvent(step=95, kind="advice", source="SoftmaxSaturationMonitor", severity="info", action="remedies=..."),
+        StabilityEvent(step=99, kind="sigma_growth", source="SpectralMonitor", severity="warning"),
+    ]
+    actions = noisy.summarise_events(events)
+    assert [a.describe() for a in actions] == [
+        "GradientSpikeGuard element_spike -> clip x2 (steps 40-90)",
+        "SoftmaxSaturationMonitor attention_logit_growth -> qk_clip x1 (step 51)",
+        "SoftmaxSaturationMonitor qk_clip -> qk_clip x2 (steps 51-52)",
+        "SpectralMonitor sigma_growth x1 (step 99)",
+    ]
+    fit = _noisy("TinyGPT", 1, 0, noisy.ARMS[1], 2.0, actions=actions)
+    assert fit.interventions() == {"clip": 2, "qk_clip": 1, "qk_clip applied": 2, "sigma_growth": 1}
+
+
+@pytest.mark.parametrize("cores, omp, expected", [(2, "1", (2, 1)), (2, None, (2, 1)), (4, "2", (2, 2)),
+                                                  (2, "8", (1, 2)), (3, "2", (1, 2)), (2, "two", (2, 1))])
+def test_noisy_pool_fits_omp_threads_into_the_cores(cores, omp, expected):
+    from benchmarks import noisy
+
+    assert noisy.pool_shape(cores, omp) == expected
+
+
+@pytest.mark.parametrize("model", ["TinyGPT", "GPT-2 (HF)"])
+def test_noisy_quick_fit_of_one_configuration_returns_a_full_record(model):
+    pytest.importorskip("transformers")
+    from benchmarks import noisy
+
+    fit = noisy.fit(model, 100, 0, noisy.ARMS[1], noisy.QUICK)
+    assert (fit.model, fit.multiple, fit.seed, fit.arm) == (model, 100, 0, noisy.ARMS[1])
+    assert fit.lr == pytest.approx(100 * noisy.STABLE_LR[model])
+    assert fit.steps == noisy.QUICK.steps and not fit.halted
+    assert math.isfinite(fit.eval_loss) and 0 < fit.eval_loss < 10
+    assert all(isinstance(a, noisy.Action) for a in fit.actions)
+    (row,) = noisy.rows([fit, noisy.fit(model, 100, 0, noisy.ARMS[0], noisy.QUICK)])
+    assert row.ratios[0] is not None and row.ratios[0] > 0

@@ -32,6 +32,13 @@ def test_report_from_a_real_run_has_the_verdict_plots_and_timeline(tmp_path, cap
     assert page.count("data:image/png;base64,") >= 2  # loss and gradient norm, the timeline
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| 6 | GradientSpikeGuard | nonfinite | critical | skip |" in md
+    # the incidents: the NaN gradient's parameter first (a non-finite norm ranks first), the batch's ids
+    incidents = md.split("## Incidents")[1].split("## Timeline")[0]
+    (row,) = [line for line in incidents.splitlines() if line.startswith("| 6 |")]
+    step, kind, action, layers, batch, _ = [c.strip() for c in row.strip("|").split("|")]
+    assert (kind, action) == ("nonfinite", "skip") and batch.startswith("ids ")
+    assert layers.split(" (")[0] == "tok_emb.weight"  # FaultInjector's NaN goes into the first gradient
+    assert "<h2>Incidents</h2>" in page
     data = load_run(logdir)
     assert len(data.series("stability/grad/norm")) >= 10  # read back from the event files
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,3 +35,24 @@ def run_two_ranks(script: str, tmp_path, *args: str, report: bool = True, timeou
     proc = launch_two_ranks(script, str(tmp_path), *args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] if report else []
+
+
+def run_two_ranks_each(script: str, tmp_path, modes: Sequence[str], timeout: float = 360) -> dict[str, list[dict]]:
+    """Run a script once for several ``modes`` in one launch (the two processes start once: their
+    imports take most of a short run), each mode's fit after the other's, each writing its reports to
+    ``tmp_path/<mode>``; the reports by mode."""
+    proc = launch_two_ranks(script, str(tmp_path), ",".join(modes), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {m: [json.loads((tmp_path / m / f"rank{r}.json").read_text()) for r in (0, 1)] for m in modes}
+
+
+def each_mode(main: Callable[..., None], argv: Sequence[str]) -> None:
+    """A script's entry point: ``main(out, *rest)``; with several comma-separated modes (the second
+    argument), ``main(out/<mode>, mode)`` for each in turn, in the same two processes."""
+    if len(argv) < 2 or "," not in argv[1]:
+        main(*argv)
+        return
+    out, modes = argv[0], argv[1].split(",")
+    for mode in modes:
+        os.makedirs(os.path.join(out, mode), exist_ok=True)
+        main(os.path.join(out, mode), mode)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
 
 import lightning_stability
 from lightning_stability import (
@@ -98,8 +99,10 @@ def _caller() -> str:
         if frame.f_code.co_filename.endswith(os.path.join("nn", "parallel", "distributed.py")):
             return "DDP"  # DistributedDataParallel's own Python side (its gradient all-reduce is in C++)
         if frame.f_code.co_filename.startswith(PACKAGE_DIR):
+            # the public object the user attached (a callback or a precision plugin), not the helper
+            # piece inside it that made the call
             owner = frame.f_locals.get("self")
-            if owner is not None and type(owner).__module__.startswith("lightning_stability"):
+            if isinstance(owner, (pl.Callback, Precision)) and type(owner).__module__.startswith("lightning_stability"):
                 return type(owner).__name__
         frame = frame.f_back
     return "lightning"
@@ -168,9 +171,10 @@ def fit(out: str, counter: Counter, ours: bool, audit: WriteAudit | None = None)
         spectral, softmax = by_type["SpectralMonitor"], by_type["SoftmaxSaturationMonitor"]
         # the steps each one samples at its defaults (a detection under way adds more)
         logging = [s for s in range(STEPS) if (s + 1) % trainer.log_every_n_steps == 0]
+        checks = [s for s in range(STEPS) if spectral._check_at.due(s)]  # its own cadence, not the logger's
         result["sampled"] = {
             "GradientSpikeGuard": list(range(STEPS)) if guard.window else [],
-            "SpectralMonitor": logging,
+            "SpectralMonitor": sorted(set(checks) | set(logging)),
             "SoftmaxSaturationMonitor": [s for s in range(STEPS) if s % softmax.every_n_steps == 0],
             "FP8Precision": [s for s in range(STEPS) if s % plugins[0].health_every_n_steps == 0],
             "InMemoryRollback": [s for s in range(STEPS) if (s + 1) % rollback.every_n_steps == 0],

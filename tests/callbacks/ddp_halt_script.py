@@ -21,6 +21,7 @@ from lightning_stability import (
     get_event_log,
 )
 from lightning_stability.demos import TinyGPT, make_dataloader
+from tests.callbacks._two_ranks import each_mode
 from tests.callbacks.ddp_guard_script import OnOneRank
 
 FAIL_STEP = 15
@@ -85,4 +86,4 @@ def main(out: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    each_mode(main, sys.argv[1:])

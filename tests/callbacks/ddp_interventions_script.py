@@ -1,8 +1,10 @@
 """Run by test_ddp.py as its own program: the guard's repairs under DDP, from a fault on one rank.
 
-Rank 1 alone multiplies the gradient flowing back from its output by 1000 at steps 40, 44 and 48
-(before DDP's all-reduce: the loss is untouched, the averaged gradient spikes on every rank). With
-``patience=1`` the guard climbs one rung a detection: clip, reset_moments, lr_backoff. The report
+Rank 1 alone multiplies the gradient flowing back from its output by 1000, 3000 and 9000 at steps
+40, 44 and 48 (before DDP's all-reduce: the loss is untouched, the averaged gradient spikes on every
+rank). Each spike comes back larger within the recovery window, so with ``patience=1`` the guard
+climbs one rung a detection: skip, reset_moments, lr_backoff (without ``clip``, which would absorb
+these spikes and stay). The report
 hashes the weights and the whole optimizer state (moments, step counts, learning rates).
 """
 
@@ -19,14 +21,15 @@ import torch
 from lightning_stability import GradientSpikeGuard, get_event_log
 from lightning_stability.demos import TinyGPT, make_dataloader
 
-SPIKES = (40, 44, 48)
+SPIKES = {40: 1000.0, 44: 3000.0, 48: 9000.0}
 
 
 class GradientSpikeOnOneRank(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         def spike(module, args, out):
             if trainer.global_rank == 1 and trainer.global_step in SPIKES and out.requires_grad:
-                out.register_hook(lambda grad: grad * 1000.0)
+                factor = SPIKES[trainer.global_step]
+                out.register_hook(lambda grad: grad * factor)
 
         pl_module.lm_head.register_forward_hook(spike)
 
@@ -48,7 +51,7 @@ def main(out: str) -> None:
     pl.seed_everything(0, verbose=False)
     loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 120, seed=0)
     model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=56, warmup_steps=10)
-    guard = GradientSpikeGuard(warmup=16, ladder=("clip", "reset_moments", "lr_backoff"), patience=1,
+    guard = GradientSpikeGuard(warmup=16, ladder=("skip", "reset_moments", "lr_backoff"), patience=1,
                                reset_warmup=5, lr_backoff_steps=4, lr_backoff_factor=0.25)
     digests = {}
 

@@ -16,9 +16,11 @@ import warnings
 import lightning.pytorch as pl
 import torch
 
+import lightning_stability.callbacks._rollback_state as rollback_state
 import lightning_stability.callbacks.rollback as rollback_module
 from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log
 from lightning_stability.demos import TinyGPT, make_dataloader
+from tests.callbacks._two_ranks import each_mode
 from tests.callbacks.ddp_guard_script import OnOneRank
 
 
@@ -35,15 +37,16 @@ class RequestOnOneRank(pl.Callback):
 
 def count_own_agreements() -> list[int]:
     """From now on, the steps in which InMemoryRollback agrees with the other ranks by itself (its own
-    ``any_rank`` collective), appended to the list returned."""
+    ``any_rank`` collective: the step's flags, the snapshots' memory checks), appended to the list returned."""
     agreements: list[int] = []
-    own = rollback_module.any_rank
+    for module in (rollback_module, rollback_state):
+        own = module.any_rank
 
-    def counted(trainer, flags):
-        agreements.append(trainer.global_step)
-        return own(trainer, flags)
+        def counted(trainer, flags, own=own):
+            agreements.append(trainer.global_step)
+            return own(trainer, flags)
 
-    rollback_module.any_rank = counted
+        module.any_rank = counted
     return agreements
 
 
@@ -75,4 +78,4 @@ def main(out: str, mode: str = "alone") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    each_mode(main, sys.argv[1:])

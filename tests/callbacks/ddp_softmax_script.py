@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 
 from lightning_stability import SoftmaxSaturationMonitor, get_event_log
 from lightning_stability.demos import TinyGPT, make_dataloader
+from tests.callbacks._two_ranks import each_mode
 
 
 class ShiftOnOneRank(pl.Callback):
@@ -52,4 +53,4 @@ def main(out: str, remedy: str = "z_loss") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    each_mode(main, sys.argv[1:])

@@ -12,6 +12,7 @@ import torch
 
 from lightning_stability import InMemoryRollback, SpectralMonitor, get_event_log
 from lightning_stability.demos import TinyGPT, make_dataloader
+from tests.callbacks._two_ranks import each_mode
 
 
 class Bump(pl.Callback):
@@ -59,4 +60,4 @@ def main(out: str, action: str = "pss") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    each_mode(main, sys.argv[1:])

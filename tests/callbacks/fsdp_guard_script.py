@@ -15,6 +15,7 @@ import torch
 
 from lightning_stability import GradientSpikeGuard, InMemoryRollback, get_event_log
 from tests.callbacks._fsdp_model import CountCollectives, fsdp_trainer, sharded_gpt
+from tests.callbacks._two_ranks import each_mode
 from tests.callbacks.ddp_guard_script import (
     OnOneRank,  # under FSDP a gradient fault lands on that rank's rows
 )
@@ -36,16 +37,29 @@ class Record(pl.Callback):
         self.norms: list[tuple[int, float, float]] = []  # (step, guard's norm, the gathered gradient's norm before it)
         self.after: dict[int, float] = {}  # the norm of the gradient after the guard acted
         self.collectives: list[dict[str, int]] = []
-        measure = guard._measure
 
-        def recorded(trainer, opt, track, params, grads, loss):
+    def on_train_start(self, trainer, pl_module):
+        # the guard's measurement exists once it is set up for this trainer: wrap it to watch it
+        measurement = self.guard._measure
+        measure = measurement.measure
+
+        def recorded(*args, **kwargs):
             self.counter.active = True
-            out = measure(trainer, opt, track, params, grads, loss)
+            out = measure(*args, **kwargs)
             self.counter.active = False
-            self.norms.append((trainer.global_step, out[0], self._before))
+            self.norms.append((trainer.global_step, out.grad_norm, self._before))
             return out
 
-        guard._measure = recorded
+        measurement.measure = recorded
+        whole_norms = measurement.whole_norms
+
+        def counted(*args, **kwargs):  # a detection's layer norms, made whole: counted with the step's
+            self.counter.active = True
+            out = whole_norms(*args, **kwargs)
+            self.counter.active = False
+            return out
+
+        measurement.whole_norms = counted
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.after[trainer.global_step] = full_grad_norm(pl_module)
@@ -81,7 +95,7 @@ def main(out: str, mode: str = "guard") -> None:
     with open(f"{out}/rank{trainer.global_rank}.json", "w") as fh:
         json.dump({
             "events": events, "finite": finite, "norms": record.norms, "collectives": record.collectives,
-            "after_clip": record.after.get(50), "baseline_at_clip": clip[0].metrics.get("grad_baseline") if clip else None,
+            "after_clip": record.after.get(50), "threshold_at_clip": clip[0].metrics.get("grad_threshold") if clip else None,
             "local_shapes": {n: list(p.to_local().shape) for n, p in model.named_parameters()},
             "agreements": agreements,
             "rollbacks": [(r["step"], r["restored_step"]) for r in rollback.rollbacks] if rollback else [],
@@ -89,4 +103,4 @@ def main(out: str, mode: str = "guard") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    each_mode(main, sys.argv[1:])

@@ -105,11 +105,11 @@ def main(out: str) -> None:
     record = Record(spectral, counter)
     trainer = fsdp_trainer(out, STEPS, [Bump(), NanOnRankOne(), spectral, rollback, softmax, record])
     trainer.fit(model, loader)
-    for g in spectral._groups:  # converged, so the estimates can be held to the exact values tightly
-        spectral._converge_group(g, 10, 300)
+    for g in spectral._tracker.groups:  # converged, so the estimates can be held to the exact values tightly
+        spectral._tracker.converge_group(g, 10, 300)
     estimates = spectral.estimates()  # a collective under sharding: every rank asks
     exact = {}
-    for name, layer in spectral._layers.items():
+    for name, layer in spectral._tracker.layers.items():
         w = layer.param.full_tensor().reshape(layer.param.shape[0], -1)
         exact[name] = [float(torch.linalg.matrix_norm(w, 2)), float(w.pow(2).sum() / torch.linalg.matrix_norm(w, 2) ** 2)]
     events = [(e.step, e.kind, e.action, e.target) for e in get_event_log(trainer)]
@@ -123,7 +123,7 @@ def main(out: str) -> None:
             "rollbacks": [(r["step"], r["restored_step"]) for r in rollback.rollbacks],
             "cap": dict(cap[0]) if cap else None, "capped": record.capped,
             "softmax": softmax.last_stats,
-            "full": {k: layer.full.get("sigma_max") for k, layer in spectral._layers.items()},
+            "full": {k: spectral._full.results.get(k, {}).get("sigma_max") for k in spectral.layer_names},
         }, fh, default=str)
 
 

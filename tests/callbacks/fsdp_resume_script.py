@@ -24,8 +24,8 @@ SAVE_STEP = 20
 def tracking_state(monitor: SpectralMonitor) -> dict[str, dict[str, list]]:
     """Each layer's vectors (this rank's rows of the left ones) and probes, as lists."""
     out = {}
-    for name, layer in monitor._layers.items():
-        state = layer.state_dict()
+    for name in monitor.layer_names:
+        state = monitor._tracker.layer_state(name)
         vectors = {k: v.tolist() for k, v in state.items() if isinstance(v, torch.Tensor)}
         vectors.update({f"probes{i}": p.tolist() for i, p in enumerate(state.get("probes", []))})
         out[name] = vectors
@@ -69,7 +69,7 @@ def main(out: str, mode: str) -> None:
     if mode == "full" and trainer.global_rank == 0:  # what the checkpoint holds (rank zero's callback state)
         meta = torch.load(os.path.join(path, "meta.pt"), weights_only=False)
         layers = meta["callbacks"][monitor.state_key]["layers"]
-        saved = {name: {"u": len(s["u"]), "rows": monitor._layers[name].param.shape[0]} for name, s in layers.items()}
+        saved = {name: {"u": len(s["u"]), "rows": monitor._tracker.layers[name].param.shape[0]} for name, s in layers.items()}
     with open(f"{out}/{mode}-rank{trainer.global_rank}.json", "w") as fh:
         json.dump({"state": record.state, "saved": saved}, fh)
 

@@ -403,7 +403,7 @@ def test_hugging_face_llama_attention_is_captured_after_rope_with_grouped_query_
 def test_no_host_reads_on_steps_it_does_not_sample(tmp_path, monkeypatch):
     """With z-loss and perpendicular gradients on, a step that is not sampled reads nothing from the
     device (on a GPU each read would be a host sync): not in the hooks, not in the z-loss gradient."""
-    from lightning_stability.callbacks import softmax_monitor as sm
+    from lightning_stability.callbacks import _softmax_z_loss as z_loss_module
     from tests.callbacks.test_spectral_monitor import _counting_host_reads
 
     model, loader = tiny_gpt(25)
@@ -424,7 +424,7 @@ def test_no_host_reads_on_steps_it_does_not_sample(tmp_path, monkeypatch):
 
     for hook in ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "_head_hook"):
         wrap(monitor, hook)
-    wrap(sm, "z_loss_grad")
+    wrap(z_loss_module, "z_loss_grad")
     trainer = make_trainer(tmp_path, 25, [monitor])
     trainer.fit(model, loader)
     assert monitor._samples == 3  # steps 0, 10 and 20
@@ -714,3 +714,87 @@ def test_qk_clip_tau_follows_the_max_logit_limit_the_user_passed():
     with pytest.raises(ValueError, match=r"qk_clip_tau=-1\.0") as err:
         SoftmaxSaturationMonitor(qk_clip_tau=-1.0)
     assert "max_logit_limit" not in str(err.value)
+
+
+def test_a_checkpoint_from_before_the_shared_hysteresis_loads_and_counts_its_healthy_samples():
+    """The older ``active`` entries count healthy samples, not the step of the last bad one: such a
+    detection is open after loading, and clears after the samples it still lacked (5 - 2 here)."""
+    monitor = SoftmaxSaturationMonitor(every_n_steps=50, logz_limit=0.5, cooldown=5, remedies=DRIFT_LADDER)
+    monitor.load_state_dict({"active": {"logit_drift": {"rung": 0, "repeats": 1, "healthy": 2}},
+                             "remedy_on": {"z_loss": 3}, "headroom_warned": False, "samples": 7})
+    assert monitor.active_remedies == ["z_loss"] and monitor._policy.watching
+    assert monitor.schedule.due(11, active=monitor._policy.watching)  # every step while it is open
+    healthy = {"out_logz_mean": 0.1}
+    assert monitor._policy.decide(healthy, 10) == [] and monitor._policy.decide(healthy, 11) == []
+    (recovered,) = monitor._policy.decide(healthy, 12)
+    assert (recovered.kind, recovered.detection, recovered.off) == ("recovered", "logit_drift", ("z_loss", "softcap", "advise"))
+    # a new checkpoint keeps the step of the last bad sample, and round-trips
+    monitor.load_state_dict({"active": {"logit_drift": {"rung": 1, "repeats": 3, "since": 40}}})
+    # (rung 1 after 3 repeats: the shared ladder's 4th strike, softcap on)
+    assert monitor.state_dict()["active"] == {"logit_drift": {"strikes": 4, "failed": [], "on": "softcap", "then": None,
+                                                              "since": 40}}
+    assert monitor._policy.decide(healthy, 44) == [] and monitor._policy.decide(healthy, 45)[0].kind == "recovered"
+
+
+def test_the_remedies_are_registered_in_their_documented_order_and_their_state_round_trips():
+    from lightning_stability.callbacks._softmax_remedies import RUNGS
+
+    assert RUNGS == ("z_loss", "softcap", "perp_grad", "qk_clip", "attn_softcap", "advise")
+    monitor = SoftmaxSaturationMonitor()
+    monitor.load_state_dict({"remedy_on": {"qk_clip": 4, "attn_softcap": 9}})
+    assert monitor.active_remedies == ["attn_softcap", "qk_clip"]
+    assert monitor.state_dict()["remedy_on"] == {"qk_clip": 4, "attn_softcap": 9}
+    monitor.load_state_dict({})  # an empty state switches every remedy off
+    assert monitor.active_remedies == [] and monitor.state_dict()["remedy_on"] == {}
+
+
+@pytest.mark.parametrize(("later", "reverted"), [(30.0, False), (50.0, True)], ids=["held", "got-worse"])
+def test_a_remedy_under_which_its_statistic_got_worse_is_switched_off_and_not_used_again(later, reverted):
+    """z-loss is on from the drift's detection at |log Z| = 30; at the climb after ``patience`` repeats
+    the statistic is judged against that: held at 30 the remedy stays on beside the next rung; at 50
+    (worse than 30 / release) it is switched off, the decision says so, and the incident goes on
+    without it, also once it ends and the ladder's rungs are switched off."""
+    monitor = SoftmaxSaturationMonitor(logz_limit=5.0, patience=2, cooldown=3, warmup=0, remedies=DRIFT_LADDER)
+    policy = monitor._policy
+    (first,) = policy.decide({"out_logz_mean": -30.0}, 10)
+    assert (first.kind, first.rung) == ("detected", "z_loss")
+    assert policy.decide({"out_logz_mean": -later}, 11) == []
+    decisions = policy.decide({"out_logz_mean": -later}, 12)
+    assert [(d.kind, d.rung) for d in decisions] == ([("reverted", "z_loss")] if reverted else []) + [("detected", "softcap")]
+    if reverted:
+        assert decisions[0].off == ("z_loss",)
+        assert (decisions[0].metrics["then"], decisions[0].metrics["now"]) == (30.0, later)
+    assert policy.ladders["logit_drift"].failed == (("z_loss",) if reverted else ())
+    assert policy.ladders["logit_drift"].then == later  # softcap is judged against the value it started at
+    # round-trips with the checkpoint
+    fresh = SoftmaxSaturationMonitor(logz_limit=5.0, patience=2, cooldown=3, warmup=0, remedies=DRIFT_LADDER)
+    fresh.load_state_dict(monitor.state_dict())
+    assert fresh.state_dict()["active"] == monitor.state_dict()["active"]
+
+
+class _GrowHead(pl.Callback):
+    """Scales the output head's weight by ``factor`` after every optimizer step from ``start``: the
+    logits' scale, and |log Z| with it, grows whatever z-loss does."""
+
+    def __init__(self, start: int, factor: float) -> None:
+        self.start, self.factor = start, factor
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step - 1 >= self.start:
+            with torch.no_grad():
+                pl_module.lm_head.weight.mul_(self.factor)
+
+
+def test_z_loss_that_cannot_hold_a_growing_log_z_is_switched_off_in_a_fit(tmp_path):
+    model, loader = tiny_gpt(40)
+    monitor = SoftmaxSaturationMonitor(every_n_steps=1, logz_limit=4.0, patience=2, cooldown=50, warmup=0,
+                                       attention=False, remedies={"logit_drift": ("z_loss", "advise")})
+    trainer = make_trainer(tmp_path, 30, [_GrowHead(5, 1.4), monitor])
+    with pytest.warns(UserWarning, match="logit_drift"):
+        trainer.fit(model, loader)
+    events = [e for e in get_event_log(trainer) if e.source == monitor.source]
+    (on,) = [e for e in events if e.kind == "logit_drift" and e.action == "z_loss"]
+    (off,) = [e for e in events if e.kind == "intervention_reverted"]
+    assert off.action == "revert_z_loss" and off.step > on.step and off.metrics["now"] > off.metrics["then"] / 0.8
+    assert "z_loss" not in monitor.active_remedies
+    assert not any(e.action == "z_loss" for e in events if e.step > off.step)

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_stability import get_event_log
-from lightning_stability.callbacks import softmax_monitor as sm
+from lightning_stability.callbacks import _softmax_capture as capture_module
 from lightning_stability.callbacks.softmax_monitor import SoftmaxSaturationMonitor
 from lightning_stability.demos import Block, make_dataloader
+from lightning_stability.ops.saturation import find_qk_projection
 from tests.conftest import make_trainer
 
 transformers = pytest.importorskip("transformers")
@@ -217,8 +218,9 @@ def test_need_weights_false_multihead_attention_is_one_layer_measured_once(tmp_p
     torch.manual_seed(0)
     model = M(False)
     monitor = SoftmaxSaturationMonitor(every_n_steps=1)
-    original = monitor._measure
-    monitor._measure = lambda *a: (calls.append(monitor._caller()), original(*a))[1]
+    capture = monitor._attention
+    original = capture._measure
+    capture._measure = lambda *a: (calls.append(capture._caller()), original(*a))[1]
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(_IDS, _MASK), batch_size=4)
     make_trainer(tmp_path, 1, [monitor]).fit(model, loader)
     assert calls == ["attn"]
@@ -313,7 +315,7 @@ def test_an_attention_call_it_cannot_read_is_skipped_with_the_reason_not_a_crash
 # -- what the monitor relies on inside other libraries: pinned, so a move fails here, loudly ----------
 def test_pin_multi_head_attention_forward_takes_what_the_monitor_reads():
     params = inspect.signature(F.multi_head_attention_forward).parameters
-    assert [p for p in sm._MHA_PARAMS if p not in params] == []
+    assert [p for p in capture_module.MHA_PARAMS if p not in params] == []
 
 
 def test_pin_multihead_attention_in_training_calls_the_functional_core_by_module_attribute(monkeypatch):
@@ -327,7 +329,7 @@ def test_pin_multihead_attention_in_training_calls_the_functional_core_by_module
 
 
 def test_a_moved_multi_head_attention_forward_is_a_warning_not_a_silent_gap(tmp_path, monkeypatch):
-    monkeypatch.setattr(sm, "_MHA_PARAMS", (*sm._MHA_PARAMS, "renamed_in_a_future_torch"))
+    monkeypatch.setattr(capture_module, "MHA_PARAMS", (*capture_module.MHA_PARAMS, "renamed_in_a_future_torch"))
     torch.manual_seed(0)
     monitor, trainer, warned = _fit(tmp_path, _PaddedMHA(False), (_IDS, _MASK))
     assert _measured(monitor.last_stats) == []
@@ -356,12 +358,12 @@ def test_pin_litgpt_attention_calls_torch_sdpa_by_module_attribute(monkeypatch):
 
 @pytest.mark.parametrize(("family", "found"), [
     ("hf-llama-gqa", (4, 2, 8)), ("hf-bert-padded", (4, 4, 8)), ("hf-vit", (4, 4, 8)), ("litgpt", (4, 2, 8)),
-    ("hf-gpt2", None), ("lightning-demo-transformer", None),
+    ("hf-gpt2", (2, 2, 16)), ("lightning-demo-transformer", None),
 ])
 def test_qk_clip_finds_the_projections_where_they_are_linears_and_says_where_not(tmp_path, family, found):
     """QK-clip on every family at its default: the q/k rows are found for Llama, BERT and ViT (query/key
-    linears), litgpt; GPT-2's Conv1D and nn.MultiheadAttention's in_proj_weight are not linears: a
-    warning per layer, no crash, and the weights left as they were."""
+    linears), litgpt, and GPT-2's fused Conv1D (its weight stored (in, out)); nn.MultiheadAttention's
+    in_proj_weight is not a linear: a warning per layer, no crash, and the weights left as they were."""
     make, step, batch, _, layers = CASES[family]
     model = _Wrapped(make, step)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -373,7 +375,7 @@ def test_qk_clip_finds_the_projections_where_they_are_linears_and_says_where_not
         assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     else:
         assert clipped == sorted(layers)
-        proj = sm.find_qk_projection(dict(model.named_modules())[layers[0]])
+        proj = find_qk_projection(dict(model.named_modules())[layers[0]])
         assert (proj.n_head, proj.n_kv_head, proj.head_dim) == found
         assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 

@@ -37,17 +37,17 @@ def _events(trainer, kind=None):
 
 
 @pytest.mark.parametrize(
-    ("block", "log_every"),
-    [(1, 10), (4, 1000)],
+    ("block", "check_every"),
+    [(1, 10), (4, None)],
     ids=["one-vector+residual-check", "block-no-check"],
 )
-def test_estimates_match_the_true_spectral_norm_and_stable_rank_after_20_steps(tmp_path, block, log_every):
+def test_estimates_match_the_true_spectral_norm_and_stable_rank_after_20_steps(tmp_path, block, check_every):
     # Early in training the top singular values of square layers cross (attn.proj here at step ~10):
     # one vector per step lags behind until the residual check at step 19 adds iterations; a block
-    # of 4 follows the crossing with no check at all.
+    # of 4 follows the crossing with no check at all (the first is after step 49).
     model, loader = tiny_gpt(20)
-    monitor = SpectralMonitor(block=block, full_every_n_steps=None)
-    trainer = make_trainer(tmp_path, 20, [monitor], log_every_n_steps=log_every)
+    monitor = SpectralMonitor(block=block, check_every_n_steps=check_every, full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 20, [monitor], log_every_n_steps=1000)
     trainer.fit(model, loader)
     est = monitor.estimates()
     assert set(est) == {"tok_emb", "pos_emb", "blocks.0.attn.qkv", "blocks.0.attn.proj", MLP, "blocks.0.mlp.2", "lm_head"}
@@ -103,18 +103,18 @@ def test_include_and_exclude_select_layers(tmp_path):
     assert monitor.layer_names == ["blocks.0.attn.qkv", MLP, "blocks.0.mlp.2"]
 
 
-def test_no_host_reads_outside_checks(tmp_path, monkeypatch):
-    """Between checks the monitor keeps everything on the device: no .item(), .tolist(), float() or
-    bool() of a tensor in its per-step hooks (on a GPU each would be a host sync)."""
+def test_no_host_reads_outside_checks_and_logging_steps(tmp_path, monkeypatch):
+    """Between checks and logging steps the monitor keeps everything on the device: no .item(),
+    .tolist(), float() or bool() of a tensor in its per-step hooks (on a GPU each would be a host sync)."""
     reads = []
     model, loader = tiny_gpt(30)
-    monitor = SpectralMonitor(full_every_n_steps=None)
+    monitor = SpectralMonitor(check_every_n_steps=15, full_every_n_steps=None)
     checks = []
     original_check = monitor._check
 
-    def counting_check(trainer, pl_module, step):
+    def counting_check(trainer, step):
         checks.append(step)
-        return original_check(trainer, pl_module, step)
+        return original_check(trainer, step)
 
     monkeypatch.setattr(monitor, "_check", counting_check)
 
@@ -125,7 +125,8 @@ def test_no_host_reads_outside_checks(tmp_path, monkeypatch):
             before = len(checks)
             with _counting_host_reads(reads) as n:
                 hook(trainer, *args)
-            if len(checks) == before:  # not a check step
+            logging = hook_name == "on_train_batch_end" and trainer.global_step % 10 == 0  # after steps 9, 19, 29
+            if len(checks) == before and not logging:  # neither a check nor a logging step
                 assert n[0] == 0, f"{hook_name} read the device at step {trainer.global_step}"
 
         monkeypatch.setattr(monitor, hook_name, wrapped)
@@ -134,7 +135,7 @@ def test_no_host_reads_outside_checks(tmp_path, monkeypatch):
         wrap(hook_name)
     trainer = make_trainer(tmp_path, 30, [monitor], log_every_n_steps=10)
     trainer.fit(model, loader)
-    assert checks == [9, 19, 29]  # the logging steps
+    assert checks == [14, 29]  # its own cadence, not the logger's
 
 
 class _counting_host_reads:
@@ -230,12 +231,12 @@ def test_clip_updates_bounds_the_layer_updates_until_the_incident_ends(tmp_path)
     trainer.fit(model, loader)
     (event,) = _events(trainer, "sigma_growth")
     assert event.action == "clip_updates" and event.step == 121
-    assert monitor._layers[MLP].clip_updates
+    assert MLP in monitor._act.clip_on
     # soft clip: every singular value s -> s / sqrt(1 + s^2/c^2) < c
     assert max(probe.ratios[s] for s in range(122, 130)) < 1.0
     assert min(probe.ratios[s] for s in range(105, 120)) > 1.0  # the clip bites: unclipped updates are larger
     # the fit is over: the optimizer's hooks are gone, the state still says the clip is on
-    assert monitor._layers[MLP].clipper is None
+    assert MLP not in monitor._act.clippers
     assert not trainer.optimizers[0]._optimizer_step_pre_hooks
     assert monitor.state_dict()["layers"][MLP]["clip_updates"]
 
@@ -275,21 +276,20 @@ def test_embedding_rank_rise_warns_under_low_precision_only(tmp_path):
             assert e.action is None and e.severity == "warning"
 
 
-def test_full_spectrum_round_robin(tmp_path):
+def test_full_spectrum_round_robin(tmp_path, monkeypatch):
+    from lightning_stability.callbacks._spectral_full import FullSpectra
+
     model, loader = tiny_gpt(20)
     monitor = SpectralMonitor(full_every_n_steps=10)
     per_step: dict[int, list[str]] = {}
-    original = monitor._full_analysis
+    original = FullSpectra.run
 
-    class Spy(pl.Callback):
-        pass
+    def spy(full, trainer, tracker, step):
+        before = {n: full.results.get(n) for n in monitor.layer_names}
+        original(full, trainer, tracker, step)
+        per_step[step] = [n for n in monitor.layer_names if full.results.get(n) != before[n]]
 
-    def spy(trainer, step):
-        before = {n: dict(layer.full) for n, layer in monitor._layers.items()}
-        original(trainer, step)
-        per_step[step] = [n for n, layer in monitor._layers.items() if layer.full != before[n]]
-
-    monitor._full_analysis = spy
+    monkeypatch.setattr(FullSpectra, "run", spy)
     trainer = make_trainer(tmp_path, 10, [monitor], logger=pl.loggers.TensorBoardLogger(tmp_path, name="tb"))
     trainer.fit(model, loader)
     analysed = [n for step in sorted(per_step) for n in per_step[step]]
@@ -297,7 +297,7 @@ def test_full_spectrum_round_robin(tmp_path):
     assert max(len(v) for v in per_step.values()) == 1  # 7 layers over 10 steps: one at a time
     from lightning_stability.ops.spectral import analyze_spectrum
 
-    last = monitor._layers["lm_head"].full  # the last layer analysed, at step 8; weights moved once since
+    last = monitor._full.results["lm_head"]  # the last layer analysed, at step 8; weights moved once since
     assert last["alpha"] > 1 and last["n"] == 26
     ref = analyze_spectrum(_weight(model, "lm_head").detach())
     assert last["sigma_max"] == pytest.approx(ref.sigma_max, rel=0.05)
@@ -361,10 +361,10 @@ def test_bad_arguments_name_the_argument(kwargs, match):
 
 def _grouping(monkeypatch, merge: bool) -> None:
     """Every weight of the tiny GPT in one zero-padded stack, or one stack per shape."""
-    import lightning_stability.callbacks.spectral_monitor as sm
+    import lightning_stability.ops.spectral_stack as stack
 
-    monkeypatch.setattr(sm, "_MERGE_RATIO", 1e9 if merge else 3.0)
-    monkeypatch.setattr(sm, "_MERGE_MAX_ELEMENTS", 1 << 30 if merge else 0)
+    monkeypatch.setattr(stack, "MERGE_RATIO", 1e9 if merge else 3.0)
+    monkeypatch.setattr(stack, "MERGE_MAX_ELEMENTS", 1 << 30 if merge else 0)
 
 
 def _capped_fit(root):
@@ -383,8 +383,8 @@ def test_a_padded_stack_measures_and_caps_as_stacks_of_one_shape(tmp_path, monke
     apart, apart_model, apart_events = _capped_fit(tmp_path / "apart")
     _grouping(monkeypatch, merge=True)
     merged, merged_model, merged_events = _capped_fit(tmp_path / "merged")
-    assert len(apart._groups) == 6 and not any(g.padded for g in apart._groups)
-    assert len(merged._groups) == 1 and merged._groups[0].padded and merged._groups[0]._weights.shape == (7, 128, 128)
+    assert len(apart._tracker.groups) == 6 and not any(g.padded for g in apart._tracker.groups)
+    assert len(merged._tracker.groups) == 1 and merged._tracker.groups[0].padded and merged._tracker.groups[0]._weights.shape == (7, 128, 128)
 
     assert [(e.step, e.kind, e.action, e.target) for e in merged_events] == [
         (e.step, e.kind, e.action, e.target) for e in apart_events
@@ -407,7 +407,7 @@ def test_a_padded_stack_measures_and_caps_as_stacks_of_one_shape(tmp_path, monke
             assert sa[name][key].shape == sb[name][key].shape, f"{name} {key}"
             torch.testing.assert_close(sa[name][key], sb[name][key], rtol=1e-3, atol=1e-4)
     # the padding stayed zero
-    g = merged._groups[0]
+    g = merged._tracker.groups[0]
     for b_, (m, n) in enumerate(g.sizes):
         assert not g.u[b_, m:].any() and not g.v[b_, n:].any() and not g.du[b_, m:].any() and not g.dv[b_, n:].any()
 
@@ -426,7 +426,7 @@ def test_a_padded_stack_saves_at_true_shapes_and_resumes_exactly(tmp_path, monke
         return monitor
 
     straight = run(tmp_path / "full")
-    assert len(straight._groups) == 1 and straight._groups[0].padded
+    assert len(straight._tracker.groups) == 1 and straight._tracker.groups[0].padded
     ckpt = str(tmp_path / "full" / "epoch=0-step=15.ckpt")
     saved = torch.load(ckpt, weights_only=False)["callbacks"]
     (state,) = [v for k, v in saved.items() if "SpectralMonitor" in k]
@@ -443,7 +443,7 @@ def test_a_padded_stack_saves_at_true_shapes_and_resumes_exactly(tmp_path, monke
     # the same checkpoint resumes into one stack per shape (and so do those written before merging)
     _grouping(monkeypatch, merge=False)
     apart = run(tmp_path / "apart", ckpt)
-    assert len(apart._groups) == 6
+    assert len(apart._tracker.groups) == 6
     for name, s in apart.estimates().items():
         assert s["sigma_max"] == pytest.approx(straight.estimates()[name]["sigma_max"], rel=1e-4), name
 
@@ -466,7 +466,7 @@ def test_a_padded_stack_recovers_after_a_nan_weight_is_rolled_back(tmp_path):
                    InMemoryRollback(every_n_steps=10, commit_after=3, rollback_on_nonfinite_loss=False)],
     )
     trainer.fit(model, loader)
-    assert any(g.padded for g in monitor._groups)
+    assert any(g.padded for g in monitor._tracker.groups)
     events = [(e.step, e.kind) for e in get_event_log(trainer)]
     assert [s for s, k in events if k == "nonfinite_weight"] == [15]
     assert [s for s, k in events if k == "rollback"] == [15]
@@ -504,24 +504,25 @@ def test_intervention_failed_decides_from_the_losses_it_is_given():
     assert [intervention_failed(mean_before, sum(after) / 2, 0.1) is None for _ in before] == [True, True]
 
 
-def _agree_fake(per_rank_losses):
-    """_agree on a fake two-rank strategy whose all_gather stacks the ranks' tensors (this rank's first)."""
-    from types import SimpleNamespace
+def _agree_fake(per_rank_losses, per_rank_ranks=(3.0, 3.0)):
+    """The check's agreement on a fake two-rank gather that stacks the ranks' tensors."""
+    from lightning_stability.callbacks._spectral_policy import agreed_inputs
 
-    from lightning_stability.callbacks.spectral_monitor import _agree
+    def stats(rank):
+        return {"a": {"sigma_max": 2.0 + rank, "stable_rank": per_rank_ranks[rank]}}
 
-    stats = {"a": {"sigma_max": 2.0, "stable_rank": 3.0}}
-    out = []
-    for rank in (0, 1):
-        others = [torch.tensor([2.0, 3.0, loss], dtype=torch.float64) for loss in per_rank_losses]
-        strategy = SimpleNamespace(root_device=torch.device("cpu"), all_gather=lambda t, o=others: torch.stack(o))
-        out.append(_agree(SimpleNamespace(strategy=strategy), stats, torch.tensor(per_rank_losses[rank])))
-    return out
+    def values(rank):  # each rank's vector as agree packs it: keys in sorted order (a/sigma_max, a/stable_rank, loss)
+        return torch.tensor([2.0 + rank, per_rank_ranks[rank], per_rank_losses[rank]], dtype=torch.float64)
+
+    gather = lambda t: torch.stack([values(0), values(1)])  # noqa: E731
+    return [agreed_inputs(stats(rank), torch.tensor(per_rank_losses[rank]), gather, torch.device("cpu"))
+            for rank in (0, 1)]
 
 
 def test_the_ranks_agree_on_one_loss_at_a_check():
-    (s0, l0), (s1, l1) = _agree_fake([1.0, 10.0])
-    assert l0 == l1 == 5.5 and s0 == s1 == {"a": {"sigma_max": 2.0, "stable_rank": 3.0}}
+    (s0, l0), (s1, l1) = _agree_fake([1.0, 10.0], per_rank_ranks=(3.0, 1.5))
+    # the worst rank's statistics: the largest sigma_max, the smallest stable rank
+    assert l0 == l1 == 5.5 and s0 == s1 == {"a": {"sigma_max": 3.0, "stable_rank": 1.5}}
     (_, l0), (_, l1) = _agree_fake([1.0, math.nan])  # a NaN loss on one rank is non-finite on both
     assert math.isnan(l0) and math.isnan(l1)
 
@@ -605,3 +606,92 @@ def test_a_window_shorter_than_the_armed_history_still_arms(tmp_path):
     trainer = make_trainer(tmp_path, 122, [_mlp_bump(), monitor])
     trainer.fit(model, loader)
     assert (121, "cap", MLP) in [(e.step, e.action, e.target) for e in _events(trainer, "sigma_growth")]
+
+
+def test_the_logging_cadence_does_not_change_what_is_detected_or_done(tmp_path):
+    # Checks follow their own schedule (every 50 steps by default), not log_every_n_steps: logging
+    # every step or every 7 steps detects the same bump at the same check and caps it alike.
+    def run(root, log_every):
+        model, loader = tiny_gpt(200)
+        bump = Tamper(MLP, 170, lambda w: 4.0 * w)
+        monitor = SpectralMonitor(warmup=100, ladder=("cap",), full_every_n_steps=None)
+        trainer = make_trainer(root, 200, [bump, monitor], log_every_n_steps=log_every, logger=MemoryLogger())
+        trainer.fit(model, loader)
+        decided = [(e.step, e.kind, e.action, e.target) for e in _events(trainer) if e.severity != "info"]
+        return decided, model, trainer
+
+    every, every_model, trainer = run(tmp_path / "every", 1)
+    sparse, sparse_model, _ = run(tmp_path / "sparse", 7)
+    assert (200, "sigma_growth", "cap", MLP) in every  # the check after step 199 saw the bump of step 170
+    assert sparse == every
+    for p, q in zip(every_model.parameters(), sparse_model.parameters()):
+        assert torch.equal(p, q)
+    logged = {step for step, metrics in trainer.loggers[0].records if f"stability/spectral/{MLP}/sigma_max" in metrics}
+    assert logged == set(range(200))  # logging every step writes every step, checks or not
+
+
+class _Around(pl.Callback):
+    """The MLP weight at the end of optimizer step ``step``: placed before the monitor, as its check
+    finds it (and the interventions pending then); after it, as the check left it."""
+
+    def __init__(self, monitor: SpectralMonitor, step: int) -> None:
+        self.monitor, self.step = monitor, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step - 1 == self.step:
+            self.w = _weight(pl_module, MLP).detach().clone()
+            self.trials = dict(self.monitor._act.trials)
+
+
+def test_a_cap_that_training_undoes_is_reverted_and_not_repeated_in_the_incident(tmp_path):
+    """The cap at 121 brings sigma_max down; a second bump takes it above where it was when it was
+    capped: the cap did not move its statistic the right way (the loss is left out of it here). It is
+    subtracted again at the next check, the rest of the training since kept, and the incident's next
+    detections get no second cap."""
+    model, loader = tiny_gpt(140)
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("cap",), cooldown=50, loss_tolerance=1e9,
+                              full_every_n_steps=None)
+    before, after = _Around(monitor, 121), _Around(monitor, 121)  # the check of step 121 (events carry 122)
+    trainer = make_trainer(tmp_path, 124, [_mlp_bump(), Tamper(MLP, 121, lambda w: 6.0 * w), before, monitor, after])
+    trainer.fit(model, loader)
+    growth = [(e.step, e.action) for e in _events(trainer, "sigma_growth") if e.target == MLP]
+    assert growth[0] == (121, "cap") and all(action is None for _, action in growth[1:])  # never capped again
+    (reverted,) = _events(trainer, "intervention_reverted")
+    assert (reverted.step, reverted.action, reverted.target) == (122, "revert_cap", MLP)
+    assert reverted.metrics["sigma_now"] >= reverted.metrics["sigma_then"]
+    (trial,) = before.trials.values()
+    u, c, v = trial.edit
+    assert trial.action == "cap" and float(c[0]) < 0  # the cap had lowered the top value
+    torch.testing.assert_close(after.w, before.w - (u * c) @ v.T, rtol=0, atol=1e-6)
+    assert monitor._policy[MLP].ladder.failed == {"cap"}
+
+
+def test_a_clip_of_updates_under_which_the_layer_keeps_growing_is_stopped(tmp_path):
+    model, loader = tiny_gpt(140)
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("clip_updates",), cooldown=50,
+                              loss_tolerance=1e9, full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 124, [_mlp_bump(), Tamper(MLP, 121, lambda w: 2.0 * w), monitor])
+    trainer.fit(model, loader)
+    assert [(e.step, e.action) for e in _events(trainer, "sigma_growth") if e.target == MLP][0] == (121, "clip_updates")
+    (reverted,) = _events(trainer, "intervention_reverted")
+    assert (reverted.step, reverted.action) == (122, "revert_clip_updates")
+    assert reverted.metrics["sigma_now"] > 1.5 * reverted.metrics["sigma_then"]
+    assert MLP not in monitor._act.clip_on and not trainer.optimizers[0]._optimizer_step_pre_hooks
+    later = [e.action for e in _events(trainer) if e.target == MLP and e.step > 122 and e.kind != "intervention_reverted"]
+    assert "clip_updates" not in later
+
+
+def test_a_pending_intervention_survives_save_and_resume(tmp_path):
+    model, loader = tiny_gpt(140)
+    monitor = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("pss",), full_every_n_steps=None)
+    trainer = make_trainer(tmp_path, 121, [_mlp_bump(), monitor])
+    trainer.fit(model, loader)
+    state = monitor.state_dict()
+    ((name, saved),) = state["trials"].items()
+    assert name == MLP and saved["action"] == "pss" and saved["step"] == 120  # the check of step 120
+    fresh = SpectralMonitor(check_every_n_steps=1, warmup=100, ladder=("pss",), full_every_n_steps=None)
+    fresh.load_state_dict(state)
+    (trial,) = fresh._act.trials.values()
+    for a, b in zip(trial.edit, monitor._act.trials[MLP].edit):
+        assert torch.equal(a, b.cpu())
+    assert fresh.state_dict()["trials"][MLP]["sigma"] == saved["sigma"]

@@ -149,14 +149,14 @@ def test_every_weight_matrix_of_a_users_model_is_tracked_once_and_measured(tmp_p
     if kind == "gpt2":
         # 8 Conv1D projections, the token and position embeddings; lm_head is wte, counted once
         assert len(expected) == 10 and "model.lm_head" not in monitor.layer_names
-        assert monitor._layers["model.transformer.h.0.attn.c_attn"].transposed
-        assert monitor._layers["model.transformer.wte"].embedding
+        assert monitor._tracker.layers["model.transformer.h.0.attn.c_attn"].transposed
+        assert monitor._tracker.layers["model.transformer.wte"].embedding
     if kind == "demo":
         assert "model.transformer.encoder.layers.0.self_attn.in_proj_weight" in monitor.layer_names
     if kind == "nanogpt":
         # the head and the token embedding are one weight, measured once, as an embedding
         tied = [n for n in monitor.layer_names if n in ("model.transformer.wte", "model.lm_head")]
-        assert len(tied) == 1 and monitor._layers[tied[0]].embedding
+        assert len(tied) == 1 and monitor._tracker.layers[tied[0]].embedding
 
 
 def test_the_layers_of_a_model_built_in_configure_model_are_tracked(tmp_path):
@@ -248,7 +248,7 @@ def test_an_intervention_on_a_conv1d_weight_is_the_one_on_the_equivalent_linear(
         for key in ("sigma_max", "update_ratio", "alignment"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), (name, key)
         # the left vector lives in the output space for both
-        ga, gb = conv_monitor._layers[name], lin_monitor._layers[name]
+        ga, gb = conv_monitor._tracker.layers[name], lin_monitor._tracker.layers[name]
         assert ga.group.vector("u", ga.slot).shape == gb.group.vector("u", gb.slot).shape == (conv.matrix(name).shape[0],)
 
 

@@ -26,7 +26,8 @@ from lightning_stability import (
     halt_report,
     read_quarantine,
 )
-from lightning_stability.callbacks import spike_guard
+from lightning_stability.callbacks import _spike_measure, spike_guard
+from lightning_stability.callbacks._rollback_quarantine import sample_ids_of
 from lightning_stability.demos import FaultInjector
 from tests.conftest import MemoryLogger, make_trainer, tiny_gpt
 
@@ -141,26 +142,24 @@ def test_a_recorded_tuple_batch_is_not_kept_alive(tmp_path, kind):
     trainer = make_trainer(tmp_path, 12, [rollback, Keep()])
     trainer.fit(Mlp(), loader)
     gc.collect()
-    assert len(rollback._batches) > 0
-    assert all(b.sample_ids is None for b in rollback._batches)
+    assert len(rollback._batches.batches) > 0
+    assert all(b.sample_ids is None for b in rollback._batches.batches)
     # the batches the rollback still records (steps 10 and 11) are gone from memory
     assert [r() for r in refs[-2:]] == [None, None]
 
 
 def test_ids_that_are_a_view_of_a_larger_tensor_are_copied():
-    rollback = InMemoryRollback(sample_ids=lambda b: b[:, 0])
     big = torch.arange(4096).reshape(512, 8)
-    ids = rollback._sample_ids(big)
+    ids = sample_ids_of(big, lambda b: b[:, 0])
     assert ids.untyped_storage().nbytes() == 512 * 8  # 512 int64 ids, not the 4096 elements of the batch
     assert ids.tolist() == list(range(0, 4096, 8))
 
 
 def test_a_named_key_that_is_not_ids_is_ignored():
-    rollback = InMemoryRollback(sample_ids="index")
-    assert rollback._sample_ids({"index": lambda: 0}) is None
-    assert rollback._sample_ids({"index": [[1, 2], [3]]}) is None
-    assert rollback._sample_ids({"index": 7}) == [7]
-    assert rollback._sample_ids({"index": ["a", "b"]}) == ["a", "b"]
+    assert sample_ids_of({"index": lambda: 0}, "index") is None
+    assert sample_ids_of({"index": [[1, 2], [3]]}, "index") is None
+    assert sample_ids_of({"index": 7}, "index") == [7]
+    assert sample_ids_of({"index": ["a", "b"]}, "index") == ["a", "b"]
 
 
 # -- defaults follow the arguments given -------------------------------------------------------------
@@ -245,7 +244,7 @@ def test_a_moved_grad_scaler_table_warns_and_leaves_overflows_to_the_scaler(monk
     class Trainer:
         precision_plugin = type("P", (), {"scaler": Scaler()})()
 
-    monkeypatch.setattr(spike_guard, "_warned_scaler", [])
+    monkeypatch.setattr(_spike_measure, "_warned_scaler", [])
     with pytest.warns(UserWarning, match="_per_optimizer_states.*not where torch"):
         assert spike_guard._scaler_skips(Trainer(), torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1.0))
 

@@ -135,3 +135,13 @@ def test_one_head_rule_for_every_part():
     assert find_output_head({"": nn.Module(), "fc": fc, "norm": nn.LayerNorm(2)}) == ("fc", fc)  # else the last linear
     with pytest.raises(ValueError, match=r"head='nope': no such module"):
         find_output_head(modules, "nope")
+
+
+def test_hysteresis_trip_sets_at_once_and_clears_like_any_other():
+    from lightning_stability.core.escalation import Hysteresis
+
+    h = Hysteresis(patience=3, cooldown=5)
+    assert h.trip("layer", 10) and h.is_set("layer") and not h.trip("layer", 11)
+    assert h.expire(15) == [] and h.expire(16) == ["layer"]  # five steps after the last trip
+    assert h.observe("layer", True, 17) is None and h.observe("layer", True, 18) is None
+    assert h.observe("layer", True, 19) == "set"  # patience counts again after it cleared

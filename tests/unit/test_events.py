@@ -106,3 +106,21 @@ def test_responders():
 def test_bad_max_events():
     with pytest.raises(ValueError, match="max_events"):
         EventLog(max_events=0)
+
+
+def test_details_round_trip_through_json_the_state_and_the_stream(tmp_path):
+    details = {"layers": [{"name": "h.0.mlp.weight", "grad_norm": 3.0, "ratio": float("nan")}], "sample_ids": [4, 5]}
+    event = StabilityEvent(3, "grad_spike", "GradientSpikeGuard", "warning", {"grad_norm": 3.0}, "clip", None, details)
+    line = json.dumps(event.to_dict(), allow_nan=False)  # valid JSON: the NaN is a string there
+    again = StabilityEvent.from_dict(json.loads(line))
+    assert again.details["sample_ids"] == [4, 5] and math.isnan(again.details["layers"][0]["ratio"])
+    assert "details" not in _ev(step=1).to_dict()  # events without details stay as they were
+    log = EventLog()
+    log.stream_to(tmp_path / "run")
+    log.append(event)
+    log.close_stream()
+    (read,) = read_events(tmp_path / "run")
+    assert read.details["layers"][0]["name"] == "h.0.mlp.weight"
+    other = EventLog()
+    other.load_state_dict(pickle.loads(pickle.dumps(log.state_dict())))
+    assert list(other)[0].details["sample_ids"] == [4, 5]

@@ -306,6 +306,35 @@ def test_qk_clip_brings_every_head_above_tau_down_to_tau_and_leaves_the_rest(mak
         assert torch.equal(module.qkv.weight[32:], v_before)  # the values are untouched
 
 
+def test_qk_clip_on_hugging_face_gpt2s_conv1d_attention():
+    # GPT-2's fused c_attn is a transformers Conv1D (weight (in, out), y = x @ W + b), not an nn.Linear
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
+
+    torch.manual_seed(0)
+    attn = GPT2Attention(transformers.GPT2Config(n_embd=16, n_head=4, n_positions=8), layer_idx=0)
+    proj = find_qk_projection(attn)
+    assert proj is not None and (proj.n_head, proj.n_kv_head, proj.head_dim) == (4, 4, 4)
+
+    def logits(x):
+        b, t, _ = x.shape
+        q, k, _ = attn.c_attn(x).split(16, dim=2)
+        q, k = (z.view(b, t, 4, 4).transpose(1, 2) for z in (q, k))
+        return attention_stats(q, k, scale=1.0)["max_logit"]
+
+    x = torch.randn(2, 6, 16) * 3
+    before = logits(x).detach()
+    tau = float(before.median())
+    values = attn.c_attn.weight[:, 32:].detach().clone(), attn.c_attn.bias[32:].detach().clone()
+    apply_qk_clip(proj, before, tau=tau, alpha=0.5)
+    after = logits(x).detach()
+    above = before > tau
+    assert above.any() and (~above).any()
+    torch.testing.assert_close(after[above], torch.full_like(after[above], tau), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[~above], before[~above], rtol=1e-5, atol=1e-5)
+    assert torch.equal(attn.c_attn.weight[:, 32:], values[0]) and torch.equal(attn.c_attn.bias[32:], values[1])
+
+
 def test_find_qk_projection_returns_none_for_unknown_layouts():
     assert find_qk_projection(torch.nn.Linear(4, 4)) is None
     with pytest.raises(ValueError, match="query rows"):

@@ -1,0 +1,68 @@
+"""Which layer and which batch a guard detection concerns, on models nobody here wrote."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_stability import GradientSpikeGuard, get_event_log
+from lightning_stability.events import StabilityEvent
+from tests.clients.models import Client, loader
+
+pytest.importorskip("transformers")
+SPIKE_AT = 40
+
+
+class OneLayerSpike(pl.Callback):
+    """At ``step``, one parameter's gradient times 1000: the guard must name that one first."""
+
+    def __init__(self, name: str, step: int = SPIKE_AT) -> None:
+        self.name, self.step = name, step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                dict(pl_module.named_parameters())[self.name].grad.mul_(1000.0)
+
+
+@pytest.mark.parametrize(("model", "batch", "layer"), [
+    ("gpt2", "tuple", "model.transformer.h.1.mlp.c_fc.weight"),  # Conv1D, a tuple batch: no ids
+    ("llama", "dict", "model.model.layers.0.self_attn.q_proj.weight"),  # GQA, a dict batch with "index"
+])
+def test_a_spike_in_one_layer_names_that_layer_first_and_the_batch(tmp_path, model, batch, layer):
+    pl.seed_everything(0, verbose=False)
+    guard = GradientSpikeGuard()
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=SPIKE_AT + 2, callbacks=[OneLayerSpike(layer), guard],
+                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Client(model), loader(model, batch))
+    (event,) = [e for e in get_event_log(trainer) if e.step == SPIKE_AT and e.severity != "info"]
+    first, *rest = event.details["layers"]
+    assert first["name"] == layer and 200 < first["ratio"] < 5000  # x1000 against its own last healthy norm
+    assert len(rest) == 2 and all(r["ratio"] < 10 for r in rest)  # the others did not move
+    if batch == "dict":  # the dataset's own ids: batch 40 of 8 samples, in order
+        assert event.details["sample_ids"] == list(range(8 * SPIKE_AT, 8 * SPIKE_AT + 8))
+    else:
+        assert event.details["batches"] == [[0, SPIKE_AT]]
+    # the details travel with the event: JSON and back
+    again = StabilityEvent.from_dict(json.loads(json.dumps(event.to_dict())))
+    assert again == event
+    quiet = [e for e in get_event_log(trainer) if e.severity == "info"]
+    assert quiet and all(not e.details for e in quiet)  # nothing is gathered for events that are no detection
+
+
+def test_under_accumulation_the_step_names_every_micro_batch(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    guard = GradientSpikeGuard(sample_ids=None)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=SPIKE_AT + 2, accumulate_grad_batches=2,
+                         callbacks=[OneLayerSpike("model.transformer.h.0.attn.c_attn.weight"), guard],
+                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Client("gpt2"), loader("gpt2", "dict", n=1024))
+    (event,) = [e for e in get_event_log(trainer) if e.step == SPIKE_AT and e.severity != "info"]
+    assert event.details["layers"][0]["name"] == "model.transformer.h.0.attn.c_attn.weight"
+    assert event.details["batches"] == [[0, 2 * SPIKE_AT], [0, 2 * SPIKE_AT + 1]]  # both micro-batches of step 40
+    assert guard._forensics.batches == [] or guard._forensics.step > SPIKE_AT  # nothing held past its step
