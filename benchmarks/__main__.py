@@ -26,7 +26,7 @@ from typing import Any
 import lightning
 import torch
 
-from benchmarks import ddp, instabilities, precision, rollback, scaling, softmax, spectral
+from benchmarks import ddp, instabilities, noisy, precision, rollback, scaling, softmax, spectral
 from benchmarks import efficacy as fault_efficacy
 from benchmarks.overhead import (
     BATCH_SIZE,
@@ -460,7 +460,7 @@ Each fit trains {settings.warmup_steps} untimed steps, then {settings.timed_step
 {line_text}
 
 - `in-callback ms/step` is a mean over the timed steps, so it counts in full the work the monitor
-  does on some steps only. With its defaults it checks on logging steps (every 50): the window holds
+  does on some steps only. With its defaults it checks every 50 steps (whatever the logging cadence): the window holds
   one check (the statistics copied to the host, more power iterations where an estimate has not
   converged, the metrics logged).
 - The full-spectrum analysis (`full_every_n_steps={monitor.full_every_n_steps}`) does not run all at
@@ -486,7 +486,7 @@ warmup={settings.efficacy_monitor_warmup})` (the top singular value of a flagged
 last healthy value) and the same with `ladder=("pss",)` (parametric singularity smoothing of the top
 singular values), and `SpectralUpdateClip(optimizer, c={spectral.UPDATE_CLIP_C:g})` on every weight matrix from
 the first step (the soft spectral clipping of updates, `sigma -> sigma / sqrt(1 + sigma^2 / c^2)`,
-used as a preventive, with no monitor). The two monitors check every {settings.efficacy_check_every} steps instead of on logging steps only,
+used as a preventive, with no monitor). The two monitors check every {settings.efficacy_check_every} steps instead of every 50,
 and arm their detections from step {settings.efficacy_monitor_warmup}, so that they have a history before
 the blow-up and can act on it within {settings.efficacy_check_every} steps. The reference is the same
 model at LR {spectral.REFERENCE_LR:g}, with no callbacks. The configuration comes from a sweep for
@@ -625,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     ddp_settings = ddp.QUICK if args.quick else ddp.FULL
     ddp_result = ddp.run(ddp_settings, progress)
     lap("DDP overhead")
+    noisy_settings = noisy.QUICK if args.quick else noisy.FULL
+    noisy_result = noisy.run(noisy_settings, progress)
+    lap("noisy but training")
     minutes = (time.perf_counter() - start) / 60
     summaries = summarize(results)
     table = format_table(summaries)
@@ -673,6 +676,9 @@ def main(argv: list[str] | None = None) -> int:
     print(instab_section)
     ddp_section = ddp.render_section(ddp_settings, ddp_result, parts["DDP overhead"], section_machine(threads))
     print(ddp_section)
+    noisy_section = noisy.render_section(noisy_settings, noisy_result, parts["noisy but training"],
+                                         section_machine(threads))
+    print(noisy_section)
     if args.quick:
         print(
             "(--quick: too few steps for the figures to mean anything; this run only checks that nothing crashes)"
@@ -705,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(faults_section)
             f.write(instab_section)
             f.write(ddp_section)
+            f.write(noisy_section)
             f.write(render_run_time(minutes, parts, quick_line))
         print(f"wrote {args.out}")
     return 0

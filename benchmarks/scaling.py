@@ -53,7 +53,7 @@ SETUPS = (
     Setup("GradientSpikeGuard", "`GradientSpikeGuard()`: all four detectors on", lambda root: [GradientSpikeGuard()]),
     Setup("InMemoryRollback", "`InMemoryRollback()`: a snapshot every 100 steps, the loss check every step",
           lambda root: [InMemoryRollback()]),
-    Setup("SpectralMonitor", "`SpectralMonitor()`: every weight's power iteration every step, a check on logging "
+    Setup("SpectralMonitor", "`SpectralMonitor()`: every weight's power iteration every step, a check every 50 "
           "steps, the full-spectrum analysis round-robin", lambda root: [SpectralMonitor()]),
     Setup("SoftmaxSaturationMonitor", "`SoftmaxSaturationMonitor()`: output and attention softmax sampled every 50 "
           "steps", lambda root: [SoftmaxSaturationMonitor()]),

@@ -111,8 +111,8 @@ SETUPS = (
     Setup(
         "SpectralMonitor",
         "`SpectralMonitor()` at its defaults: a warm-started power iteration, the stable rank, the "
-        "update's spectral norm and the gradient's alignment for every weight every step, a check on "
-        "logging steps, the full-spectrum analysis round-robin",
+        "update's spectral norm and the gradient's alignment for every weight every step, a check every "
+        "50 steps, the full-spectrum analysis round-robin",
         _monitor,
     ),
     Setup(
@@ -462,7 +462,7 @@ def monitor_for(arm: str, check_every: int, warmup: int) -> Callback | None:
     if arm == "update_clip":
         return PreventiveUpdateClip(UPDATE_CLIP_C)
     # Detections armed after `warmup` steps, well before the blow-up, and checks every `check_every`
-    # steps instead of on logging steps only, so that the monitor can act in time.
+    # steps instead of every 50, so that the monitor can act in time.
     return SpectralMonitor(ladder=(arm,), check_every_n_steps=check_every, warmup=warmup)
 
 
