@@ -8,7 +8,7 @@ from lightning_stability.plugins import _te, _torchao
 BACKENDS = ("auto", "te", "torchao", "emulated")
 TE_RECIPES = ("delayed", "current", "block", "mxfp8", "nvfp4")
 RECIPES = (*TE_RECIPES, *_torchao.RECIPES)
-EMULATED_RECIPES = ("delayed", "current")
+EMULATED_RECIPES = ("delayed", "current", "tensorwise", "rowwise")  # torchao's two: to study them anywhere
 
 
 def choose_backend(owner: str, backend: str, recipe: str | None) -> tuple[str, str, str]:
@@ -42,7 +42,7 @@ def choose_backend(owner: str, backend: str, recipe: str | None) -> tuple[str, s
     if recipe not in allowed:
         if backend == "emulated" and recipe in TE_RECIPES:
             raise ValueError(
-                f"{owner}(recipe={recipe!r}): the emulator runs per-tensor scaling ({list(EMULATED_RECIPES)}); "
+                f"{owner}(recipe={recipe!r}): the emulator runs per-tensor and row-wise scaling ({list(EMULATED_RECIPES)}); "
                 f"block-scaled recipes need Transformer Engine on a GPU with SM>={_te.RECIPE_SM[recipe][0]}."
                 f"{_te.RECIPE_SM[recipe][1]} ({why}).")
         raise ValueError(f"{owner}(recipe={recipe!r}): the {backend} backend runs {list(allowed)}"

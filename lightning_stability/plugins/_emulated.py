@@ -16,10 +16,12 @@ from lightning_stability.ops.fp8 import (
     E5M2,
     FP8Format,
     amax_from_history,
+    axiswise_scale,
     current_scale,
     delayed_scale,
     fp8_health,
     fp8_linear,
+    fp8_linear_rowwise,
     roll_history,
 )
 
@@ -32,6 +34,12 @@ class EmulatedFP8Linear(nn.Linear):
     output gradient) an amax history and a scale. Delayed scaling uses the scale computed from the
     history before this call, then records this call's amax; current scaling uses the tensor's own.
     Any input shape runs (the emulator has no GEMM tile rule: an odd last batch is fine).
+
+    Recipes: ``"delayed"``; ``"current"`` (TE's per-tensor current scaling) and ``"tensorwise"``
+    (torchao's, the same rule); ``"rowwise"`` (torchao's: one power-of-two scale per row of each GEMM
+    operand along the dimension it contracts, every operand in the forward format,
+    :func:`fp8_linear_rowwise`). The dynamic recipes keep no history: their ``scale`` buffer holds the
+    scale of the last call (for rowwise, the smallest of the rows').
 
     The amax history and the scale are non-persistent buffers: they move with the module and DDP
     broadcasts them, but the module's ``state_dict`` holds only the weights, so a checkpoint loads into
@@ -92,7 +100,15 @@ class EmulatedFP8Linear(nn.Linear):
 
     def _scale(self, role: int, x: Tensor) -> Tensor:
         fmt = self.formats[1] if role == 2 else self.formats[0]
-        if self.recipe == "current":
+        if self.recipe == "rowwise":
+            fmt = self.formats[0]  # torchao's rowwise recipe: E4M3 for the output gradient too
+            rows = x.detach().reshape(-1, x.shape[-1])
+            s = axiswise_scale(rows, -1, fmt)
+            self.scale[role] = s.amin()
+            if self.health_due and self.training:
+                self.health[ROLES[role]] = fp8_health(rows, s, fmt)
+            return s
+        if self.recipe in ("current", "tensorwise"):
             s = current_scale(x, fmt, self.margin)
             self.scale[role] = s
         else:
@@ -113,6 +129,13 @@ class EmulatedFP8Linear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
+            if self.recipe == "rowwise":
+                self._scale(0, x)  # the health and the last scales; the function scales each operand itself
+                self._scale(1, self.weight)
+                y = fp8_linear_rowwise(x, self.weight, self.bias, self.formats[0])
+                if y.requires_grad:
+                    y.register_hook(self._rowwise_grad_hook)
+                return y.to(out_dtype)
             xs = self._scale(0, x)
             ws = self._scale(1, self.weight)
             g_scale = self.scale[2:3].clone().reshape(())
@@ -120,6 +143,9 @@ class EmulatedFP8Linear(nn.Linear):
         if y.requires_grad:
             y.register_hook(lambda grad: self._grad_hook(grad, g_scale))
         return y.to(out_dtype)
+
+    def _rowwise_grad_hook(self, grad: Tensor) -> None:
+        self._scale(2, grad)  # the health and the last scale; the backward scales the gradient itself
 
     def _grad_hook(self, grad: Tensor, g_scale: Tensor) -> None:
         # runs before the emulator's backward reads g_scale: set it to the scale this backward uses

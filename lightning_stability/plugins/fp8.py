@@ -64,12 +64,14 @@ class FP8Precision(Precision):
     float32 master weights.
 
     ``backend="auto"`` picks Transformer Engine when it imports and the GPU can run the recipe (SM 8.9+
-    for per-tensor scaling, 9.0+ for ``"block"``, 10.0+ for ``"mxfp8"``/``"nvfp4"``), else the emulator
-    (:class:`EmulatedFP8Linear`), and says which at fit start; ``"te"`` insists (a clear error naming
-    the fix where it cannot run); ``"emulated"`` always emulates. The emulator reproduces FP8's rounding and
+    for per-tensor scaling, 9.0+ for ``"block"``, 10.0+ for ``"mxfp8"``/``"nvfp4"``), else torchao's
+    float8 training (``"torchao"``, SM 8.9+), else the emulator (:class:`EmulatedFP8Linear`), and says
+    which at fit start; ``"te"`` and ``"torchao"`` insist (a clear error naming the fix where they cannot
+    run); ``"emulated"`` always emulates. The emulator reproduces FP8's rounding and
     saturation exactly (formats ``"hybrid"``: E4M3 forward, E5M2 gradients; ``"e4m3"``; or any
     ``formats=(FP8Format.custom(e, m), ...)`` to sweep precision) and Transformer Engine's delayed
-    scaling (``amax_history_len``, ``amax_compute_algo``, ``margin``) or current scaling.
+    scaling (``amax_history_len``, ``amax_compute_algo``, ``margin``) or current scaling, and torchao's
+    ``"tensorwise"`` and ``"rowwise"`` recipes (one power-of-two scale per row of each GEMM operand).
 
     **Which layers.** Every ``nn.Linear`` whose shape an FP8 GEMM accepts (``in_features % 16 == 0``,
     ``out_features % 8 == 0``), except the first and the last linear layer (``keep_first_last``), the

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_stability import get_event_log, resolve_precision
 from lightning_stability.plugins import _te, _torchao
-from lightning_stability.plugins.fp8 import FP8Precision
+from lightning_stability.plugins.fp8 import EmulatedFP8Linear, FP8Precision
 from tests.conftest import make_trainer, tiny_gpt
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is not None,
@@ -126,8 +126,8 @@ def test_a_layer_named_by_an_event_falls_back_to_bf16_and_fp8_is_retried(tmp_pat
 def test_a_recipe_torchao_does_not_run_is_refused_naming_those_it_does(fake_torchao):
     with pytest.raises(ValueError, match=r"recipe='delayed'\): the torchao backend runs \['tensorwise', 'rowwise'\]"):
         FP8Precision(backend="torchao", recipe="delayed")
-    with pytest.raises(ValueError, match=r"the emulated backend runs \['delayed', 'current'\]"):
-        FP8Precision(backend="emulated", recipe="tensorwise")
+    with pytest.raises(ValueError, match=r"the emulator runs per-tensor and row-wise scaling .*block-scaled recipes need Transformer"):
+        FP8Precision(backend="emulated", recipe="mxfp8")
 
 
 def test_on_this_machine_torchao_is_refused_naming_what_it_needs(monkeypatch):
@@ -138,3 +138,16 @@ def test_on_this_machine_torchao_is_refused_naming_what_it_needs(monkeypatch):
     monkeypatch.setattr(_torchao, "device_capability", lambda: None)
     with pytest.raises(RuntimeError, match=r"SM>=8.9; CUDA is not available\. Use FP8Precision\(backend='emulated'\)"):
         FP8Precision(backend="torchao")
+
+
+def test_on_this_machine_auto_studies_torchaos_recipes_in_the_emulator(tmp_path):
+    for recipe in ("tensorwise", "rowwise"):
+        plugin = FP8Precision(recipe=recipe)  # auto: no torchao on a GPU here, so the emulator runs the recipe
+        assert (plugin.backend, plugin.recipe) == ("emulated", recipe)
+    x = torch.randn(3, 32)
+    x[0] *= 1e-7
+    layer = EmulatedFP8Linear(32, 16, bias=False, recipe="tensorwise")
+    tensorwise = layer(x)
+    layer.recipe = "rowwise"
+    rowwise = layer(x)
+    assert torch.all(tensorwise[0] == 0) and torch.all(rowwise[0] != 0)  # the tiny token flushed, or kept row-wise

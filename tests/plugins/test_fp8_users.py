@@ -3,6 +3,8 @@ partial batch, an odd validation batch), and layers built in ``configure_model``
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -122,3 +124,31 @@ def test_multihead_attention_out_proj_is_not_reported_as_fp8():
     assert outs and all(n in plugin.skipped_layers and "MultiheadAttention" in plugin.skipped_layers[n] for n in outs)
     assert all(type(model.get_submodule(n)) is not EmulatedFP8Linear for n in outs)
     assert any(n.endswith("linear1") for n in plugin.converted_layers)  # the feed-forward layers still are
+
+
+def test_torchaos_rowwise_recipe_emulated_trains_llama_close_to_float32_with_per_row_health(tmp_path):
+    """The emulator runs torchao's rowwise recipe, so it can be studied without a GPU: Llama's projections
+    (GQA's narrower k and v among them) train as in float32, and the health is the tightest row's."""
+    from tests.clients.models import Client, loader
+
+    losses = {}
+    for recipe in ("float32", "rowwise"):
+        pl.seed_everything(0, verbose=False)
+        model = Client("llama", max_steps=12)
+        plugins = [] if recipe == "float32" else [FP8Precision(backend="emulated", recipe=recipe, health_every_n_steps=1)]
+        trainer = make_trainer(tmp_path / recipe, 12, [], plugins=plugins)
+        trainer.fit(model, loader("llama", n=96))
+        losses[recipe] = float(trainer.callback_metrics["train_loss"])
+        if plugins:
+            plugin = plugins[0]
+            assert (plugin.backend, plugin.recipe) == ("emulated", "rowwise")
+            k_proj = "model.model.layers.0.self_attn.k_proj"
+            assert k_proj in plugin.converted_layers
+            layer = model.model.model.layers[0].self_attn.k_proj
+            assert isinstance(layer, EmulatedFP8Linear) and layer.recipe == "rowwise"
+            health = plugin.last_health
+            for role in ("input", "weight", "grad"):
+                scale = health[f"{k_proj}/{role}/scale"]
+                assert scale > 0 and math.log2(scale) == int(math.log2(scale))  # a power of two
+                assert 0.0 <= health[f"{k_proj}/{role}/headroom"] < 1.0  # each row scaled to within one bit of the top
+    assert losses["rowwise"] == pytest.approx(losses["float32"], rel=0.02)

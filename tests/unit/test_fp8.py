@@ -13,10 +13,12 @@ from lightning_stability.ops.fp8 import (
     FP8Format,
     _round_arithmetic,
     amax_from_history,
+    axiswise_scale,
     current_scale,
     delayed_scale,
     fp8_health,
     fp8_linear,
+    fp8_linear_rowwise,
     quantize,
     roll_history,
     round_to_format,
@@ -123,3 +125,65 @@ def test_fp8_linear_quantises_forward_operands_and_the_output_gradient():
     assert_close(w.grad, gq.reshape(-1, 8).t() @ xq.reshape(-1, 16))
     assert_close(b.grad, gq.reshape(-1, 8).sum(0))
     assert not torch.equal(gq, grad)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_axiswise_scales_are_powers_of_two_per_slice_and_one_where_a_slice_is_empty():
+    x = torch.tensor([[1.0, -3.0], [0.0, 0.0], [1e-3, 2e-3], [float("inf"), 1.0]])
+    rows = axiswise_scale(x, -1, E4M3)
+    assert rows.shape == (4, 1)
+    # 448 / 3 = 149.3 -> 128; an all-zero row and a row with an inf keep 1; 448 / 2e-3 = 224000 -> 2^17
+    assert rows.flatten().tolist() == [128.0, 1.0, 2.0**17, 1.0]
+    cols = axiswise_scale(x[:3], 0, E4M3)
+    assert cols.shape == (1, 2) and cols.flatten().tolist() == [256.0, 128.0]  # 448/1 -> 256, 448/3 -> 128
+
+
+def test_rowwise_keeps_rows_a_per_tensor_scale_would_flush_to_zero():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 32, generator=g)
+    x[3:] *= 1e-7  # tokens a million times smaller than the others
+    w = torch.randn(16, 32, generator=g)
+    w[8:] *= 1e-7  # and output features too
+    exact = F.linear(x, w)
+    rowwise = fp8_linear_rowwise(x, w, None)
+    tensorwise = fp8_linear(x, w, None, current_scale(x, E4M3), current_scale(w, E4M3), torch.ones(()))
+    for rows, cols in ((slice(3, None), slice(None, 8)), (slice(None, 3), slice(8, None))):
+        assert torch.all(tensorwise[rows, cols] == 0)  # flushed: below E4M3's smallest value at the tensor's scale
+        assert _rel_err(rowwise[rows, cols], exact[rows, cols]) < 0.1  # one scale per row: E4M3's precision kept
+    # the scales are powers of two: a value representable in E4M3 is reproduced exactly at any magnitude
+    xr, wr = torch.tensor([[1.5, -3.0], [0.001953125, 0.0]]), torch.tensor([[0.25, 1.0], [-6.0, 0.5]])
+    assert torch.equal(fp8_linear_rowwise(xr, wr, None), F.linear(xr, wr))
+
+
+def test_rowwise_backward_scales_each_gemms_operands_along_what_it_contracts():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 32, generator=g, requires_grad=True)
+    w = torch.randn(16, 32, generator=g, requires_grad=True)
+    b = torch.randn(16, generator=g, requires_grad=True)
+    grad = torch.randn(2, 5, 16, generator=g)
+    grad[:, :, 4] *= 1e-7  # one output feature's gradient a million times smaller: dW's row 4 needs its own scale
+    fp8_linear_rowwise(x, w, b).backward(grad)
+    x2, g2 = x.detach().reshape(-1, 32), grad.reshape(-1, 16)
+
+    def q(t, dim):
+        return quantize(t, axiswise_scale(t, dim, E4M3), E4M3)
+
+    assert_close(x.grad.reshape(-1, 32), q(g2, -1) @ q(w.detach(), 0), rtol=0, atol=0)  # dx = g W
+    assert_close(w.grad, q(g2, 0).t() @ q(x2, 0), rtol=0, atol=0)  # dW = g^T x, both over the tokens
+    assert_close(b.grad, g2.sum(0))
+    exact = g2.t() @ x2
+    assert _rel_err(w.grad[4], exact[4]) < 0.1  # kept, where a per-token scale would flush it
+    assert torch.all(q(g2, -1).t()[4] == 0)  # the gradient scaled per token instead: row 4 of dW would be lost
+
+
+def test_rowwise_health_reports_the_tightest_rows_scale_and_headroom():
+    x = torch.tensor([[1.0, -3.0], [1e-3, 2e-3]])
+    s = axiswise_scale(x, -1, E4M3)
+    health = fp8_health(x, s, E4M3)
+    assert float(health["scale"]) == 128.0  # the smallest of 128 and 2^17
+    # the tightest row: |x * s| at most 3 * 128 = 384 and 2e-3 * 2^17 = 262.1 -> log2(448 / 384)
+    assert float(health["headroom"]) == pytest.approx(math.log2(448 / 384))
+    assert float(health["overflow_frac"]) == 0.0 and float(health["underflow_frac"]) == 0.0
