@@ -126,6 +126,13 @@ def verdict(data: RunData) -> list[str]:
                      f"{_steps(rollbacks)})" + (f", {undone} steps undone." if undone else "."))
     else:
         lines.append("No rollback.")
+    judged = [e for e in by_source.get("SkipQuarantined", []) if e.kind == "quarantine_verdict"]
+    if judged:
+        faults = [i for e in judged for i in e.details.get("data_fault", [])]
+        transient = sum(len(e.details.get("transient", [])) for e in judged)
+        shown = ", ".join(map(str, faults[:8])) + (f" and {len(faults) - 8} more" if len(faults) > 8 else "")
+        lines.append(f"Quarantined samples retried: {len(faults)} spiked again, data faults left out"
+                     + (f" (ids {shown})" if faults else "") + f"; {transient} trained cleanly (transient).")
     for e in (e for e in by_source.get("FP8Precision", []) if e.kind == "fp8_fallback"):
         until = e.metrics.get("until_step")
         span = f" for {int(until) - e.step} steps" if until is not None and math.isfinite(until) else ""

@@ -58,11 +58,16 @@ def test_verdict_names_fallbacks_rollbacks_and_a_clean_run(tmp_path):
         StabilityEvent(3, "armed", "GradientSpikeGuard", "info"),
         StabilityEvent(40, "fp8_fallback", "FP8Precision", "warning", {"until_step": 240.0}, "bf16:health", "blocks.3.attn.qkv"),
         StabilityEvent(50, "rollback", "InMemoryRollback", "warning", {"lost_steps": 12.0}, "rollback"),
+        StabilityEvent(80, "quarantine_verdict", "SkipQuarantined", "info", {"data_fault": 1.0}, None, None,
+                       {"data_fault": [7]}),
+        StabilityEvent(90, "quarantine_verdict", "SkipQuarantined", "info", {"transient": 2.0}, None, None,
+                       {"transient": [3, 4]}),
     ]
     (tmp_path / "stability_events.jsonl").write_text("\n".join(json.dumps(e.to_dict()) for e in events))
     lines = verdict(load_run(str(tmp_path)))
     assert "Layer blocks.3.attn.qkv fell back to bf16 at step 40 for 200 steps (health)." in lines
     assert "1 rollback (step 50), 12 steps undone." in lines
+    assert "Quarantined samples retried: 1 spiked again, data faults left out (ids 7); 2 trained cleanly (transient)." in lines
     (tmp_path / "stability_events.jsonl").write_text(json.dumps(events[0].to_dict()))
     assert verdict(load_run(str(tmp_path)))[0] == "No instability detected: 1 events, all informational."
 

@@ -48,6 +48,9 @@ class StabilityCallback(Callback):
 
     # its events are decided from statistics every rank shares: every rank emits them alike
     synchronised_events = True
+    # its state goes back with a rollback's snapshot (False: what it holds is about the data, not the
+    # training state, and a rollback must not make it forget)
+    rewinds = True
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None and (not isinstance(name, str) or not name):

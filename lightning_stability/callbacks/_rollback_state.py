@@ -47,9 +47,10 @@ def refuse_short_memory(trainer: pl.Trainer, pl_module: pl.LightningModule, owne
 
 
 def rewindable(trainer: pl.Trainer, exclude: type) -> list[StabilityCallback]:
-    """The stability callbacks whose state goes back with a rollback (every one but the rollbacks, ``exclude``)."""
+    """The stability callbacks whose state goes back with a rollback (every one but the rollbacks, ``exclude``,
+    and those that keep what they know, ``rewinds = False``)."""
     callbacks = getattr(trainer, "callbacks", [])
-    return [cb for cb in callbacks if isinstance(cb, StabilityCallback) and not isinstance(cb, exclude)]
+    return [cb for cb in callbacks if isinstance(cb, StabilityCallback) and not isinstance(cb, exclude) and cb.rewinds]
 
 
 def trainer_extras(trainer: pl.Trainer, exclude: type) -> dict[str, Any]:

@@ -7,6 +7,11 @@ quarantined sample's slot with the next sample of the same sampler's share that 
 samples, and so of batches, stays what it was on every rank (ranks with different numbers of batches
 would wait for each other forever under DDP). :class:`SkipQuarantined` puts one into the training
 dataloader at the start of the fit, after Lightning has set it up.
+
+A rollback quarantines every batch since the snapshot it restores, most of them innocent: with
+``retry=True`` a sample quarantined in the run is trained on once more in a later epoch, and only a
+sample quarantined again (its retry spiked too: a data fault) is left out from then on; one that
+trains through a whole later epoch without being quarantined again was transient and stays in.
 """
 
 from __future__ import annotations
@@ -77,9 +82,17 @@ class SkipQuarantined(StabilityCallback):
     the same on every rank), so later epochs leave them out too. A ``quarantine_skip`` info event at
     an epoch's end counts the samples it left out.
 
+    With ``retry=True`` a newly quarantined sample (of this run, or of the file where no checkpoint
+    says what became of it) is not left out at once: it is retried in the epochs that follow. Quarantined
+    again, it is a data fault and left out for the rest of the run; not quarantined again by the end of
+    the first whole epoch after its quarantine, it was transient and is trained on as any other. Each
+    verdict is a ``quarantine_verdict`` info event (``details``: ``data_fault`` and ``transient`` ids),
+    which the report sums up; the verdicts survive a resume (``state_dict``).
+
     Args:
         path: a ``quarantine.json`` or the directory holding it; ``None``: the run directory's.
         sample_id: maps a dataset index to its sample id (default: the index).
+        retry: retry each quarantined sample once before leaving it out (default ``False``: left out at once).
         name: distinguishes several instances (their ``state_key``).
 
     Example::
@@ -88,40 +101,84 @@ class SkipQuarantined(StabilityCallback):
         trainer.fit(model, datamodule, ckpt_path="last")  # the quarantined samples are never seen again
     """
 
+    rewinds = False  # a rollback must not make it forget the samples it quarantined
+
     def __init__(self, path: str | os.PathLike[str] | None = None, sample_id: Callable[[int], Any] | None = None,
-                 name: str | None = None) -> None:
+                 retry: bool = False, name: str | None = None) -> None:
         super().__init__(name)
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"SkipQuarantined(path={path!r}): expected a path (str) or None")
         if sample_id is not None and not callable(sample_id):
             raise TypeError(f"SkipQuarantined(sample_id={sample_id!r}): expected a callable index -> id, or None")
+        if not isinstance(retry, bool):
+            raise TypeError(f"SkipQuarantined(retry={retry!r}): expected True or False")
         self.path = path
         self.sample_id = sample_id
-        self.ids: set[Any] = set()
+        self.retry = retry
+        self.ids: set[Any] = set()  # left out (the set every wrapped sampler holds)
+        # retry=True: quarantined, on trial -> (the epoch of its latest quarantine, whether it was in a culprit batch)
+        self.trial: dict[Any, tuple[int, bool]] = {}
+        self.verdicts: dict[Any, str] = {}  # retried: "data_fault" (left out) or "transient" (kept)
+        self._pending: dict[str, list[Any]] = {"data_fault": [], "transient": []}  # verdicts to emit
+        self._incoming: list[tuple[int, float, list[Any]]] = []  # (rollback step, batch step, ids) to take in
+        self._epoch = 0
         self.samplers: list[QuarantineSampler] = []
         self._unsubscribe: Any = None
         self._file = ""
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"ids": sorted(self.ids, key=lambda i: (type(i).__name__, str(i))), "file": self._file}
+        self._take_in()
+        return {"ids": _sorted(self.ids), "file": self._file, "trial": [[i, *self.trial[i]] for i in _sorted(self.trial)],
+                "verdicts": [[i, self.verdicts[i]] for i in _sorted(self.verdicts)]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ids.clear()  # the set the samplers hold
         self.ids.update(state_dict.get("ids", []))
         self._file = str(state_dict.get("file", ""))
+        self.trial = {i: (int(epoch), bool(struck)) for i, epoch, struck in state_dict.get("trial", [])}
+        self.verdicts = {i: str(v) for i, v in state_dict.get("verdicts", [])}
 
-    def _read(self) -> None:
+    def _read(self, epoch: int) -> None:
         if os.path.exists(self._file):
-            self.ids |= read_quarantine(self._file)
+            self._quarantined(read_quarantine(self._file), epoch - 1)  # on trial from the first epoch on
+
+    def _quarantined(self, ids: Any, epoch: int, culprit: frozenset[Any] = frozenset()) -> None:
+        """Samples quarantined (in ``epoch``): left out, or with ``retry`` on trial. A sample found in the
+        ``culprit`` batch (the one of the step that spiked, not the others the rollback discarded with it)
+        a second time is a data fault; otherwise its trial starts over, remembering whether it was a
+        culprit. Those already judged transient stay in; those left out, out."""
+        for i in ids:
+            if i in self.ids or self.verdicts.get(i) == "transient":
+                continue
+            if not self.retry:
+                self.ids.add(i)
+            elif i in culprit and self.trial.get(i, (0, False))[1]:
+                del self.trial[i]
+                self.ids.add(i)
+                self.verdicts[i] = "data_fault"
+                self._pending["data_fault"].append(i)
+            else:
+                self.trial[i] = (epoch, i in culprit or self.trial.get(i, (0, False))[1])
+
+    def _take_in(self) -> None:
+        """The rollbacks' quarantined batches since the last call, a rollback at a time: its culprit is
+        the batch of the latest step it discarded (the one whose detection made it roll back)."""
+        incoming, self._incoming = self._incoming, []
+        for step in sorted({s for s, _, _ in incoming}):
+            batches = [(b, ids) for s, b, ids in incoming if s == step]
+            last = max(b for b, _ in batches)
+            culprit = frozenset(i for b, ids in batches if b == last for i in ids)
+            self._quarantined([i for _, ids in batches for i in ids], self._epoch, culprit)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         run_dir = (trainer.log_dir if trainer.loggers else None) or trainer.default_root_dir
         path = os.fspath(self.path) if self.path is not None else run_dir
         self._file = os.path.join(path, QUARANTINE_FILE) if os.path.isdir(path) or self.path is None else path
-        self._read()
+        self._epoch = trainer.current_epoch
+        self._read(self._epoch)
         self.samplers = []
         for loader in _loaders(trainer.train_dataloader):
             batches = getattr(loader, "batch_sampler", None)
@@ -142,15 +199,47 @@ class SkipQuarantined(StabilityCallback):
     def _on_event(self, event: StabilityEvent) -> None:
         # a rollback's quarantined batch, its ids gathered from every rank: later epochs leave them out too
         if event.kind == "quarantine" and event.details.get("sample_ids"):
-            self.ids.update(event.details["sample_ids"])
+            self._incoming.append((event.step, event.metrics.get("batch_step", event.step), list(event.details["sample_ids"])))
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch = trainer.current_epoch
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._incoming:  # the previous step's rollback, all of its batches
+            self._take_in()
+        if self._pending["data_fault"]:
+            self._emit_verdicts(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_in()
+        self._emit_verdicts(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take_in()
         skipped = sum(s.skipped for s in self.samplers)
         for sampler in self.samplers:
             sampler.skipped = 0
         if skipped:
             self.emit(trainer, "quarantine_skip", "info", {"samples": float(skipped)}, None)
+        # on trial through a whole epoch after the one of its quarantine, and not quarantined again
+        cleared = [i for i, (epoch, _) in self.trial.items() if epoch < trainer.current_epoch]
+        for i in cleared:
+            del self.trial[i]
+            self.verdicts[i] = "transient"
+        self._pending["transient"] += cleared
+        self._emit_verdicts(trainer)
+
+    def _emit_verdicts(self, trainer: pl.Trainer) -> None:
+        pending, self._pending = self._pending, {"data_fault": [], "transient": []}
+        if pending["data_fault"] or pending["transient"]:
+            self.emit(trainer, "quarantine_verdict", "info",
+                      {"data_fault": float(len(pending["data_fault"])), "transient": float(len(pending["transient"])),
+                       "on_trial": float(len(self.trial))}, None,
+                      details={k: _sorted(v) for k, v in pending.items() if v})
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -158,6 +247,11 @@ class SkipQuarantined(StabilityCallback):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+
+
+def _sorted(ids: Any) -> list[Any]:
+    """Ids in a stable order: numbers by value, then the others by their text."""
+    return sorted(ids, key=lambda i: (0, i, "") if isinstance(i, (int, float)) else (1, 0, str(i)))
 
 
 def _loaders(loaders: Any) -> list[DataLoader]:

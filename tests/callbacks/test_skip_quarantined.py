@@ -89,3 +89,57 @@ def test_quarantined_samples_are_never_seen_again_in_the_run_nor_after_a_resume(
     after = {i for ids in resumed_seen.by_step.values() for i in ids}
     assert len(resumed_seen.by_step) == 60 and after and not after & quarantined
     assert fresh.ids == quarantined
+
+
+class Poisoned(pl.Callback):
+    """A data fault: every batch holding sample ``bad`` gives a NaN loss, each time it is seen."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad, self.hook, self.seen_at = bad, None, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.bad in batch["index"].tolist():
+            self.seen_at.append(trainer.global_step)
+            self.hook = pl_module.register_forward_hook(lambda m, a, out: out + float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.hook is not None:
+            self.hook.remove()
+            self.hook = None
+
+
+def test_retry_tells_a_data_fault_that_spikes_again_from_a_transient_one(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 30, seed=0, shuffle=True)  # 30 a epoch
+    model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=200, warmup_steps=10)
+    seen, skip = SeenIds(), SkipQuarantined(retry=True)
+    bad = 7
+    poison = Poisoned(bad)
+    callbacks = [FaultInjector({25: ("loss_nan", None)}), poison, seen, GradientSpikeGuard(),
+                 InMemoryRollback(every_n_steps=10, commit_after=3), skip]
+    trainer = _trainer(tmp_path, 120, callbacks)  # four epochs
+    trainer.fit(model, loader)
+    events = get_event_log(trainer)
+    rollbacks = [e.step for e in events if e.kind == "rollback"]
+    # the transient fault at 25 rolls back at 26; the bad sample at 28 (its first epoch) and at 45 (its
+    # retry, in the next epoch) rolls back twice, and is never seen again
+    assert rollbacks == [26, 29, 46] and poison.seen_at == [28, 45]
+    verdicts = [e for e in events if e.kind == "quarantine_verdict"]
+    faults = {i for e in verdicts for i in e.details.get("data_fault", [])}
+    transient = {i for e in verdicts for i in e.details.get("transient", [])}
+    # a data fault: in the batch of a step that spiked twice (the others each rollback discarded are not
+    # suspects); the bad sample, and any other that shared a spiking batch twice by chance
+    culprits = [set(seen.by_step[r - 1]) for r in rollbacks]
+    assert bad in faults and faults == {i for i in set().union(*culprits) if sum(i in c for c in culprits) >= 2}
+    assert faults == skip.ids and not faults & transient
+    # the samples quarantined with the transient fault came back, were trained on again and judged transient
+    at_25 = {i for e in events if e.kind == "quarantine" and e.step == 26 for i in e.details["sample_ids"]}
+    assert len(at_25) == 48 and (at_25 - faults) <= transient
+    later = {i for step, ids in seen.by_step.items() if step >= 60 for i in ids}
+    assert (at_25 - faults) <= later and not faults & later
+    assert not skip.trial  # every sample on trial judged by the end of the run
+    # the verdicts survive a resume exactly
+    state = skip.state_dict()
+    again = SkipQuarantined(retry=True)
+    again.load_state_dict(state)
+    assert again.state_dict() == state and again.ids == skip.ids and again.verdicts == skip.verdicts
