@@ -14,6 +14,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
@@ -206,7 +207,9 @@ class FaultInjector(pl.Callback):
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
         else:
             # a NaN loss for this batch only: the model's output is poisoned until the batch ends
-            self._nan_hook = pl_module.register_forward_hook(lambda m, a, out: out + float("nan"))
+            # (under DDP the module's forward runs training_step: its output may be a dict of tensors)
+            self._nan_hook = pl_module.register_forward_hook(
+                lambda m, a, out: apply_to_collection(out, Tensor, lambda t: t + float("nan") if t.is_floating_point() else t))
         self.injected.append((trainer.global_step, fault[0]))
 
     @override

@@ -88,11 +88,13 @@ class StabilityCallback(Callback):
         action: str | None,
         target: str | None = None,
         details: Mapping[str, Any] | None = None,
+        step: int | None = None,
     ) -> None:
-        """Emit an event from this callback at the current step, and count it by kind."""
+        """Emit an event from this callback at the current step (or ``step``, one that has just ended), and
+        count it by kind."""
         self._counts[kind] = self._counts.get(kind, 0) + 1
-        self.event_log(trainer).emit(trainer.global_step, kind, self.source, severity, metrics, action, target,
-                                     details)
+        self.event_log(trainer).emit(trainer.global_step if step is None else step, kind, self.source, severity,
+                                     metrics, action, target, details)
 
     def event_count_metrics(self) -> dict[str, float]:
         """``stability/events/<kind>``: the cumulative count of this callback's events of each kind."""

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_stability.core.agreement import Gather
-from lightning_stability.ops.optim_state import second_moments
+from lightning_stability.ops.optim_state import moment_family, second_moments, unwrap_optimizer
 from lightning_stability.ops.sharded import all_reduce_sum_, local, local_squares, local_sum_of_squares
 from lightning_stability.ops.spikes import (
     chunk_by_numel,
@@ -210,3 +210,15 @@ def _warn_scaler_moved(scaler: Any) -> None:
             f"is not where torch {torch.__version__} used to keep it; non-finite gradients with a finite loss are "
             "taken for fp16 overflows the loss scaler skips (an amp_overflow event). Please report this."
         )
+
+
+def warn_norm_only(owner: str, optimizers: list[Any], warned: set[str]) -> None:
+    """Once per optimizer class: one that keeps no second moment the guard can read has no per-element
+    (SPAM) detection; its norm and loss detection stay on."""
+    for optimizer in optimizers:
+        opt = unwrap_optimizer(optimizer)
+        name = type(opt).__name__
+        if moment_family(opt) is None and name not in warned:
+            warned.add(name)
+            rank_zero_warn(f"{owner}: {name} keeps no second moment this guard can read; "
+                           "per-element (SPAM) spike detection is off for it, norm and loss detection stay on.")

@@ -39,6 +39,7 @@ from lightning_stability.callbacks._spike_measure import (  # noqa: F401  (SCALE
     SCALER_STATES,
     StepMeasure,
     scaler_found_inf,
+    warn_norm_only,
 )
 from lightning_stability.callbacks._spike_policy import (
     SEVERITY,
@@ -53,6 +54,8 @@ from lightning_stability.ops.optim_state import moment_family, unwrap_optimizer
 from lightning_stability.ops.sharded import local
 
 DEFAULT_LADDER = ACTIONS
+
+
 class GradientSpikeGuard(StabilityCallback):
     r"""Detects non-finite values and gradient/loss spikes every optimizer step and intervenes.
 
@@ -108,7 +111,8 @@ class GradientSpikeGuard(StabilityCallback):
     ``stability/events/<kind>``       cumulative count of this guard's events of each kind
     ================================  ==============================================================
 
-    With several optimizers, optimizer ``i > 0`` logs under ``.../opt{i}`` suffixes.
+    With several optimizers, each has its own baselines and ladder; optimizer ``i > 0`` logs under
+    ``.../opt{i}`` suffixes.
 
     Example::
 
@@ -119,10 +123,9 @@ class GradientSpikeGuard(StabilityCallback):
     all-reduce over shards) also carries the flags other callbacks need agreed before the optimizer
     step (``InMemoryRollback``'s three), so that they need no collective of their own.
 
-    Manual optimization works the same: the check runs inside each ``optimizer.step()`` call, and the
-    loss is the sum of the losses passed to ``manual_backward`` since the previous step of any
-    optimizer (step each optimizer right after its own backward).
-    With several optimizers, each has its own baselines and ladder.
+    Manual optimization works the same: the check runs inside each ``optimizer.step()`` call, the loss
+    the sum of those passed to ``manual_backward`` since any optimizer's previous step (step each
+    optimizer right after its own backward).
 
     Args:
         window: number of accepted steps in the rolling baselines (>= 2); left out, 128 (or
@@ -145,7 +148,8 @@ class GradientSpikeGuard(StabilityCallback):
         lr_backoff_factor: LR multiplier during a back-off, in (0, 1).
         lr_backoff_steps: length of a back-off in optimizer steps (>= 1).
         on_halt: ``"stop"`` (set ``trainer.should_stop``) or ``"raise"`` (raise :class:`TrainingHalted`).
-        sample_ids: the batch's sample ids (as ``InMemoryRollback``'s), named in a detection's ``details``.
+        sample_ids: the batch's sample ids (as ``InMemoryRollback``'s), named in a detection's ``details``
+            (and, where ``training_step`` returns ``"sample_losses"``, in the ``sample_losses`` event after it).
         name: distinguishes several guards in one trainer (their checkpoint ``state_key``).
     """
 
@@ -263,16 +267,8 @@ class GradientSpikeGuard(StabilityCallback):
         self._riders = agreement_riders(trainer, self)
         self._measure = StepMeasure(self.theta, self._sharded, rank_gather(trainer))
         self.register_lr_provider(trainer, self._make_lr_provider)
-        for optimizer in trainer.optimizers:
-            opt = unwrap_optimizer(optimizer)
-            if self.theta is not None and moment_family(opt) is None:
-                name = type(opt).__name__
-                if name not in self._warned_norm_only:
-                    self._warned_norm_only.add(name)
-                    rank_zero_warn(
-                        f"{type(self).__name__}: {name} keeps no second moment this guard can read; "
-                        "per-element (SPAM) spike detection is off for it, norm and loss detection stay on."
-                    )
+        if self.theta is not None:
+            warn_norm_only(type(self).__name__, trainer.optimizers, self._warned_norm_only)
 
     @override
     def on_before_optimizer_step(
@@ -376,7 +372,9 @@ class GradientSpikeGuard(StabilityCallback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._forensics.batch_end(trainer.global_step)
+        # a detection's per-sample losses, known only now that its step is over
+        if (follow := self._forensics.batch_end(trainer.global_step, outputs, trainer.world_size)) is not None:
+            self.emit(trainer, "sample_losses", "info", follow["metrics"], None, None, follow["details"], follow["step"])
         if self._halt_report is None:
             return
         report, self._halt_report = self._halt_report, None

@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 
@@ -140,10 +141,21 @@ class WriteAudit:
             self.paths.add(os.path.relpath(path, self.root))
 
 
+class PerSampleGPT(TinyGPT):
+    """A step that returns each sample's loss beside the mean, under ``"sample_losses"``."""
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"])
+        per_sample = F.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none").mean(1)
+        loss = per_sample.mean()
+        self.log("train/loss", loss)
+        return {"loss": loss, "sample_losses": per_sample}
+
+
 def fit(out: str, counter: Counter, ours: bool, audit: WriteAudit | None = None) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 2 * STEPS, seed=0)
-    model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=STEPS, warmup_steps=10)
+    model = PerSampleGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=STEPS, warmup_steps=10)
     # rank 1 alone: a NaN loss at step 70 (a rollback to the snapshot of step 0) and a gradient
     # corrupted after the all-reduce at step 85 (the guard skips it): events with numbers in them
     callbacks: list[pl.Callback] = [Clock(counter)]

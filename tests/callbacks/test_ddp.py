@@ -170,7 +170,8 @@ def test_collectives_per_step_and_logging_on_rank_zero_only(tmp_path):
     assert [r[:3] for r in records] == [r[:3] for r in ranks[1]["ours"]["collectives"]]  # same calls, same order
     steps = range(101)
     # steps around a detection (the faults at 70 and 85 and what follows them) may need more
-    incident = {s for e in ours["events"] if e["severity"] != "info" for s in (e["step"] - 1, e["step"])}
+    # (and the step after a detection: its end gathers the per-sample losses the steps return)
+    incident = {s for e in ours["events"] if e["severity"] != "info" for s in (e["step"] - 1, e["step"], e["step"] + 1)}
 
     # Lightning's own collectives (its SIGTERM broadcast every step) are the same with and without ours
     assert _per_step(records, "lightning") == _per_step(plain["collectives"], "lightning")
@@ -203,6 +204,10 @@ def test_collectives_per_step_and_logging_on_rank_zero_only(tmp_path):
     assert events == [_decided(e) for e in ranks[1]["ours"]["events"]]
     decisions = [(e["step"], e["kind"], e["action"]) for e in events if e["severity"] != "info"]
     assert decisions == [(70, "nonfinite", "skip"), (71, "rollback", "rollback"), (85, "grad_spike", "skip")]
+    # each detection's per-sample losses, gathered from both ranks: the NaN loss of rank 1's batch first
+    follows = {e["step"]: e for e in events if e["kind"] == "sample_losses"}
+    assert sorted(follows) == [70, 85] and all(e["metrics"]["samples"] == 16 for e in follows.values())
+    assert follows[70]["metrics"]["nonfinite"] == 8 and follows[85]["metrics"]["nonfinite"] == 0
     spike = next(e for e in events if e["kind"] == "grad_spike")
     assert spike["metrics"]["grad_norm"] > 100 * spike["metrics"]["grad_baseline"] > 0
     assert ours["digest"] == ranks[1]["ours"]["digest"]

@@ -66,3 +66,48 @@ def test_under_accumulation_the_step_names_every_micro_batch(tmp_path):
     assert event.details["layers"][0]["name"] == "model.transformer.h.0.attn.c_attn.weight"
     assert event.details["batches"] == [[0, 2 * SPIKE_AT], [0, 2 * SPIKE_AT + 1]]  # both micro-batches of step 40
     assert guard._forensics.batches == [] or guard._forensics.step > SPIKE_AT  # nothing held past its step
+
+
+class PerSample(Client):
+    """A user's step that returns each sample's loss beside the mean (under ``"sample_losses"``), with
+    one bad sample at ``SPIKE_AT``: its loss x50, as a corrupted sequence would have."""
+
+    BAD_ROW = 3
+
+    def training_step(self, batch, batch_idx):
+        from tests.clients.models import VOCAB, unpack
+
+        x, y = unpack(batch)
+        logits = self.model(input_ids=x).logits
+        per_token = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), reduction="none")
+        per_sample = per_token.view(x.shape[0], -1).mean(1)
+        if self.trainer.global_step == SPIKE_AT:
+            per_sample = per_sample * (1 + 49 * (torch.arange(x.shape[0]) == self.BAD_ROW).float())
+        return {"loss": per_sample.mean(), "sample_losses": per_sample}
+
+
+@pytest.mark.parametrize(("batch", "accumulate"), [("dict", 1), ("tuple", 2)])
+def test_per_sample_losses_follow_the_detection_and_name_the_bad_sample_first(tmp_path, batch, accumulate):
+    pl.seed_everything(0, verbose=False)
+    guard = GradientSpikeGuard()
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=SPIKE_AT + 2, callbacks=[guard],
+                         accumulate_grad_batches=accumulate, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(PerSample("llama"), loader("llama", batch, n=8 * accumulate * (SPIKE_AT + 2)))
+    log = get_event_log(trainer)
+    (detection,) = [e for e in log if e.step == SPIKE_AT and e.severity != "info"]
+    follows = [e for e in log if e.kind == "sample_losses"]
+    detected = {e.step for e in log if e.source == "GradientSpikeGuard" and e.severity != "info"}
+    assert {e.step for e in follows} == detected  # one after each detection, at its step; none on a quiet step
+    (follow,) = [e for e in follows if e.step == SPIKE_AT]
+    assert list(log).index(follow) > list(log).index(detection)
+    losses = follow.details["sample_losses"]
+    assert follow.metrics["samples"] == 8 * accumulate and len(losses) == min(16, 8 * accumulate)
+    assert losses == sorted(losses, reverse=True) and losses[0] > 20 * follow.metrics["loss_median"]
+    first = follow.details["sample_ids"][0]
+    if batch == "dict":  # the dataset's own id of row 3 of batch 40
+        assert first == 8 * SPIKE_AT + PerSample.BAD_ROW
+    else:  # no ids: [epoch, batch_idx, row] of both micro-batches' bad rows, the worst first
+        assert first in ([0, 2 * SPIKE_AT, 3], [0, 2 * SPIKE_AT + 1, 3])
+        assert follow.details["sample_ids"][1] in ([0, 2 * SPIKE_AT, 3], [0, 2 * SPIKE_AT + 1, 3])
+    assert guard._forensics.losses == [] or guard._forensics.step > SPIKE_AT  # nothing held past its step
