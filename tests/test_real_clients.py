@@ -64,7 +64,7 @@ class LrProbe(pl.Callback):
 
 
 def stability_callbacks() -> list[pl.Callback]:
-    return [GradientSpikeGuard(), InMemoryRollback(), SpectralMonitor(), SoftmaxSaturationMonitor(), StabilityPanels()]
+    return [GradientSpikeGuard(), InMemoryRollback(nonfinite_patience=1), SpectralMonitor(), SoftmaxSaturationMonitor(), StabilityPanels()]
 
 
 def fit(tmp_path, model: Client, data, callbacks: list[pl.Callback], steps: int = STEPS, **kw: Any) -> tuple[pl.Trainer, MemoryLogger]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lightning_stability.core.escalation import EvidenceLadder
@@ -21,7 +22,8 @@ PRE_ARM_MIN_SAMPLES = 4
 # SHIFT_SPAN steps) is a new level, not a spike: those norms enter the baseline, which then follows.
 SHIFT_SPAN = 16
 SHIFT_MIN = 8
-SEVERITY = {"nonfinite": "critical", "grad_spike": "warning", "loss_spike": "warning", "element_spike": "warning"}
+SEVERITY = {"nonfinite": "critical", "grad_spike": "warning", "loss_spike": "warning", "element_spike": "warning",
+            "lr_spike": "warning"}
 
 
 class OptimizerTrack:
@@ -37,6 +39,15 @@ class OptimizerTrack:
         self.warmup_from = -1  # first global step of the update warm-up after a moment reset
         self.warmup_groups: list[int] = []
         self.actions: dict[str, int] = {}
+        self.lr_max: list[float] = []  # each parameter group's largest learning rate so far
+        self.lr_high = 0  # steps in a row whose learning rate jumped (a new level after ``patience`` of them)
+
+    def lr_ratio(self, lrs: list[float]) -> float:
+        """The step's learning rate against the largest so far, the largest over parameter groups."""
+        return max((lr / top for lr, top in zip(lrs, self.lr_max) if top > 0), default=0.0)
+
+    def note_lr(self, lrs: list[float]) -> None:
+        self.lr_max = [max(lr, top) for lr, top in zip(lrs, self.lr_max)] if len(lrs) == len(self.lr_max) else list(lrs)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -49,6 +60,8 @@ class OptimizerTrack:
             "warmup_groups": list(self.warmup_groups),
             "actions": dict(self.actions),
             "shift": list(self.shift),
+            "lr_max": list(self.lr_max),
+            "lr_high": self.lr_high,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -61,6 +74,8 @@ class OptimizerTrack:
         self.warmup_groups = [int(i) for i in state.get("warmup_groups", [])]
         self.actions = {str(k): int(v) for k, v in dict(state.get("actions", {})).items()}
         self.shift = deque((bool(b) for b in state.get("shift", [])), maxlen=SHIFT_SPAN)
+        self.lr_max = [float(x) for x in state.get("lr_max", [])]
+        self.lr_high = int(state.get("lr_high", 0))
 
     def in_reset_warmup(self, step: int, length: int) -> bool:
         """Within the ``length`` steps of the update warm-up after a moment reset."""
@@ -73,8 +88,13 @@ class OptimizerTrack:
         return absorbed and sum(self.shift) >= SHIFT_MIN
 
 
-def detect(guard: GradientSpikeGuard, track: OptimizerTrack, stats: dict[str, float], loss: float | None) -> str | None:
+def detect(guard: GradientSpikeGuard, track: OptimizerTrack, stats: dict[str, float], loss: float | None,
+           lrs: Sequence[float] = ()) -> str | None:
     """The detection that decides the step: of all that fired, the one needing the strongest rung.
+
+    A learning rate ``lr_jump`` times the largest the run has used (a schedule's or a resume's mistake)
+    is an ``lr_spike`` before its update is applied; one that stays up ``patience`` steps is a new level
+    the guard accepts (a deliberate change). Warm restarts return to a rate used before: no spike.
 
     A corrupted batch shows as a loss spike *and* a gradient spike; the loss spike asks for a skip,
     which beats clipping the batch's gradient and applying it anyway. Marks each detection that fired
@@ -83,6 +103,7 @@ def detect(guard: GradientSpikeGuard, track: OptimizerTrack, stats: dict[str, fl
     if not math.isfinite(stats["grad_norm"]) or (loss is not None and not math.isfinite(loss)):
         return "nonfinite"
     if not track.armed:
+        track.note_lr(list(lrs))
         # Before the baselines are trustworthy only a wild outlier is called a spike, so even the
         # first steps never apply a gradient hundreds of times larger than any seen so far.
         wild = len(track.grad_window) >= PRE_ARM_MIN_SAMPLES and stats["grad_ratio"] >= PRE_ARM_RATIO
@@ -90,6 +111,13 @@ def detect(guard: GradientSpikeGuard, track: OptimizerTrack, stats: dict[str, fl
             stats["grad_spike"] = 1.0
         return "grad_spike" if wild else None
     fired = []
+    lr_ratio = track.lr_ratio(list(lrs)) if guard.lr_jump is not None else 0.0
+    track.lr_high = track.lr_high + 1 if lr_ratio >= (guard.lr_jump or math.inf) else 0
+    if 0 < track.lr_high <= guard.patience:
+        stats["lr_ratio"] = lr_ratio
+        fired.append("lr_spike")
+    else:
+        track.note_lr(list(lrs))
     if stats["grad_zscore"] >= guard.grad_zscore and stats["grad_ratio"] >= guard.grad_ratio:
         fired.append("grad_spike")
     if loss is not None and stats["loss_zscore"] >= guard.loss_zscore:
@@ -125,6 +153,8 @@ def detection_size(detection: str, stats: dict[str, float]) -> float:
         return stats.get("loss_zscore", math.inf)
     if detection == "element_spike":
         return stats["spike_count"]
+    if detection == "lr_spike":
+        return stats["lr_ratio"]
     return math.inf
 
 

@@ -40,7 +40,7 @@ from lightning_stability.callbacks._rollback_quarantine import (
     read_quarantine,
     sample_ids_of,
 )
-from lightning_stability.callbacks._rollback_requests import SKIPPING_ACTIONS, Requests
+from lightning_stability.callbacks._rollback_requests import SKIPPING_ACTIONS, Requests, nonfinite_buffers
 from lightning_stability.callbacks._rollback_snapshots import Snapshots
 from lightning_stability.callbacks._rollback_state import (
     restore_training_state,
@@ -62,25 +62,18 @@ class InMemoryRollback(StabilityCallback):
     event, an acted-on warning or a non-finite loss; one taken during a spike is dropped.
 
     A rollback restores the newest good snapshot in place, at the end of the step that asked for it:
-    an event whose ``action`` is ``"rollback"``, or a non-finite loss (``rollback_on_nonfinite_loss``;
-    that step is skipped first). The optimizer's step counts and the LR schedule are rewound with the
+    an event whose ``action`` is ``"rollback"``, or non-finite losses (``nonfinite_patience`` steps in a
+    row, each skipped). The optimizer's step counts and the LR schedule are rewound with the
     weights; the batches since the snapshot are quarantined (``quarantine`` events and
     ``<log_dir>/quarantine.json``, :func:`read_quarantine`). More than ``max_rollbacks`` requests
     within ``budget_window`` steps halt with a checkpoint and a report (``on_halt``). The Training
     Overhead Ratio (TOR) is logged and reported at the end. Under DDP every rank snapshots, commits
     and restores at the same step. ``docs/rollback.md`` tells each of these in full.
 
-    Logged metrics (at the logger's cadence):
-
-    ===================================  ==========================================================
-    key                                  meaning
-    ===================================  ==========================================================
-    ``stability/rollback/tor``           Training Overhead Ratio so far (1.0: nothing lost)
-    ``stability/rollback/count``         rollbacks so far
-    ``stability/rollback/lost_steps``    optimizer steps whose work was discarded or skipped
-    ``stability/rollback/snapshot_mb``   host memory held by the snapshots, in MiB
-    ``stability/events/<kind>``          cumulative count of this callback's events of each kind
-    ===================================  ==========================================================
+    Logged metrics (at the logger's cadence): ``stability/rollback/tor`` (the Training Overhead Ratio so
+    far, 1.0: nothing lost), ``.../count`` (rollbacks), ``.../lost_steps`` (optimizer steps whose work
+    was discarded or skipped), ``.../snapshot_mb`` (host memory of the snapshots, MiB) and
+    ``stability/events/<kind>`` (this callback's events of each kind so far).
 
     Event kinds: ``snapshot``, ``snapshot_committed``, ``snapshot_discarded``, ``snapshot_skipped``,
     ``rollback``, ``quarantine``, ``rollback_unavailable``, ``rollback_halt``, ``tor``.
@@ -99,7 +92,10 @@ class InMemoryRollback(StabilityCallback):
             Left out: 20, shortened to ``every_n_steps * (keep - 1) - 1`` where the ring is shorter.
         max_rollbacks: rollbacks allowed within ``budget_window`` steps (>= 1); one more halts.
         budget_window: the window, in optimizer steps, of the rollback budget (>= 1).
-        rollback_on_nonfinite_loss: skip the step and roll back when the loss is NaN or infinite.
+        rollback_on_nonfinite_loss: skip every step whose loss is NaN or infinite and roll back when
+            ``nonfinite_patience`` steps in a row had one (a state that keeps making NaNs), or at once when a
+            buffer went non-finite too (BatchNorm's statistics after a NaN batch); one bad batch is only skipped.
+        nonfinite_patience: those steps in a row (>= 1; 1: roll back at the first non-finite loss).
         lr_backoff_factor: multiply the LR by this (in (0, 1)) for ``lr_backoff_steps`` after a
             rollback; ``None`` for no back-off.
         lr_backoff_steps: length of the back-off in optimizer steps (>= 1).
@@ -122,6 +118,7 @@ class InMemoryRollback(StabilityCallback):
         max_rollbacks: int = 3,
         budget_window: int = 1000,
         rollback_on_nonfinite_loss: bool = True,
+        nonfinite_patience: int = 2,
         lr_backoff_factor: float | None = None,
         lr_backoff_steps: int = 100,
         sample_ids: str | Callable[[Any], Any] | None = "index",
@@ -138,6 +135,7 @@ class InMemoryRollback(StabilityCallback):
         self.max_rollbacks = check_int(cls, "max_rollbacks", max_rollbacks, 1)
         self.budget_window = check_int(cls, "budget_window", budget_window, 1)
         self.rollback_on_nonfinite_loss = check_bool(cls, "rollback_on_nonfinite_loss", rollback_on_nonfinite_loss)
+        self.nonfinite_patience = check_int(cls, "nonfinite_patience", nonfinite_patience, 1)
         self.lr_backoff_factor = (None if lr_backoff_factor is None
                                   else check_fraction(cls, "lr_backoff_factor", lr_backoff_factor, optional=True))
         self.lr_backoff_steps = check_int(cls, "lr_backoff_steps", lr_backoff_steps, 1)
@@ -167,7 +165,7 @@ class InMemoryRollback(StabilityCallback):
         # within the current step
         self._losses_seen = -1  # the shared step loss's count of losses when this callback last read it
         self._nonfinite = False  # this batch's loss was not finite: every optimizer step of it is skipped
-        self._requests = Requests()
+        self._requests = Requests(self.nonfinite_patience)
         self._agreed = False  # the ranks have agreed on this step's flags
         self._halted = False
         self._last_step = -1
@@ -184,6 +182,7 @@ class InMemoryRollback(StabilityCallback):
             "quarantined_batches": self._quarantined,
             "backoff_until": self._backoff_until,
             "halt_report": self.halt_report,
+            **self._requests.state_dict(),
         }
 
     @override
@@ -195,6 +194,7 @@ class InMemoryRollback(StabilityCallback):
         self._quarantined = int(state_dict.get("quarantined_batches", 0))
         self._backoff_until = int(state_dict.get("backoff_until", -1))
         self.halt_report = state_dict.get("halt_report")
+        self._requests.load_state_dict(state_dict)
 
     @property
     def tor(self) -> float:
@@ -313,7 +313,8 @@ class InMemoryRollback(StabilityCallback):
     @override
     def on_agreement(self, trainer: pl.Trainer, flags: list[bool]) -> None:
         nonfinite, request, trouble = flags
-        self._requests.agree(request, trouble, nonfinite)
+        corrupted = nonfinite and any_rank(trainer, [nonfinite_buffers(trainer.lightning_module)])[0]
+        self._requests.agree(request, trouble, nonfinite, trainer.global_step, corrupted)
         if nonfinite:
             self._nonfinite = True
         self._hold_step(trainer)

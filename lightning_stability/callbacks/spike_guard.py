@@ -60,7 +60,7 @@ class GradientSpikeGuard(StabilityCallback):
     r"""Detects non-finite values and gradient/loss spikes every optimizer step and intervenes.
 
     Runs in ``on_before_optimizer_step``: once per optimizer step (not per micro-batch), after AMP
-    unscaling and before Lightning's gradient clipping. Four detectors:
+    unscaling and before Lightning's gradient clipping. Five detectors:
 
     1. **non-finite** loss or gradients (on any rank);
     2. **global gradient-norm spikes**: robust z-score ``(norm - median) / (1.4826 MAD)`` at least
@@ -68,7 +68,8 @@ class GradientSpikeGuard(StabilityCallback):
        the last ``window`` accepted steps;
     3. **per-element spikes** (SPAM): ``g^2 > theta * v`` with ``v`` the optimizer's second moment
        (torch Adam/AdamW, bitsandbytes Adam-family in 8 and 32 bits); norm-only for other optimizers;
-    4. **loss spikes**: the same robust rule on the loss (averaged over micro-batches and ranks).
+    4. **loss spikes**: the same robust rule on the loss (averaged over micro-batches and ranks);
+    5. **learning-rate spikes**: a rate ``lr_jump`` times the run's largest, before its update applies.
 
     Flagged and non-finite values never enter the baselines. Detection is armed once ``warmup``
     healthy steps are in the window; before that, only a gradient norm 100 times the median of the
@@ -150,6 +151,7 @@ class GradientSpikeGuard(StabilityCallback):
         on_halt: ``"stop"`` (set ``trainer.should_stop``) or ``"raise"`` (raise :class:`TrainingHalted`).
         sample_ids: the batch's sample ids (as ``InMemoryRollback``'s), named in a detection's ``details``
             (and, where ``training_step`` returns ``"sample_losses"``, in the ``sample_losses`` event after it).
+        lr_jump: a learning rate this many times the largest the run used is an ``lr_spike`` (> 1; ``None``: off).
         name: distinguishes several guards in one trainer (their checkpoint ``state_key``).
     """
 
@@ -173,6 +175,7 @@ class GradientSpikeGuard(StabilityCallback):
         lr_backoff_steps: int = 100,
         on_halt: Literal["stop", "raise"] = "stop",
         sample_ids: SampleIds = "index",
+        lr_jump: float | None = 10.0,
         name: str | None = None,
     ) -> None:
         super().__init__(name)
@@ -199,6 +202,7 @@ class GradientSpikeGuard(StabilityCallback):
         self.lr_backoff_steps = check_int(cls, "lr_backoff_steps", lr_backoff_steps, 1)
         self.on_halt = check_on_halt(cls, on_halt)
         self.sample_ids = check_sample_ids(cls, sample_ids)
+        self.lr_jump = None if lr_jump is None else check_positive(cls, "lr_jump", lr_jump, above=1.0)
         self._forensics = Forensics(self.sample_ids)  # which layers and which batch a detection concerns
 
         self._tracks: dict[int, OptimizerTrack] = {}
@@ -320,7 +324,7 @@ class GradientSpikeGuard(StabilityCallback):
             stats.update(loss=loss_value, loss_baseline=lb.median, loss_zscore=lb.zscore(loss_value),
                          loss_ratio=lb.ratio(loss_value))
 
-        detection = detect(self, track, stats, loss_value)
+        detection = detect(self, track, stats, loss_value, [float(g["lr"]) for g in opt.param_groups])
         in_band = loss_in_band(self, track, stats, loss_value)
         track.ladder.observe(step, in_band)
         log = self.event_log(trainer)
@@ -410,16 +414,13 @@ class GradientSpikeGuard(StabilityCallback):
 
         return factors
 
-    def _log_metrics(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, stats: dict[str, float], detection: bool
-    ) -> None:
+    def _log_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, stats: dict[str, float],
+                     detection: bool) -> None:
         if not (detection or is_logging_step(trainer)):
             return
         suffix = f"/opt{index}" if index > 0 else ""
-        metrics = {
-            f"stability/grad/norm{suffix}": stats["grad_norm"],
-            f"stability/grad/spike_fraction{suffix}": stats["spike_fraction"],
-        }
+        metrics = {f"stability/grad/norm{suffix}": stats["grad_norm"],
+                   f"stability/grad/spike_fraction{suffix}": stats["spike_fraction"]}
         if math.isfinite(stats["grad_zscore"]):
             metrics[f"stability/grad/norm_zscore{suffix}"] = stats["grad_zscore"]
         if math.isfinite(stats["grad_threshold"]):  # with the norm on one chart: where a spike begins

@@ -20,7 +20,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 ACTIONS = ("clip", "skip", "reset_moments", "lr_backoff", "rollback", "halt")
-DETECTIONS = ("nonfinite", "grad_spike", "loss_spike", "element_spike")
+DETECTIONS = ("nonfinite", "grad_spike", "loss_spike", "element_spike", "lr_spike")
 # Clipping repairs a gradient with a few huge elements or a too-large norm; it cannot repair a
 # non-finite gradient, and a loss spike with a normal gradient norm leaves nothing to clip.
 _CLIP_REPAIRS = frozenset({"grad_spike", "element_spike"})
@@ -150,7 +150,8 @@ class EvidenceLadder(EscalationLadder):
     one is the *same incident* (unless it is another kind of fault and the loss came back to its band:
     a NaN repaired by a skip does not make the next gradient spike a failure), and the rung applied
     to it failed when the fault recurred at the same or a larger ``size``, or when the loss has
-    stayed out of its band since it was applied. A
+    stayed out of its band since it was applied. A loss spike the step after one that was skipped is the
+    batches' fault (the weights did not change), not the skip's, for up to ``recovery`` steps. A
     recurrence that ``clip`` absorbed (the loss stayed in its band) is not a failure: natural spikes
     that clipping repairs stay at ``clip`` however often they come. ``patience`` failures climb one
     rung; a detection after ``recovery`` quiet steps starts again at the bottom rung that can repair
@@ -199,7 +200,12 @@ class EvidenceLadder(EscalationLadder):
             self.rung, self.failures, self.persistent, self.began = start, 0, False, step
         else:
             absorbed = self.rungs[self.rung] == "clip" and in_band
-            if (size >= self.last_size and not absorbed) or stayed_out:
+            # a loss spike the step after a skipped one: the weights are those that gave a healthy loss
+            # before, so the batches are at fault, not the skip (a burst of bad data is skipped through);
+            # for ``recovery`` steps, after which a loss still out of its band counts as before
+            batch_fault = (detection == self.kind == "loss_spike" and self.rungs[self.rung] == "skip"
+                           and step - self.last_strike == 1 and step - self.began < self.recovery)
+            if ((size >= self.last_size and not absorbed) or stayed_out) and not batch_fault:
                 self.failures += 1
             if self.failures >= self.patience and self.rung < len(self.rungs) - 1:
                 self.rung, self.failures = self.rung + 1, 0

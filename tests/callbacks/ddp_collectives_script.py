@@ -162,7 +162,7 @@ def fit(out: str, counter: Counter, ours: bool, audit: WriteAudit | None = None)
     plugins: list[Any] = []
     if ours:
         callbacks += [OnOneRank(1, {70: ("loss_nan", None), 85: ("grad_scale", 1000.0)}), GradientSpikeGuard(),
-                      SpectralMonitor(), SoftmaxSaturationMonitor(), InMemoryRollback(), StabilityPanels()]
+                      SpectralMonitor(), SoftmaxSaturationMonitor(), InMemoryRollback(nonfinite_patience=1), StabilityPanels()]
         plugins = [FP8Precision(backend="emulated")]
     logger = TensorBoardLogger(os.path.join(out, "tb"), name="run") if ours else False
     trainer = pl.Trainer(

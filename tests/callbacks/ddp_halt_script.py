@@ -68,7 +68,7 @@ def main(out: str, mode: str) -> None:
         callbacks.insert(0, OnOneRank(1, {12: ("weight_nan", None)}))
     if not mode.startswith("halt"):
         # not on the NaN loss itself: the spectral monitor's check of the weights asks for it
-        callbacks.append(InMemoryRollback(every_n_steps=10, commit_after=3, rollback_on_nonfinite_loss=False,
+        callbacks.append(InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3, rollback_on_nonfinite_loss=False,
                                           sample_ids=sample_ids))
     if mode.startswith("user_error"):
         callbacks.insert(0, Fails(int(mode[-1])))

@@ -67,7 +67,7 @@ def main(out: str, mode: str) -> None:
     # and 40) and a gradient corrupted after the all-reduce (the guard skips the step)
     faults = OnOneRank(1, {15: ("loss_nan", None), 46: ("loss_nan", None), 52: ("grad_scale", 1000.0)})
     guard = GradientSpikeGuard(window=32, warmup=8)
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     spectral = SpectralMonitor(check_every_n_steps=5, warmup=10, full_every_n_steps=20)
     softmax = SoftmaxSaturationMonitor(every_n_steps=5, warmup=5, logz_limit=20.0, cooldown=3,
                                        remedies={"logit_drift": ("z_loss", "softcap", "advise")})

@@ -57,7 +57,7 @@ def main(out: str, mode: str = "alone") -> None:
     accumulate = 2 if mode == "accumulate" else 1
     loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 120 * accumulate, seed=0)
     model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=60, warmup_steps=10)
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     # a NaN loss on rank 1 alone at step 25; a rollback request on rank 0 alone at step 44
     callbacks = [OnOneRank(1, {25: ("loss_nan", None)}), RequestOnOneRank(0, 44), rollback]
     if mode in ("guard_after", "accumulate"):

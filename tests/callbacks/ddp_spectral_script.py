@@ -44,7 +44,7 @@ def main(out: str, action: str = "pss") -> None:
     model = TinyGPT(len(ds.vocab), block_size=16, d_model=32, n_layer=1, n_head=2, max_steps=140, warmup_steps=10)
     monitor = SpectralMonitor(check_every_n_steps=5, warmup=100, ladder=(action,), loss_tolerance=0.05,
                               full_every_n_steps=50)
-    rollback = InMemoryRollback(every_n_steps=20, commit_after=5)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=20, commit_after=5)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=140, callbacks=[Bump(), LossOnOneRank(), monitor, rollback],
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

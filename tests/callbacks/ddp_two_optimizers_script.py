@@ -51,7 +51,7 @@ def main(out: str) -> None:
     x = torch.randn(64 * 8, 8, generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
     model = TwoParts()
-    rollback = InMemoryRollback(every_n_steps=20, commit_after=4, sample_ids=None)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=20, commit_after=4, sample_ids=None)
     # b's loss does not reach a's parameters: DDP must be told to expect unused parameters
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=1,

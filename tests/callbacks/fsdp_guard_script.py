@@ -85,7 +85,7 @@ def main(out: str, mode: str = "guard") -> None:
     faults = OnOneRank(1, {40: ("loss_nan", None), 50: ("grad_scale", 1000.0)})
     guard = GradientSpikeGuard()
     record = Record(guard, counter)
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3) if mode == "with_rollback" else None
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3) if mode == "with_rollback" else None
     callbacks = [faults, *([rollback] if rollback else []), Before(record), guard, record]
     trainer = fsdp_trainer(out, 60, callbacks)
     trainer.fit(model, loader)

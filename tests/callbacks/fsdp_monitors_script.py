@@ -100,7 +100,7 @@ def main(out: str) -> None:
     model, loader = sharded_gpt(STEPS)
     spectral = SpectralMonitor(check_every_n_steps=5, warmup=30, ladder=("cap",), full_every_n_steps=20,
                                loss_tolerance=10.0)
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     softmax = SoftmaxSaturationMonitor(every_n_steps=5)
     record = Record(spectral, counter)
     trainer = fsdp_trainer(out, STEPS, [Bump(), NanOnRankOne(), spectral, rollback, softmax, record])

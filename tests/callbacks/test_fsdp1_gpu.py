@@ -54,7 +54,7 @@ def test_guard_and_rollback_under_fsdp1(tmp_path):
     model, loader = tiny_gpt(60)
     record, after = Record(), Record()
     guard = GradientSpikeGuard(warmup=8)
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     faults = FaultInjector({30: ("grad_scale", 1000.0), 45: ("loss_nan", None)})
     trainer = fsdp1_trainer(tmp_path, 60, [faults, record, guard, rollback, after])
     trainer.fit(model, loader)

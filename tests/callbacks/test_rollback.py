@@ -110,7 +110,7 @@ def fit(tmp_path, steps, rollback, faults=None, guard=None, optimizer="adamw", p
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
 def test_nan_weight_is_undone_bit_for_bit(tmp_path, optimizer):
     probe = StateProbe(at_steps=(20,))
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     trainer, model = fit(tmp_path, 80, rollback, {25: ("weight_nan", None)}, optimizer=optimizer, probe=probe)
 
     [record] = rollback.rollbacks
@@ -129,8 +129,8 @@ def test_nan_weight_is_undone_bit_for_bit(tmp_path, optimizer):
 
 def test_run_after_rollback_ends_close_to_a_clean_run(tmp_path):
     clean_probe, probe = StateProbe(), StateProbe()
-    fit(tmp_path / "clean", 150, InMemoryRollback(every_n_steps=10, commit_after=3), probe=clean_probe)
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    fit(tmp_path / "clean", 150, InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3), probe=clean_probe)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     fit(tmp_path / "fault", 150, rollback, {45: ("weight_nan", None)}, probe=probe)
     assert len(rollback.rollbacks) == 1
     tail = range(131, 151)
@@ -146,7 +146,7 @@ def test_snapshot_taken_during_a_spike_is_never_used(tmp_path):
     # Snapshots at 30 (committed at 33) and 40; gradient spikes at 41 and 42 fall in the probation of
     # the snapshot at 40, so the NaN at 46 must go back to 30, not 40.
     guard = GradientSpikeGuard(warmup=8, theta=None)
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=5)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=5)
     probe = StateProbe(at_steps=(30, 40))
     faults = {41: ("grad_scale", 1e4), 42: ("grad_scale", 1e4), 46: ("weight_nan", None)}
     trainer, model = fit(tmp_path, 60, rollback, faults, guard=guard, probe=probe)
@@ -159,7 +159,7 @@ def test_snapshot_taken_during_a_spike_is_never_used(tmp_path):
 
 def test_snapshot_is_postponed_while_a_step_is_in_trouble(tmp_path):
     guard = GradientSpikeGuard(warmup=8, theta=None)
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     trainer, _ = fit(tmp_path, 45, rollback, {39: ("grad_scale", 1e4)}, guard=guard)
     # the step ending at 40 had a spike: the snapshot waits for the next healthy step
     assert [e.step for e in events(trainer, "snapshot")] == [0, 10, 20, 30, 41]
@@ -167,7 +167,7 @@ def test_snapshot_is_postponed_while_a_step_is_in_trouble(tmp_path):
 
 def test_guard_ladder_asks_for_rollback(tmp_path):
     guard = GradientSpikeGuard(warmup=8, theta=None, ladder=("rollback", "halt"))
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     probe = StateProbe(at_steps=(30,))
     trainer, _ = fit(tmp_path, 45, rollback, {33: ("grad_scale", 1e4)}, guard=guard, probe=probe)
     [detection] = [e for e in get_event_log(trainer) if e.source == "GradientSpikeGuard" and e.action]
@@ -186,7 +186,7 @@ def test_without_a_rollback_callback_the_guard_takes_the_next_rung(tmp_path):
 
 
 def test_the_responder_is_unregistered_when_the_fit_ends(tmp_path):
-    trainer, _ = fit(tmp_path, 5, InMemoryRollback(every_n_steps=10, commit_after=3))
+    trainer, _ = fit(tmp_path, 5, InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3))
     assert get_event_log(trainer).has_responder("rollback") is False
 
 
@@ -204,7 +204,7 @@ class Requester(pl.Callback):
 
 
 def test_any_component_can_request_a_rollback(tmp_path):
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     model, loader = tiny_gpt(30)
     trainer = make_trainer(tmp_path, 30, [Requester(24), rollback])
     trainer.fit(model, loader)
@@ -216,7 +216,7 @@ def test_any_component_can_request_a_rollback(tmp_path):
 
 def test_nonfinite_loss_without_a_good_snapshot_skips_the_step(tmp_path):
     # a NaN loss at step 2: nothing is committed yet, but the step must still not reach the weights
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=5)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=5)
     trainer, model = fit(tmp_path, 12, rollback, {2: ("loss_nan", None)})
     assert [e.step for e in events(trainer, "rollback_unavailable")] == [3]
     assert rollback.rollbacks == []
@@ -226,7 +226,7 @@ def test_nonfinite_loss_without_a_good_snapshot_skips_the_step(tmp_path):
 # -- quarantine ------------------------------------------------------------------------------------
 def test_quarantine_lists_the_discarded_batches(tmp_path):
     probe = StateProbe()
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     trainer, _ = fit(tmp_path, 40, rollback, {27: ("weight_nan", None)}, probe=probe,
                      logger=CSVLogger(tmp_path, name="run"))
     run_dir = trainer.log_dir
@@ -247,7 +247,7 @@ def test_quarantine_lists_the_discarded_batches(tmp_path):
 @pytest.mark.parametrize("on_halt", ["stop", "raise"])
 def test_exceeding_the_rollback_budget_halts_with_a_checkpoint(tmp_path, on_halt):
     probe = StateProbe(at_steps=(20,))
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, max_rollbacks=2, on_halt=on_halt)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3, max_rollbacks=2, on_halt=on_halt)
     faults = {25: ("weight_nan", None), 27: ("weight_nan", None), 29: ("weight_nan", None)}
     model, loader = tiny_gpt(60)
     trainer = make_trainer(tmp_path, 60, [FaultInjector(faults), rollback, probe])
@@ -269,7 +269,7 @@ def test_exceeding_the_rollback_budget_halts_with_a_checkpoint(tmp_path, on_halt
 
 
 def test_rollbacks_outside_the_budget_window_do_not_count(tmp_path):
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, max_rollbacks=1, budget_window=10)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3, max_rollbacks=1, budget_window=10)
     trainer, model = fit(tmp_path, 60, rollback, {25: ("weight_nan", None), 45: ("weight_nan", None)})
     assert [r["restored_step"] for r in rollback.rollbacks] == [20, 40]
     assert rollback.halt_report is None and trainer.global_step == 60
@@ -291,7 +291,7 @@ class LrProbe(pl.Callback):
 
 def test_lr_backoff_after_a_rollback(tmp_path):
     lr = LrProbe()
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, lr_backoff_factor=0.25, lr_backoff_steps=5)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3, lr_backoff_factor=0.25, lr_backoff_steps=5)
     fit(tmp_path, 40, rollback, {25: ("weight_nan", None)}, probe=lr)
     for step in range(26, 31):
         assert lr.applied[step] == pytest.approx(0.25 * lr.scheduled[step])
@@ -300,7 +300,7 @@ def test_lr_backoff_after_a_rollback(tmp_path):
 
 
 def test_tor_counts_discarded_and_skipped_steps(tmp_path):
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     guard = GradientSpikeGuard(warmup=8, theta=None)
     faults = {15: ("grad_nan", None), 25: ("weight_nan", None)}
     trainer, _ = fit(tmp_path, 40, rollback, faults, guard=guard, logger=CSVLogger(tmp_path, name="run"),
@@ -320,7 +320,7 @@ def test_tor_counts_discarded_and_skipped_steps(tmp_path):
 
 # -- state, memory, arguments ----------------------------------------------------------------------
 def test_state_survives_save_and_resume(tmp_path):
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, lr_backoff_factor=0.5, lr_backoff_steps=50)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3, lr_backoff_factor=0.5, lr_backoff_steps=50)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_on_train_epoch_end=True, save_top_k=-1)
     model, loader = tiny_gpt(40, batches=20)
     trainer = make_trainer(tmp_path, 40, [FaultInjector({25: ("weight_nan", None)}), rollback, ckpt],
@@ -330,7 +330,7 @@ def test_state_survives_save_and_resume(tmp_path):
     saved = torch.load(path, weights_only=False)["callbacks"][rollback.state_key]
     assert saved["rollbacks"] and saved["backoff_until"] == 76 and saved["ring"]
 
-    resumed = InMemoryRollback(every_n_steps=10, commit_after=3, lr_backoff_factor=0.5, lr_backoff_steps=50)
+    resumed = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3, lr_backoff_factor=0.5, lr_backoff_steps=50)
     seen: dict[str, Any] = {}
 
     held: dict[str, Any] = {}
@@ -358,13 +358,13 @@ def test_state_survives_save_and_resume(tmp_path):
 
 def test_refuses_snapshots_that_do_not_fit_in_host_memory(tmp_path):
     model, loader = tiny_gpt(5)
-    trainer = make_trainer(tmp_path, 5, [InMemoryRollback(max_host_bytes=10_000)])
+    trainer = make_trainer(tmp_path, 5, [InMemoryRollback(nonfinite_patience=1, max_host_bytes=10_000)])
     with pytest.raises(ValueError, match=r"InMemoryRollback\(keep=2\): keep=2 snapshots of .* KiB need .* KiB of host memory, more than the 9.8 KiB .*\(max_host_bytes=10000\)"):
         trainer.fit(model, loader)
 
 
 def test_reports_the_bytes_it_holds(tmp_path):
-    rollback = InMemoryRollback(every_n_steps=5, commit_after=2)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=5, commit_after=2)
     trainer, model = fit(tmp_path, 12, rollback)
     params = sum(p.numel() * 4 for p in model.parameters())
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -389,19 +389,19 @@ def test_reports_the_bytes_it_holds(tmp_path):
 )
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        InMemoryRollback(**kwargs)
+        InMemoryRollback(nonfinite_patience=1, **kwargs)
 
 
 def test_bad_argument_types_are_named():
     with pytest.raises(TypeError, match=r"sample_ids=3\): expected a batch key"):
-        InMemoryRollback(sample_ids=3)  # type: ignore[arg-type]
+        InMemoryRollback(nonfinite_patience=1, sample_ids=3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"rollback_on_nonfinite_loss='yes'"):
-        InMemoryRollback(rollback_on_nonfinite_loss="yes")  # type: ignore[arg-type]
+        InMemoryRollback(nonfinite_patience=1, rollback_on_nonfinite_loss="yes")  # type: ignore[arg-type]
 
 
 def test_repeated_requests_with_nothing_to_restore_halt(tmp_path):
     # a NaN weight at step 2, before any snapshot is committed: every later loss is NaN
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=5, max_rollbacks=2)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=5, max_rollbacks=2)
     trainer, _ = fit(tmp_path, 30, rollback, {2: ("weight_nan", None)})
     assert [e.step for e in events(trainer, "rollback_unavailable")] == [3, 4, 5]
     assert trainer.global_step == 5
@@ -412,7 +412,66 @@ def test_repeated_requests_with_nothing_to_restore_halt(tmp_path):
 
 
 def test_numpy_sample_ids_are_written(tmp_path):
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=3, sample_ids=lambda b: b["index"].numpy())
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3, sample_ids=lambda b: b["index"].numpy())
     probe = StateProbe()
     fit(tmp_path, 30, rollback, {23: ("weight_nan", None)}, probe=probe)
     assert read_quarantine(tmp_path) == {i for s in range(20, 24) for i in probe.batch_ids[s]}
+
+
+class _BatchNormNet(pl.LightningModule):
+    """A user's regressor with BatchNorm, on plain ``(x, y)`` tuples: a NaN batch poisons its running
+    statistics in the forward, before any optimizer step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 1))
+        self.nan_at: int | None = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.trainer.global_step == self.nan_at:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _xy_loader(n: int = 8 * 60):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+
+
+def test_by_default_one_bad_batch_is_skipped_and_a_state_that_keeps_making_nans_is_rolled_back(tmp_path):
+    # one NaN-loss batch (its forward poisons nothing): skipped, no rollback, no steps lost
+    pl.seed_everything(0, verbose=False)
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    trainer = make_trainer(tmp_path / "batch", 40, [FaultInjector({25: ("loss_nan", None)}), GradientSpikeGuard(),
+                                                     rollback])
+    trainer.fit(*tiny_gpt())
+    assert rollback.rollbacks == [] and [e.step for e in events(trainer, "nonfinite")] == [25]
+    # a NaN written into a weight: every loss after it is NaN; the second non-finite step in a row rolls back
+    pl.seed_everything(0, verbose=False)
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    trainer = make_trainer(tmp_path / "weight", 40, [FaultInjector({25: ("weight_nan", None)}), GradientSpikeGuard(),
+                                                      rollback])
+    model, loader = tiny_gpt()
+    trainer.fit(model, loader)
+    # (a rollback is recorded at the step after the one that asked: NaN steps 25 and 26, recorded at 27)
+    assert [r["step"] for r in rollback.rollbacks] == [27] and rollback.rollbacks[0]["restored_step"] == 20
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # a NaN batch through BatchNorm: the loss and the running statistics are NaN in the same forward, so
+    # the next loss would be fine and the buffers still poisoned: rolled back at once
+    pl.seed_everything(0, verbose=False)
+    model = _BatchNormNet()
+    model.nan_at = 25
+    rollback = InMemoryRollback(every_n_steps=10, commit_after=3)
+    trainer = make_trainer(tmp_path / "bn", 40, [GradientSpikeGuard(), rollback])
+    trainer.fit(model, _xy_loader())
+    assert [r["step"] for r in rollback.rollbacks] == [26]  # asked at step 25, the first NaN
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+    with pytest.raises(ValueError, match=r"InMemoryRollback\(nonfinite_patience=0\): expected an int >= 1"):
+        InMemoryRollback(nonfinite_patience=0)

@@ -69,7 +69,7 @@ def test_quarantined_samples_are_never_seen_again_in_the_run_nor_after_a_resume(
     seen, skip = SeenIds(), SkipQuarantined()
     # a NaN loss at step 25: the rollback restores the snapshot of step 20 and quarantines the batches of 20..25
     callbacks = [FaultInjector({25: ("loss_nan", None)}), seen, GradientSpikeGuard(),
-                 InMemoryRollback(every_n_steps=10, commit_after=3), skip,
+                 InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3), skip,
                  ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=70)]
     trainer = _trainer(tmp_path, 70, callbacks)
     trainer.fit(model, loader)
@@ -116,7 +116,7 @@ def test_retry_tells_a_data_fault_that_spikes_again_from_a_transient_one(tmp_pat
     bad = 7
     poison = Poisoned(bad)
     callbacks = [FaultInjector({25: ("loss_nan", None)}), poison, seen, GradientSpikeGuard(),
-                 InMemoryRollback(every_n_steps=10, commit_after=3), skip]
+                 InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3), skip]
     trainer = _trainer(tmp_path, 120, callbacks)  # four epochs
     trainer.fit(model, loader)
     events = get_event_log(trainer)

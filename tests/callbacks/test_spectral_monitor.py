@@ -246,7 +246,7 @@ def test_a_failed_intervention_asks_for_a_rollback(tmp_path):
     bump = _mlp_bump()
     ruin = Tamper("lm_head", 125, lambda w: 40.0 * torch.randn_like(w))  # the loss gets much worse after the cap
     monitor = SpectralMonitor(check_every_n_steps=5, warmup=100, ladder=("cap",), full_every_n_steps=None)
-    rollback = InMemoryRollback(every_n_steps=10, commit_after=5)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=5)
     trainer = make_trainer(tmp_path, 130, [bump, ruin, monitor, rollback])
     trainer.fit(model, loader)
     (cap,) = [e for e in _events(trainer, "sigma_growth") if e.target == MLP]
@@ -463,7 +463,7 @@ def test_a_padded_stack_recovers_after_a_nan_weight_is_rolled_back(tmp_path):
         accelerator="cpu", max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(tmp_path),
         callbacks=[FaultInjector({12: ("weight_nan", None)}), GradientSpikeGuard(), monitor,
-                   InMemoryRollback(every_n_steps=10, commit_after=3, rollback_on_nonfinite_loss=False)],
+                   InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3, rollback_on_nonfinite_loss=False)],
     )
     trainer.fit(model, loader)
     assert any(g.padded for g in monitor._tracker.groups)

@@ -589,3 +589,61 @@ def test_recurring_bad_batches_in_a_run_that_trains_are_never_halted(tmp_path):
     persistent = [e.step for e in get_event_log(trainer) if e.kind == "persistent_instability"]
     assert len(persistent) == 1 and persistent[0] > first_backoff  # once, when a rollback would have come
     assert trainer.global_step == 250
+
+
+class _LRTimes(pl.Callback):
+    """A schedule's mistake: every learning rate times ``factor`` on the ``steps`` (before the guard)."""
+
+    def __init__(self, factor: float, steps: range) -> None:
+        self.factor, self.steps, self.saved = factor, steps, None
+        self.before: dict[int, list[torch.Tensor]] = {}
+        self.after: dict[int, list[torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step in self.steps:
+            self.saved = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] *= self.factor
+            self.before[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.saved is not None:
+            for g, lr in zip(trainer.optimizers[0].param_groups, self.saved):
+                g["lr"] = lr
+            self.saved = None
+            self.after[trainer.global_step - 1] = [p.detach().clone() for p in pl_module.parameters()]
+
+
+@pytest.mark.parametrize("scheduler", ["sequential", "onecycle", "lambda", "chained"])
+def test_a_learning_rate_spike_is_skipped_before_its_update_and_schedules_raise_none(tmp_path, scheduler):
+    from tests.clients.models import Client, loader
+
+    pl.seed_everything(0, verbose=False)
+    spike = _LRTimes(100.0, range(45, 46))
+    guard = GradientSpikeGuard()
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=60, callbacks=[spike, guard], accelerator="cpu",
+                         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Client("llama", scheduler=scheduler, max_steps=60), loader("llama", n=8 * 60))
+    lr_spikes = [e for e in get_event_log(trainer) if e.kind == "lr_spike"]
+    # the schedule's own moves (warm-up, cosine, one-cycle, decay) are no spike; the x100 step is, at once
+    assert [(e.step, e.action) for e in lr_spikes] == [(45, "skip")]
+    assert lr_spikes[0].metrics["lr_ratio"] >= 10.0
+    assert all(torch.equal(a, b) for a, b in zip(spike.before[45], spike.after[45]))  # its update never applied
+
+
+def test_a_learning_rate_that_stays_up_is_a_new_level_after_patience_steps(tmp_path):
+    from tests.clients.models import Client, loader
+
+    pl.seed_everything(0, verbose=False)
+    raised = _LRTimes(30.0, range(40, 60))  # a deliberate change: thirty times, from step 40 on
+    guard = GradientSpikeGuard(patience=3)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=60, callbacks=[raised, guard], accelerator="cpu",
+                         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(Client("gpt2", lr=1e-4, max_steps=60), loader("gpt2", n=8 * 60))
+    assert [e.step for e in get_event_log(trainer) if e.kind == "lr_spike"] == [40, 41, 42]  # then accepted
+    assert not any(torch.equal(a, b) for a, b in zip(raised.before[50], raised.after[50]))  # trained at the new rate
+    with pytest.raises(ValueError, match=r"GradientSpikeGuard\(lr_jump=1\): expected a finite float > 1.0"):
+        GradientSpikeGuard(lr_jump=1)
+    assert GradientSpikeGuard(lr_jump=None).lr_jump is None

@@ -109,7 +109,7 @@ IDS = {"tuple": False, "list": False, "dict": True, "batch_encoding": True, "dat
 def test_rollback_at_its_defaults_on_every_batch_type(tmp_path, kind):
     # A NaN weight at step 27: every later loss is NaN until the rollback restores the snapshot of 10
     # (the one of 20 is not committed yet: commit_after follows every_n_steps, 9 steps).
-    rollback = InMemoryRollback(every_n_steps=10)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10)
     loader = DataLoader(Regression(kind), batch_size=8, collate_fn=collate(kind))
     trainer = make_trainer(tmp_path, 40, [FaultInjector({27: ("weight_nan", None)}), rollback],
                            logger=CSVLogger(tmp_path, name="run"))
@@ -131,7 +131,7 @@ def test_rollback_at_its_defaults_on_every_batch_type(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["tuple", "list"])
 def test_a_recorded_tuple_batch_is_not_kept_alive(tmp_path, kind):
-    rollback = InMemoryRollback(every_n_steps=10)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10)
     refs: list[weakref.ref] = []
 
     class Keep(pl.Callback):
@@ -175,7 +175,7 @@ def test_a_named_key_that_is_not_ids_is_ignored():
     ],
 )
 def test_rollback_defaults_follow_the_arguments_given(kwargs, keep, commit_after):
-    rollback = InMemoryRollback(**kwargs)
+    rollback = InMemoryRollback(nonfinite_patience=1, **kwargs)
     assert (rollback.keep, rollback.commit_after) == (keep, commit_after)
     assert rollback.commit_after < rollback.every_n_steps * (rollback.keep - 1)
 
@@ -257,7 +257,7 @@ def test_advice_alone_does_not_discard_a_snapshot(tmp_path):
             if trainer.global_step in (1, 2):
                 get_event_log(trainer).emit(trainer.global_step, "attention_collapse", "Advisor", "warning", {}, "advise")
 
-    rollback = InMemoryRollback(every_n_steps=100)
+    rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=100)
     loader = DataLoader(Regression("tuple"), batch_size=8)
     trainer = make_trainer(tmp_path, 40, [FaultInjector({27: ("weight_nan", None)}), Advisor(), rollback])
     model = Mlp()

@@ -100,8 +100,8 @@ def test_a_rung_climbs_only_when_the_fault_comes_back_as_large_or_larger():
 def test_a_detection_after_the_recovery_window_starts_again_at_the_bottom():
     ladder = _evidence(patience=1)
     assert ladder.decide("loss_spike", step=0, size=5.0, in_band=False) == "skip"
-    assert ladder.decide("loss_spike", step=1, size=5.0, in_band=False) == "reset_moments"
-    for step in range(2, 14):
+    assert ladder.decide("loss_spike", step=2, size=5.0, in_band=False) == "reset_moments"
+    for step in range(3, 14):
         ladder.observe(step, True)
     assert ladder.decide("loss_spike", step=14, size=50.0, in_band=False) == "skip"  # the last one was repaired
 
@@ -118,10 +118,12 @@ def test_destructive_rungs_wait_for_a_lost_run_and_say_the_run_is_noisy_instead(
 
     lost = _evidence(patience=1)
     got = []
-    for step in range(6):  # the loss never comes back to its band
+    for step in range(15):  # the loss never comes back to its band, a spike every step
         lost.observe(step, False)
         got.append(lost.decide("loss_spike", step=step, size=5.0, in_band=False))
-    assert got[:4] == ["skip", "reset_moments", "lr_backoff", "rollback"] and got[4:] == ["halt", "halt"]
+    # for ``recovery`` (10) steps a loss spike after a skipped step is the batches' fault: skipped through;
+    # then the run is lost and the ladder climbs as before
+    assert got == ["skip"] * 10 + ["reset_moments", "lr_backoff", "rollback", "halt", "halt"]
     assert not lost.persistent
 
 
@@ -157,3 +159,17 @@ def test_the_evidence_ladder_resumes_exactly():
     b.load_state_dict(a.state_dict())
     assert b.state_dict() == a.state_dict()
     assert b.decide("loss_spike", step=6, size=9.0, in_band=False) == a.decide("loss_spike", step=6, size=9.0, in_band=False)
+
+
+def test_a_burst_of_bad_batches_is_skipped_through_while_spaced_spikes_climb():
+    burst = _evidence(patience=1)
+    # five loss spikes in a row, each after a skipped step: the weights never changed, the batches did
+    assert [burst.decide("loss_spike", step=s, size=5.0, in_band=False) for s in range(100, 105)] == ["skip"] * 5
+    # a gradient spike in between is no batch fault of the skip's: it climbs as before
+    mixed = _evidence(patience=1)
+    assert mixed.decide("loss_spike", step=0, size=5.0, in_band=False) == "skip"
+    assert mixed.decide("grad_spike", step=1, size=5.0, in_band=False) != "skip"
+    # and a loss spike two steps after the skipped one (a step was applied between) counts as its failure
+    spaced = _evidence(patience=1)
+    assert spaced.decide("loss_spike", step=0, size=5.0, in_band=False) == "skip"
+    assert spaced.decide("loss_spike", step=2, size=5.0, in_band=False) == "reset_moments"
