@@ -74,6 +74,11 @@ class Requests:
                 self.request = self.request or "nonfinite_loss"
             self.trouble = True
 
+    def patient(self, step: int) -> bool:
+        """A non-finite loss at ``step`` would not ask for a rollback by itself (the streak is too short):
+        only then is the state's corruption worth a look."""
+        return (self.streak + 1 if step - self.last_nonfinite <= 1 else 1) < self.nonfinite_patience
+
     def state_dict(self) -> dict[str, Any]:
         return {"nonfinite_streak": [self.streak, self.last_nonfinite]}
 

@@ -92,9 +92,8 @@ class InMemoryRollback(StabilityCallback):
             Left out: 20, shortened to ``every_n_steps * (keep - 1) - 1`` where the ring is shorter.
         max_rollbacks: rollbacks allowed within ``budget_window`` steps (>= 1); one more halts.
         budget_window: the window, in optimizer steps, of the rollback budget (>= 1).
-        rollback_on_nonfinite_loss: skip every step whose loss is NaN or infinite and roll back when
-            ``nonfinite_patience`` steps in a row had one (a state that keeps making NaNs), or at once when a
-            buffer went non-finite too (BatchNorm's statistics after a NaN batch); one bad batch is only skipped.
+        rollback_on_nonfinite_loss: skip each step with a NaN or infinite loss; roll back after ``nonfinite_patience``
+            in a row, or at once when a buffer went non-finite (BatchNorm after a NaN batch).
         nonfinite_patience: those steps in a row (>= 1; 1: roll back at the first non-finite loss).
         lr_backoff_factor: multiply the LR by this (in (0, 1)) for ``lr_backoff_steps`` after a
             rollback; ``None`` for no back-off.
@@ -313,7 +312,8 @@ class InMemoryRollback(StabilityCallback):
     @override
     def on_agreement(self, trainer: pl.Trainer, flags: list[bool]) -> None:
         nonfinite, request, trouble = flags
-        corrupted = nonfinite and any_rank(trainer, [nonfinite_buffers(trainer.lightning_module)])[0]
+        corrupted = nonfinite and self._requests.patient(trainer.global_step) and any_rank(
+            trainer, [nonfinite_buffers(trainer.lightning_module)])[0]
         self._requests.agree(request, trouble, nonfinite, trainer.global_step, corrupted)
         if nonfinite:
             self._nonfinite = True
