@@ -248,13 +248,12 @@ def check_on_halt(owner: str, value: Any) -> str:
 
 
 def agreement_carrier(trainer: pl.Trainer) -> StabilityCallback | None:
-    """The callback whose per-step collective carries the others' agreement flags under DDP or FSDP.
+    """The callback whose per-step collective carries the others' agreement flags under DDP or FSDP,
+    and whose one host read carries them in a single process (the flags are device tensors: read
+    alone, each would be a host read of its own).
 
-    The first attached callback that carries one; ``None`` in a single process, where nothing needs
-    agreeing.
+    The first attached callback that carries one, or ``None``.
     """
-    if trainer.world_size <= 1:
-        return None
     return next((cb for cb in trainer.callbacks if isinstance(cb, StabilityCallback) and cb.carries_agreement), None)  # type: ignore[attr-defined]
 
 

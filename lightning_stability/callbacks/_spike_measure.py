@@ -122,9 +122,12 @@ class StepMeasure:
                 gathered[:, 4:].amax(dim=0),
             ]).tolist()
         else:
-            # One device-to-host transfer per step: the decision needs these scalars on the host.
+            # One device-to-host transfer per step: the decision needs these scalars on the host, and
+            # the riders' flags come with them (the rollback's non-finite loss: no read of its own).
             # (A placeholder fills the slots that are absent; the host knows which they are.)
-            values = torch.stack([norm, norm if excess is None else excess, norm if loss is None else loss]).tolist()
+            values = torch.stack([norm, norm if excess is None else excess, norm if loss is None else loss,
+                                  *flags]).tolist()
+            agreed = values[3:]
             grad_norm = min_norm = values[0]
             max_excess = values[1] if excess is not None else -math.inf
             loss_sum, loss_count = (values[2], 1.0) if loss is not None else (0.0, 0.0)

@@ -302,7 +302,7 @@ class GradientSpikeGuard(StabilityCallback):
         step = trainer.global_step
         # SPAM: after a moment reset the second moment is not meaningful yet; elements are not tested against it
         elements = self.theta is not None and track.armed and not track.in_reset_warmup(step, self.reset_warmup)
-        riders, flags = rider_flags(trainer, self._riders, grads[0].device) if trainer.world_size > 1 else ([], [])
+        riders, flags = rider_flags(trainer, self._riders, grads[0].device)  # in its one read, also on one process
         measured = self._measure.measure(opt, params, grads, loss, elements and moment_family(opt) is not None, flags)
         deliver_flags(trainer, riders, measured.flags)
         grad_norm, spike_count, checked = measured.grad_norm, measured.spike_count, measured.checked
