@@ -15,7 +15,7 @@ import tempfile
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning.pytorch as pl
@@ -123,6 +123,32 @@ class SkipSteps(pl.Callback):
                 p.grad = None
 
 
+class UpdateRatio(Callback):
+    """A probe: each step's largest update-to-weight ratio over the 2-D weights, ``||W_after - W_before||_F /
+    ||W_before||_F`` (it copies the weights before every step: a benchmark's measurement, not a monitor)."""
+
+    def __init__(self) -> None:
+        self.ratios: list[float] = []
+        self._before: list[torch.Tensor] | None = None
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        self._before = [p.detach().clone() for p in pl_module.parameters() if p.dim() >= 2]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._before is not None:
+            after = [p.detach() for p in pl_module.parameters() if p.dim() >= 2]
+            self.ratios.append(max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(after, self._before)))
+            self._before = None
+
+
+def first_outlier(values: Sequence[float], start: int, factor: float, history: int = 20) -> int | None:
+    """The first step from ``start`` on whose value is at least ``factor`` times the median of the
+    ``history`` steps before ``start``."""
+    base = statistics.median(values[start - history:start])
+    return next((i for i in range(start, len(values)) if not values[i] < factor * base), None)
+
+
 @dataclass
 class Run:
     arm: str
@@ -131,10 +157,11 @@ class Run:
     detections: list[int]
     final: float  # mean of the last 20 losses of unpoisoned batches: inf if any is not finite (diverged), nan if halted
     halted: int | None  # the step SpikeDetection stopped training at
+    losses: list[float] = field(default_factory=list)
 
 
 def run(arm: str, fault: str | None, seed: int, settings: Settings, steps: int | None = None,
-        skip: range | None = None) -> Run:
+        skip: range | None = None, probe: Callback | None = None) -> Run:
     steps = steps or settings.steps
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore")
@@ -142,6 +169,7 @@ def run(arm: str, fault: str | None, seed: int, settings: Settings, steps: int |
         pl.seed_everything(seed, verbose=False)
         model = TinyGPT(len(dataset.vocab), block_size=64, d_model=64, n_layer=2, n_head=4, max_steps=steps)
         callbacks: list[Callback] = [SkipSteps(skip)] if skip is not None else []
+        callbacks += [probe] if probe is not None else []
         injector = None
         if fault is not None:
             spec = FAULTS[fault]
@@ -179,7 +207,7 @@ def run(arm: str, fault: str | None, seed: int, settings: Settings, steps: int |
             detections = []
     poisoned = {step for step, kind in injector.injected if kind in POISONED_BATCHES} if injector is not None else set()
     final = final_loss(losses.losses, poisoned) if halted is None else math.nan
-    return Run(arm, fault or "clean", seed, detections, final, halted)
+    return Run(arm, fault or "clean", seed, detections, final, halted, list(losses.losses))
 
 
 def final_loss(losses: Sequence[float], poisoned: set[int], last: int = 20) -> float:
@@ -248,6 +276,18 @@ def evaluate(settings: Settings, progress: Callable[[str], None]) -> tuple[str, 
             f"{clean_steps}); final loss within {worst:.1%} of the clean run where the run finished and stayed "
             f"finite; {diverged} runs diverged, {stats['halted']} halted"
         )
+    # the early signal: does the update-to-weight ratio move before the loss does (unguarded runs)?
+    leads = {}
+    for fault in ("learning rate x100", "shuffled labels, 5 steps"):
+        leads[fault] = []
+        for seed in settings.seeds:
+            probe = UpdateRatio()
+            r = run("no guard", fault, seed, settings, probe=probe)
+            update_at = first_outlier(probe.ratios, settings.fault_step, 5.0)
+            loss_at = first_outlier(r.losses, settings.fault_step, 1.25)
+            leads[fault].append("-" if update_at is None or loss_at is None else f"{loss_at - update_at:+d}")
+    lines.append("the update-to-weight ratio's lead over the loss (steps from its first x5 outlier to the loss's "
+                 "first x1.25, unguarded, per seed): " + "; ".join(f"{f} {', '.join(v)}" for f, v in leads.items()))
     lines.append(f"floor of the label burst: a clean run with its {len(burst)} steps skipped (no fault) ends at "
                  + ", ".join(f"{x:.3f}x" for x in floor) + ": what a guard that leaves the burst out costs")
     missed = {f: max(r) for f, r in ours_by_fault.items() if not max(r) <= 1.01}  # NaN or inf: missed too
