@@ -285,7 +285,7 @@ def evaluate(settings: Settings, progress: Callable[[str], None]) -> tuple[str, 
             r = run("no guard", fault, seed, settings, probe=probe)
             update_at = first_outlier(probe.ratios, settings.fault_step, 5.0)
             loss_at = first_outlier(r.losses, settings.fault_step, 1.25)
-            leads[fault].append("-" if update_at is None or loss_at is None else f"{loss_at - update_at:+d}")
+            leads[fault].append("no jump" if update_at is None else "-" if loss_at is None else f"{loss_at - update_at:+d}")
     lines.append("the update-to-weight ratio's lead over the loss (steps from its first x5 outlier to the loss's "
                  "first x1.25, unguarded, per seed): " + "; ".join(f"{f} {', '.join(v)}" for f, v in leads.items()))
     lines.append(f"floor of the label burst: a clean run with its {len(burst)} steps skipped (no fault) ends at "
