@@ -27,7 +27,7 @@ from lightning_stability.core.lightning import (  # noqa: F401  (the adapters' s
     synchronised_sources,
 )
 from lightning_stability.core.lr_backoff import Provider, lr_owner
-from lightning_stability.events import EventLog, get_event_log
+from lightning_stability.events import EventLog, StabilityEvent, get_event_log
 from lightning_stability.ops.optim_state import unwrap_optimizer
 
 EVENTS_CHECKPOINT_KEY = "lightning_stability_events"
@@ -61,6 +61,7 @@ class StabilityCallback(Callback):
         self._halted = False
         self._counts: dict[str, int] = {}  # events this callback emitted, by kind
         self._lr_optimizers: list[torch.optim.Optimizer] = []  # where this callback provides LR factors
+        self._unsubscribe: Callable[[], None] | None = None  # its subscription to the event log (listen)
 
     @property
     @override
@@ -162,7 +163,19 @@ class StabilityCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.stop_listening()
         self.event_log(trainer).close_stream()
+
+    def listen(self, trainer: pl.Trainer, listener: Callable[[StabilityEvent], None]) -> None:
+        """Hand every event of the trainer's log to ``listener`` from now on, until teardown: one
+        subscription per callback (a new fit's replaces the last)."""
+        self.stop_listening()
+        self._unsubscribe = self.event_log(trainer).subscribe(listener)
+
+    def stop_listening(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
 
     @override
     def on_save_checkpoint(

@@ -68,7 +68,7 @@ class Requests:
         self.trouble = self.trouble or trouble
         self.pending_request, self.pending_trouble = None, False
         if nonfinite:
-            self.streak = self.streak + 1 if step - self.last_nonfinite <= 1 else 1
+            self.streak = self._streak_at(step)
             self.last_nonfinite = step
             if self.streak >= self.nonfinite_patience or corrupted:
                 self.request = self.request or "nonfinite_loss"
@@ -77,7 +77,11 @@ class Requests:
     def patient(self, step: int) -> bool:
         """A non-finite loss at ``step`` would not ask for a rollback by itself (the streak is too short):
         only then is the state's corruption worth a look."""
-        return (self.streak + 1 if step - self.last_nonfinite <= 1 else 1) < self.nonfinite_patience
+        return self._streak_at(step) < self.nonfinite_patience
+
+    def _streak_at(self, step: int) -> int:
+        """The streak a non-finite loss at ``step`` makes: one more right after the last, else a new one."""
+        return self.streak + 1 if step - self.last_nonfinite <= 1 else 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"nonfinite_streak": [self.streak, self.last_nonfinite]}

@@ -145,7 +145,6 @@ class InMemoryRollback(StabilityCallback):
         self.on_halt = check_on_halt(cls, on_halt)
 
         self.summary: dict[str, float] = {}
-        self._unsubscribe: Callable[[], None] | None = None
         self._trainer_ref: Any = None
         self._carrier_later = False  # a callback after this one in the list carries its agreement flags
         self._synchronised: set[str] | None = None  # event sources every rank sees alike (None: all)
@@ -228,16 +227,11 @@ class InMemoryRollback(StabilityCallback):
         self._run_dir = (trainer.log_dir if trainer.loggers else None) or trainer.default_root_dir
         log = self.event_log(trainer)
         log.register_responder("rollback", self.source)
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-        self._unsubscribe = log.subscribe(self._on_event)
+        self.listen(trainer, self._on_event)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            if self._unsubscribe is not None:
-                self._unsubscribe()
-                self._unsubscribe = None
             self.event_log(trainer).unregister_responder("rollback")
             self._snapshots.release()  # give the host memory back
         super().teardown(trainer, pl_module, stage)

@@ -123,7 +123,6 @@ class SkipQuarantined(StabilityCallback):
         self._incoming: list[tuple[int, float, list[Any]]] = []  # (rollback step, batch step, ids) to take in
         self._epoch = 0
         self.samplers: list[QuarantineSampler] = []
-        self._unsubscribe: Any = None
         self._file = ""
 
     @override
@@ -191,9 +190,7 @@ class SkipQuarantined(StabilityCallback):
             wrapped.ids = self.ids
             batches.sampler = wrapped
             self.samplers.append(wrapped)
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-        self._unsubscribe = self.event_log(trainer).subscribe(self._on_event)
+        self.listen(trainer, self._on_event)
         self.emit(trainer, "quarantine_loaded", "info", {"samples": float(len(self.ids))}, None, self._file)
 
     def _on_event(self, event: StabilityEvent) -> None:
@@ -240,13 +237,6 @@ class SkipQuarantined(StabilityCallback):
                       {"data_fault": float(len(pending["data_fault"])), "transient": float(len(pending["transient"])),
                        "on_trial": float(len(self.trial))}, None,
                       details={k: _sorted(v) for k, v in pending.items() if v})
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
 
 
 def _sorted(ids: Any) -> list[Any]:

@@ -246,7 +246,6 @@ class SpectralMonitor(StabilityCallback):
         self._measure_at = Schedule(self.every_n_steps)
         checks = CHECK_EVERY_N_STEPS if self.check_every_n_steps is None else self.check_every_n_steps
         self._check_at = Schedule(checks, offset=checks - 1)  # after steps n - 1, 2n - 1, ...
-        self._unsubscribe: Any = None
         self._fresh()
 
     def _fresh(self) -> None:
@@ -340,16 +339,11 @@ class SpectralMonitor(StabilityCallback):
         self._act.detach_clips()
         self._fresh()
         self._counts, self.halt_report = {}, None
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-        self._unsubscribe = self.event_log(trainer).subscribe(self._on_event)
+        self.listen(trainer, self._on_event)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().teardown(trainer, pl_module, stage)
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        super().teardown(trainer, pl_module, stage)  # the event log's subscription ends there
         self._act.detach_clips()  # the optimizer goes back as it was; the state keeps the flag
 
     @override

@@ -41,25 +41,27 @@ class Record(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         # the guard's measurement exists once it is set up for this trainer: wrap it to watch it
         measurement = self.guard._measure
-        measure = measurement.measure
+        measure = self._counted(measurement.measure)
 
         def recorded(*args, **kwargs):
-            self.counter.active = True
             out = measure(*args, **kwargs)
-            self.counter.active = False
             self.norms.append((trainer.global_step, out.grad_norm, self._before))
             return out
 
         measurement.measure = recorded
-        whole_norms = measurement.whole_norms
+        # a detection's layer norms, made whole: counted with the step's collectives
+        measurement.whole_norms = self._counted(measurement.whole_norms)
 
-        def counted(*args, **kwargs):  # a detection's layer norms, made whole: counted with the step's
+    def _counted(self, fn):
+        """``fn`` with the collectives it makes counted."""
+        def counted(*args, **kwargs):
             self.counter.active = True
-            out = whole_norms(*args, **kwargs)
-            self.counter.active = False
-            return out
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.counter.active = False
 
-        measurement.whole_norms = counted
+        return counted
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.after[trainer.global_step] = full_grad_norm(pl_module)
