@@ -253,17 +253,20 @@ def _event_rows(events: Sequence[StabilityEvent]) -> list[tuple[str, ...]]:
              ", ".join(f"{k}={v:.4g}" for k, v in e.metrics.items())) for e in events if e.kind != "armed"]
 
 
-INCIDENT_HEADER = ("step", "kind", "action", "layers (ratio to their own norm)", "batch", "worst samples (loss)",
-                   "loss back in")
+INCIDENT_HEADER = ("step", "kind", "action", "layers (ratio to their own norm)", "largest updates before (ratio to weight)",
+                   "batch", "worst samples (loss)", "loss back in")
 
 
 def _incident_rows(data: RunData) -> list[tuple[str, ...]]:
     """One row per detection that says where it was (its ``details``): the layers, the batch, its worst
-    samples where the step returned per-sample losses (the ``sample_losses`` event that follows it),
+    samples where the step returned per-sample losses (the ``sample_losses`` event that follows it), the
+    layers whose last update was largest against their weight (the spectral monitor's ``update_ratio``
+    event at its step),
     and how many steps the loss took to come back (the first logged step after it whose loss z-score
     is under 3; at the logging cadence, so an upper bound)."""
     zscores = data.series("stability/loss/zscore")
     worst = {(e.source, e.step): e.details for e in data.events if e.kind == "sample_losses"}
+    updates = {e.step: e.details for e in data.events if e.kind == "update_ratio" and e.details}
     rows: list[tuple[str, ...]] = []
     for e in data.events:
         if e.severity == "info" or not e.details:
@@ -271,13 +274,14 @@ def _incident_rows(data: RunData) -> list[tuple[str, ...]]:
         samples = worst.get((e.source, e.step), {})
         named = ", ".join(f"{i} ({v:.4g})" for i, v in zip(samples.get("sample_ids", [])[:3], samples.get("sample_losses", [])))
         layers = ", ".join(f"{d['name']} ({_ratio(d.get('ratio'))})" for d in e.details.get("layers", []))
+        moved = ", ".join(f"{d['name']} ({d['ratio']:.3g})" for d in updates.get(e.step, {}).get("layers", []))
         if "sample_ids" in e.details:
             ids = list(e.details["sample_ids"])
             batch = "ids " + ", ".join(map(str, ids[:8])) + (f" (+{len(ids) - 8})" if len(ids) > 8 else "")
         else:
             batch = "; ".join(f"epoch {ep} batch {b}" for ep, b in e.details.get("batches", [])) or "-"
         back = next((step - e.step for step, z in zscores if step > e.step and z < 3.0), None)
-        rows.append((str(e.step), e.kind, e.action or "-", layers or "-", batch, named or "-",
+        rows.append((str(e.step), e.kind, e.action or "-", layers or "-", moved or "-", batch, named or "-",
                      f"{back} steps" if back is not None else "-"))
     return rows
 
@@ -297,7 +301,7 @@ def render_markdown(data: RunData, lines: list[str]) -> str:
         "## Events by kind", "", "| source | kind | count |", "|---|---|---:|",
         *[f"| {s} | {k} | {n} |" for (s, k), n in sorted(counts.items())], "",
         "## Incidents", "",
-        *(["| " + " | ".join(INCIDENT_HEADER) + " |", "|---:|---|---|---|---|---|---|",
+        *(["| " + " | ".join(INCIDENT_HEADER) + " |", "|---:|" + "---|" * (len(INCIDENT_HEADER) - 1),
            *["| " + " | ".join(r) + " |" for r in incidents]] if incidents else ["No detection with its layers or batch."]),
         "",
         "## Timeline", "", *(table if rows else ["No events."]), "",

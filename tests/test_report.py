@@ -35,8 +35,9 @@ def test_report_from_a_real_run_has_the_verdict_plots_and_timeline(tmp_path, cap
     # the incidents: the NaN gradient's parameter first (a non-finite norm ranks first), the batch's ids
     incidents = md.split("## Incidents")[1].split("## Timeline")[0]
     (row,) = [line for line in incidents.splitlines() if line.startswith("| 6 |")]
-    step, kind, action, layers, batch, worst, _ = [c.strip() for c in row.strip("|").split("|")]
+    step, kind, action, layers, updates, batch, worst, _ = [c.strip() for c in row.strip("|").split("|")]
     assert (kind, action) == ("nonfinite", "skip") and batch.startswith("ids ") and worst == "-"  # no per-sample losses
+    assert updates == "-"  # no SpectralMonitor in this run
     assert layers.split(" (")[0] == "tok_emb.weight"  # FaultInjector's NaN goes into the first gradient
     assert "<h2>Incidents</h2>" in page
     data = load_run(logdir)
@@ -60,6 +61,9 @@ def test_verdict_names_fallbacks_rollbacks_and_a_clean_run(tmp_path):
         StabilityEvent(50, "rollback", "InMemoryRollback", "warning", {"lost_steps": 12.0}, "rollback"),
         StabilityEvent(49, "loss_spike", "GradientSpikeGuard", "warning", {}, "rollback", None,
                        {"sample_ids": [5, 6, 7, 8]}),
+        StabilityEvent(49, "update_ratio", "SpectralMonitor", "info", {"update_ratio_max": 0.8}, None, None,
+                       {"layers": [{"name": "h.1.mlp.c_fc.weight", "ratio": 0.8125}, {"name": "wte.weight", "ratio": 0.03}],
+                        "measured_at": 48}),
         StabilityEvent(49, "sample_losses", "GradientSpikeGuard", "info", {"samples": 4.0}, None, None,
                        {"sample_ids": [7, 5, 8, 6], "sample_losses": [float("nan"), 40.25, 3.5, 3.25]}),
         StabilityEvent(80, "quarantine_verdict", "SkipQuarantined", "info", {"data_fault": 1.0}, None, None,
@@ -73,7 +77,8 @@ def test_verdict_names_fallbacks_rollbacks_and_a_clean_run(tmp_path):
     assert "Layer blocks.3.attn.qkv fell back to bf16 at step 40 for 200 steps (health)." in lines
     assert "1 rollback (step 50), 12 steps undone." in lines
     (row,) = _incident_rows(data)  # the detection, with its worst samples from the event that follows it
-    assert row[:3] == ("49", "loss_spike", "rollback") and row[4:6] == ("ids 5, 6, 7, 8", "7 (nan), 5 (40.25), 8 (3.5)")
+    assert row[:3] == ("49", "loss_spike", "rollback") and row[5:7] == ("ids 5, 6, 7, 8", "7 (nan), 5 (40.25), 8 (3.5)")
+    assert row[4] == "h.1.mlp.c_fc.weight (0.812), wte.weight (0.03)"  # the spectral monitor's update_ratio event
     assert "Quarantined samples retried: 1 spiked again, data faults left out (ids 7); 2 trained cleanly (transient)." in lines
     (tmp_path / "stability_events.jsonl").write_text(json.dumps(events[0].to_dict()))
     assert verdict(load_run(str(tmp_path)))[0] == "No instability detected: 1 events, all informational."

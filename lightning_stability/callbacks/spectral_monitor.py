@@ -28,6 +28,7 @@ from lightning_stability.callbacks._spectral_act import (
     SpectralActions,
     intervention_failed,
 )
+from lightning_stability.callbacks._spectral_forensics import LayerForensics
 from lightning_stability.callbacks._spectral_full import FullSpectra
 from lightning_stability.callbacks._spectral_policy import (
     DEFAULT_LADDER,
@@ -37,12 +38,7 @@ from lightning_stability.callbacks._spectral_policy import (
     agreed_inputs,
 )
 from lightning_stability.core.escalation import validate_ladder
-from lightning_stability.core.lightning import (
-    halt_checkpoint_path,
-    is_logging_step,
-    log_metrics,
-    rank_gather,
-)
+from lightning_stability.core.lightning import halt_checkpoint_path, is_logging_step, log_metrics, rank_gather
 from lightning_stability.core.schedule import Schedule
 from lightning_stability.events import StabilityEvent
 from lightning_stability.ops.optim_state import unwrap_optimizer
@@ -262,6 +258,7 @@ class SpectralMonitor(StabilityCallback):
         self._weights_moved = False  # restored by someone else: the update estimate restarts
         self._last_check_step = -1
         self._seen_step = -1
+        self._forensics = LayerForensics(self.source)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -371,10 +368,12 @@ class SpectralMonitor(StabilityCallback):
                       "; ".join(f"{name}: {why}" for name, why in self.skipped.items()))
         self._tracker.build(weights, self.init_iters, type(self).__name__)
         self._policy = {w.name: LayerPolicy(w.embedding, self._rules) for w in weights}
+        self._forensics.build(pl_module, weights)
 
     def _on_event(self, event: StabilityEvent) -> None:
         if event.kind == "rollback" and event.source != self.source:
             self._weights_moved = True
+        self._forensics.see(event)
 
     @override
     def on_before_optimizer_step(
@@ -394,9 +393,12 @@ class SpectralMonitor(StabilityCallback):
         if step < 0 or step == self._seen_step or not self._tracker.groups:
             return  # accumulating gradients: no optimizer step yet
         self._seen_step = step
+        if self._forensics.incident_step == step and (found := self._forensics.update_ratios(trainer, self._tracker)):
+            self.emit(trainer, "update_ratio", "info", *found, step=step)  # the step before's, as measured then
         if self._measure_at.due(step):  # measure
             moved, self._weights_moved = self._weights_moved, False
             self._tracker.measure(moved)
+            self._forensics.last_measured = step
         self._full.run(trainer, self._tracker, step)
         if self._check_at.due(step) and not self._halted:  # decide, act, emit
             self._last_check_step = step
@@ -419,7 +421,7 @@ class SpectralMonitor(StabilityCallback):
         self._tracker.reset_alignment()
         can_rollback = self.event_log(trainer).has_responder("rollback")
         for e in self._act.judge(loss, stats, step, self._tracker.layers, self._policy, can_rollback):
-            self.emit(trainer, *e)  # the last interventions that did not work, undone
+            self.emit(trainer, *e, details=self._forensics.named(e.target))  # the last interventions that did not work, undone
         acted = detected = False
         for name, policy in self._policy.items():
             verdict = policy.verdict(name, stats[name], step, self._rise, can_rollback)
@@ -430,7 +432,7 @@ class SpectralMonitor(StabilityCallback):
                                                  can_rollback)
             acted = acted or changed
             for e in emissions:
-                self.emit(trainer, *e)
+                self.emit(trainer, *e, details=self._forensics.named(e.target))
         if acted:
             self._act.acted()
         self._log(trainer, stats, detected)  # a detection's statistics reach the logger at its step

@@ -231,8 +231,10 @@ def _twin_fit(tmp_path, conv1d: bool, action: str):
                               pss_max_k=2, full_every_n_steps=None)
     trainer = make_trainer(tmp_path / ("conv1d" if conv1d else "linear"), 36, [_Bump(), monitor])
     trainer.fit(model, loader)
-    events = [(e.step, e.kind, e.action, e.target) for e in get_event_log(trainer) if e.source == monitor.source]
-    return model, monitor, events
+    mine = [e for e in get_event_log(trainer) if e.source == monitor.source]
+    # an event on a layer names its weight as named_parameters() (and the guard) do
+    assert all(e.details == {"parameter": f"{e.target}.weight"} for e in mine if e.target in ("fc", "out"))
+    return model, monitor, [(e.step, e.kind, e.action, e.target) for e in mine]
 
 
 @pytest.mark.parametrize("action", ["cap", "pss", "clip_updates"])

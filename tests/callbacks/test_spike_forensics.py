@@ -111,3 +111,44 @@ def test_per_sample_losses_follow_the_detection_and_name_the_bad_sample_first(tm
         assert first in ([0, 2 * SPIKE_AT, 3], [0, 2 * SPIKE_AT + 1, 3])
         assert follow.details["sample_ids"][1] in ([0, 2 * SPIKE_AT, 3], [0, 2 * SPIKE_AT + 1, 3])
     assert guard._forensics.losses == [] or guard._forensics.step > SPIKE_AT  # nothing held past its step
+
+
+class BadUpdate(pl.Callback):
+    """After the optimizer step before ``step``, noise three times the weight's own scale added to one
+    layer's weight: an update far out of line with the others, which the next step's loss pays for."""
+
+    def __init__(self, name: str, step: int = SPIKE_AT) -> None:
+        self.name, self.step = name, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:  # the step before SPIKE_AT has just run
+            w = dict(pl_module.named_parameters())[self.name]
+            with torch.no_grad():
+                w.add_(3.0 * w.std() * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_detection_names_the_layers_whose_last_update_was_largest_under_the_guards_names(tmp_path):
+    from lightning_stability import SpectralMonitor
+    from lightning_stability.report import _incident_rows, load_run
+
+    layer = "model.transformer.h.1.mlp.c_fc.weight"  # GPT-2's Conv1D: the spectral monitor calls it h.1.mlp.c_fc
+    pl.seed_everything(0, verbose=False)
+    guard, spectral = GradientSpikeGuard(), SpectralMonitor(check_every_n_steps=SPIKE_AT + 1)
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=SPIKE_AT + 2, callbacks=[BadUpdate(layer), guard, spectral],
+                         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Client("gpt2"), loader("gpt2", "tuple"))
+    log = list(get_event_log(trainer))
+    detections = {e.step for e in log if e.source == "GradientSpikeGuard" and e.severity != "info"}
+    updates = [e for e in log if e.kind == "update_ratio"]
+    assert SPIKE_AT in detections and {e.step for e in updates} == detections  # one at each detection, no other
+    (update,) = [e for e in updates if e.step == SPIKE_AT]
+    first, *rest = update.details["layers"]
+    assert first["name"] == layer and first["ratio"] > 0.5  # noise of 3x the weight's scale
+    assert len(rest) == 2 and all(r["ratio"] < first["ratio"] / 10 for r in rest)  # ordinary AdamW updates
+    assert update.details["measured_at"] == SPIKE_AT - 1 and update.metrics["update_ratio_max"] == first["ratio"]
+    assert spectral._forensics.parameters["model.transformer.h.1.mlp.c_fc"] == layer  # its own name for the layer
+    # and the report's incident row says it
+    (tmp_path / "stability_events.jsonl").write_text("\n".join(json.dumps(e.to_dict()) for e in log))
+    (row,) = [r for r in _incident_rows(load_run(str(tmp_path))) if r[0] == str(SPIKE_AT)][:1]
+    assert row[4].startswith(f"{layer} (")
