@@ -4,12 +4,8 @@ host until the backward is done, so every callback's per-step flags ride in the 
 
 from __future__ import annotations
 
-import traceback
-from collections import Counter
-
 import lightning.pytorch as pl
 import pytest
-import torch
 
 from lightning_stability import (
     GradientSpikeGuard,
@@ -18,55 +14,11 @@ from lightning_stability import (
     SpectralMonitor,
     get_event_log,
 )
+from tests.callbacks._host_reads import Clock, CountReads
 from tests.clients.models import Client, loader
 
 pytest.importorskip("transformers")
-READS = ("item", "tolist", "__float__", "__bool__", "__int__", "cpu", "numpy")
 STEPS = 60
-
-
-class CountReads:
-    """Every host read whose caller is the package's own code (not the user's, not the demos' data)."""
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self.by_step: Counter[int] = Counter()
-        self.where: Counter[tuple[str, str, int]] = Counter()
-        self.callers: dict[int, list[str]] = {}  # the file of the package that read, by step
-
-    def __enter__(self) -> CountReads:
-        self.saved = {name: getattr(torch.Tensor, name) for name in READS}
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, self._counting(name, original))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for name, original in self.saved.items():
-            setattr(torch.Tensor, name, original)
-
-    def _counting(self, name, original):
-        def read(tensor, *args, **kwargs):
-            if self.step is not None:
-                ours = [f for f in traceback.extract_stack(limit=16)
-                        if "lightning_stability" in f.filename and "demos.py" not in f.filename]
-                if ours:
-                    self.by_step[self.step] += 1
-                    self.where[(name, ours[-1].filename.rsplit("lightning_stability", 1)[-1], ours[-1].lineno)] += 1
-                    self.callers.setdefault(self.step, []).append(ours[-1].filename.rsplit("/", 1)[-1])
-            return original(tensor, *args, **kwargs)
-
-        return read
-
-
-class Clock(pl.Callback):
-    def __init__(self, reads: CountReads) -> None:
-        self.reads = reads
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.reads.step = trainer.global_step
-
-    def on_train_end(self, trainer, pl_module):
-        self.reads.step = None
 
 
 def test_one_host_read_a_step_for_all_the_callbacks_together_on_quiet_steps(tmp_path):
@@ -92,3 +44,67 @@ def test_one_host_read_a_step_for_all_the_callbacks_together_on_quiet_steps(tmp_
     assert {s: reads.by_step[s] for s in quiet} == {s: 1 for s in quiet}, reads.where.most_common(5)
     # that one read is the guard's: its statistics and the rollback's flags in one transfer
     assert all(reads.callers[s] == ["_spike_measure.py"] for s in quiet)
+
+
+def test_under_ddp_every_rank_reads_once_a_quiet_step(tmp_path):
+    """Under DDP the guard's one collective carries every callback's flags, so its one read is the
+    step's only one on every rank."""
+    from tests.callbacks._two_ranks import run_two_ranks
+
+    ranks = run_two_ranks("ddp_host_reads_script.py", tmp_path, timeout=300)
+    for rank in ranks:
+        assert len(rank["reads"]) >= 25
+        assert set(rank["reads"].values()) == {1}, rank["where"]
+        assert rank["callers"] == ["_spike_measure.py"]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_quiet_steps_synchronise_once_under_sync_debug_mode(tmp_path):
+    """On a GPU, under ``torch.cuda.set_sync_debug_mode("warn")``: every synchronising call the package
+    makes warns; on quiet steps there is one, the guard's."""
+    import traceback
+    import warnings
+
+    import torch
+
+    from tests.callbacks._host_reads import Clock
+
+    class Syncs:
+        step: int | None = None
+
+        def __init__(self) -> None:
+            self.by_step: dict[int, list[str]] = {}
+
+    syncs = Syncs()
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        ours = [f for f in traceback.extract_stack() if "lightning_stability" in f.filename and "demos.py" not in f.filename]
+        if syncs.step is not None and ours and "synchroniz" in str(message):
+            syncs.by_step.setdefault(syncs.step, []).append(ours[-1].filename.rsplit("/", 1)[-1])
+
+    pl.seed_everything(0, verbose=False)
+    guard, spectral, softmax = GradientSpikeGuard(), SpectralMonitor(), SoftmaxSaturationMonitor()
+    rollback = InMemoryRollback(every_n_steps=25)
+    full_at: list[int] = []
+    full = spectral._full.run
+    spectral._full.run = lambda trainer, tracker, step: (full_at.append(step), full(trainer, tracker, step))[1]
+    trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=STEPS, accelerator="gpu", devices=1, logger=False,
+                         callbacks=[Clock(syncs), guard, spectral, softmax, rollback], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            trainer.fit(Client("gpt2", max_steps=STEPS), loader("gpt2", "dict", n=8 * STEPS))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    sampled = {s for s in range(STEPS) if spectral._check_at.due(s) or s % softmax.every_n_steps == 0
+               or s % rollback.every_n_steps == 0 or s in full_at}
+    sampled |= {e.step for e in get_event_log(trainer) if e.severity != "info"}
+    sampled |= {s + d for s in sampled for d in (-1, 1)} | set(range(2))  # and the first steps' set-up
+    quiet = [s for s in range(STEPS) if s not in sampled and s % 50 != 49]
+    assert len(quiet) >= 40
+    assert {s: syncs.by_step.get(s, []) for s in quiet} == {s: ["_spike_measure.py"] for s in quiet}
