@@ -26,7 +26,7 @@ from typing import Any
 import lightning
 import torch
 
-from benchmarks import ddp, instabilities, noisy, precision, rollback, scaling, softmax, spectral
+from benchmarks import ddp, floor, instabilities, noisy, precision, rollback, scaling, softmax, spectral
 from benchmarks import efficacy as fault_efficacy
 from benchmarks.overhead import (
     BATCH_SIZE,
@@ -243,7 +243,7 @@ run writes this file; do not edit it by hand.
 ```bash
 python -m benchmarks           # or: make bench. Rewrites this file ({minutes:.1f} minutes for the run below; by part at the end)
 python -m benchmarks --quick   # or: make bench-quick. The CI smoke test: a few steps, prints, writes nothing
-python -m benchmarks.<section> # scaling, precision, efficacy, instabilities, ddp: rewrites that section only
+python -m benchmarks.<section> # scaling, floor, precision, efficacy, instabilities, ddp: rewrites that section only
 ```
 
 ## Machine
@@ -619,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     scaling_settings = scaling.QUICK if args.quick else scaling.FULL
     scaling_result = scaling.run(scaling_settings, progress)
     lap("overhead as the model grows")
+    floor_settings = floor.QUICK if args.quick else floor.FULL
+    floor_rows = floor.run(floor_settings, progress)
+    lap("cost against the floor")
     instab_settings = instabilities.QUICK if args.quick else instabilities.FULL
     instab_result = instabilities.run(instab_settings, progress, blowup=runs)
     lap("reproduced instabilities")
@@ -671,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     scaling_section = scaling.render_section(scaling_settings, scaling_result, parts["overhead as the model grows"],
                                              section_machine(threads), scaling_image)
     print(scaling_section)
+    floor_section = floor.render_section(floor_settings, floor_rows, parts["cost against the floor"],
+                                         section_machine(threads))
+    print(floor_section)
     instab_section = instabilities.render_section(instab_settings, instab_result, parts["reproduced instabilities"],
                                                   section_machine(threads))
     print(instab_section)
@@ -707,6 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write(render_doc(settings, machine, table, goals, minutes, rb_section, sp_section))
             f.write(render_softmax_section(settings, sm_table, sm_lines))
             f.write(scaling_section)
+            f.write(floor_section)
             f.write(precision_section)
             f.write(faults_section)
             f.write(instab_section)

@@ -150,16 +150,17 @@ class Measurement:
 
 
 def run_once(
-    size: ModelSize, setup: Setup, warmup_steps: int, timed_steps: int, repeat: int = 0
+    size: ModelSize, setup: Setup, warmup_steps: int, timed_steps: int, repeat: int = 0, batch_size: int = BATCH_SIZE
 ) -> Measurement:
-    """One fit of ``size`` with ``setup``'s callbacks; the timed window is ``timed_steps`` after ``warmup_steps``."""
+    """One fit of ``size`` with ``setup``'s callbacks, ``batch_size`` sequences of ``BLOCK_SIZE`` a step;
+    the timed window is ``timed_steps`` after ``warmup_steps``."""
     total = warmup_steps + timed_steps + 1  # the start of one more step closes the timed window
     with tempfile.TemporaryDirectory() as root, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*LeafSpec.*")  # lightning's pytree shim on newer torch
         pl.seed_everything(0, verbose=False)
         loader, dataset = make_dataloader(
-            block_size=BLOCK_SIZE, batch_size=BATCH_SIZE, n_samples=BATCH_SIZE * total
+            block_size=BLOCK_SIZE, batch_size=batch_size, n_samples=batch_size * total
         )
         model = TinyGPT(
             vocab_size=len(dataset.vocab),
@@ -207,6 +208,7 @@ def run_benchmark(
     sizes: Sequence[ModelSize] = MODEL_SIZES,
     setups: Sequence[Setup] = SETUPS,
     progress: Callable[[str], None] | None = None,
+    batch_size: int = BATCH_SIZE,
 ) -> list[Measurement]:
     """Every (size, setup) ``repeats`` times, interleaved: ``for repeat: for size: for setup (rotated)``."""
     results = []
@@ -215,7 +217,7 @@ def run_benchmark(
         order = list(setups[shift:]) + list(setups[:shift])
         for size in sizes:
             for setup in order:
-                m = run_once(size, setup, warmup_steps, timed_steps, repeat)
+                m = run_once(size, setup, warmup_steps, timed_steps, repeat, batch_size)
                 if progress is not None:
                     progress(
                         f"repeat {repeat + 1}/{repeats}  {size.name:8s} {setup.name:20s} {m.step_ms:8.2f} ms/step"

@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lightning.pytorch.callbacks import Callback
 
@@ -41,11 +41,17 @@ from lightning_stability.demos import make_dataloader
 
 SECTION = "## Overhead as the model grows"
 GOAL_ALL = 1.08  # all monitors at their defaults: at most 8% of step time on the small GPT on CPU
+GOAL_THREE = 1.10  # the guard, the spectral and the softmax monitors together, on d128-L4 at 1,024 tokens
+GOAL_LARGE = 1.02  # all four at 16,384 tokens a step, closer to real training
 IMAGE = "img/overhead_scaling.png"
 
 
 def _all_monitors(root: str) -> list[Callback]:
     return [GradientSpikeGuard(), InMemoryRollback(), SpectralMonitor(), SoftmaxSaturationMonitor()]
+
+
+def _three_monitors(root: str) -> list[Callback]:
+    return [GradientSpikeGuard(), SpectralMonitor(), SoftmaxSaturationMonitor()]
 
 
 SETUPS = (
@@ -57,9 +63,14 @@ SETUPS = (
           "steps, the full-spectrum analysis round-robin", lambda root: [SpectralMonitor()]),
     Setup("SoftmaxSaturationMonitor", "`SoftmaxSaturationMonitor()`: output and attention softmax sampled every 50 "
           "steps", lambda root: [SoftmaxSaturationMonitor()]),
+    Setup("three monitors", "`GradientSpikeGuard`, `SpectralMonitor` and `SoftmaxSaturationMonitor` together, at "
+          "their defaults (no rollback)", _three_monitors),
     Setup("all four", "the four above together, each at its defaults", _all_monitors),
 )
 ALL = SETUPS[-1].name
+THREE = SETUPS[-2].name
+# the run at many tokens a step: the baseline and all four only (a step there is 16 times longer)
+LARGE_SETUPS = (SETUPS[0], SETUPS[-1])
 
 
 @dataclass(frozen=True)
@@ -68,47 +79,75 @@ class Settings:
     warmup_steps: int
     timed_steps: int
     repeats: int
+    large_batch: int = 256  # the second table's batch (sequences of BLOCK_SIZE characters)
+    large_sizes: tuple[ModelSize, ...] = ()
+    large_timed_steps: int = 50
 
 
 # warmup 40: past the guard's warm-up (32), so its per-element check runs in every timed step.
 FULL = Settings(
     sizes=(ModelSize("d64-L2", 64, 2), ModelSize("d128-L4", 128, 4), ModelSize("d256-L6", 256, 6)),
     warmup_steps=40, timed_steps=100, repeats=2,
+    # 16,384 tokens a step; d256-L6 there takes about 3 s a step on 2 cores, too long for this run.
+    # 50 timed steps hold one logging step, one spectral check and one softmax sample.
+    large_batch=256, large_sizes=(ModelSize("d64-L2", 64, 2), ModelSize("d128-L4", 128, 4)), large_timed_steps=50,
 )
 QUICK = Settings(sizes=(ModelSize("d32-L1", 32, 1, n_head=2), ModelSize("d64-L2", 64, 2)),
-                 warmup_steps=2, timed_steps=3, repeats=1)
+                 warmup_steps=2, timed_steps=3, repeats=1, large_batch=32,
+                 large_sizes=(ModelSize("d32-L1", 32, 1, n_head=2),), large_timed_steps=2)
 
 
 @dataclass(frozen=True)
 class Result:
     summaries: list[Summary]
     params: dict[str, int]  # model name -> parameter count
+    large: list[Summary] = field(default_factory=list)  # at settings.large_batch sequences a step
 
 
 def run(settings: Settings, progress: Callable[[str], None]) -> Result:
     results = run_benchmark(settings.warmup_steps, settings.timed_steps, settings.repeats, settings.sizes, SETUPS,
                             progress)
+    large = run_benchmark(settings.warmup_steps, settings.large_timed_steps, 1, settings.large_sizes, LARGE_SETUPS,
+                          lambda line: progress(f"[{settings.large_batch * BLOCK_SIZE} tokens] {line}"),
+                          settings.large_batch)
     _, dataset = make_dataloader(block_size=BLOCK_SIZE, batch_size=BATCH_SIZE, n_samples=1)
-    params = {s.name: parameter_count(s, len(dataset.vocab)) for s in settings.sizes}
-    return Result(summarize(results), params)
+    params = {s.name: parameter_count(s, len(dataset.vocab)) for s in (*settings.sizes, *settings.large_sizes)}
+    return Result(summarize(results), params, summarize(large))
 
 
 def goal_lines(summaries: Sequence[Summary]) -> list[str]:
-    """The all-monitors goal per model size, and each monitor's share; reports, never raises."""
+    """The all-monitors goal per model size, and each monitor's share; the three monitors' goal on
+    d128-L4; reports, never raises."""
     lines = []
     by_size: dict[str, dict[str, Summary]] = {}
     for s in summaries:
         by_size.setdefault(s.size, {})[s.setup] = s
     for size, setups in by_size.items():
         every = setups[ALL]
-        alone = ", ".join(f"{name} {s.hook_share:.1%}" for name, s in setups.items() if name not in (BASELINE, ALL))
+        alone = ", ".join(f"{name} {s.hook_share:.1%}" for name, s in setups.items()
+                          if name not in (BASELINE, ALL, THREE))
         note = f" (the callbacks intervened {every.interventions} times: not a clean run)" if every.interventions else ""
         lines.append(
             f"{size}: all four take {every.ratio:.3f}x the step time of no callbacks (their hooks: "
             f"{every.hook_share:.1%} of a baseline step; alone: {alone}); goal <= {GOAL_ALL:.2f}x: "
             f"{goal_verdict(every, GOAL_ALL)}{note}."
         )
+        three = setups.get(THREE)
+        if size == "d128-L4" and three is not None:
+            lines.append(
+                f"{size}: the three monitors (no rollback) take {three.ratio:.3f}x the step time of no callbacks "
+                f"(their hooks: {three.hook_share:.1%}); goal <= {GOAL_THREE:.2f}x: {goal_verdict(three, GOAL_THREE)}."
+            )
     return lines
+
+
+def large_lines(summaries: Sequence[Summary], tokens: int) -> list[str]:
+    """All four's goal at many tokens a step, per model size."""
+    return [
+        f"{s.size} at {tokens:,} tokens a step: all four take {s.ratio:.3f}x the step time of no callbacks (their "
+        f"hooks: {s.hook_share:.1%} of a baseline step); goal <= {GOAL_LARGE:.2f}x: {goal_verdict(s, GOAL_LARGE)}."
+        for s in summaries if s.setup == ALL
+    ]
 
 
 def plot(result: Result, path: str) -> bool:
@@ -122,6 +161,8 @@ def plot(result: Result, path: str) -> bool:
         return False
     fig, (share_ax, ratio_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     for setup in SETUPS[1:]:
+        if setup.name == THREE:
+            continue
         rows = [s for s in result.summaries if s.setup == setup.name]
         x = [result.params[s.size] / 1e6 for s in rows]
         style = {"color": "black", "lw": 2.2} if setup.name == ALL else {"lw": 1.3}
@@ -168,6 +209,9 @@ def render_section(settings: Settings, result: Result, seconds: float, machine: 
                       for s in settings.sizes)
     figure = f"\n![In-callback share and step-time ratio against model size]({image})\n" if image else ""
     median_share = statistics.median(s.hook_share for s in result.summaries if s.setup == ALL)
+    tokens = settings.large_batch * BLOCK_SIZE
+    large_table = format_table(result.large, settings.large_sizes) if result.large else ""
+    large = "\n".join(f"- {line}" for line in large_lines(result.large, tokens))
     return f"""
 {SECTION}
 
@@ -194,6 +238,17 @@ spectral check and a softmax sample; one snapshot). Every (model, setup) pair is
 {lines}
 - {growth_line(result.summaries, settings.sizes)}; the median over sizes of the four callbacks' share is {median_share:.1%}.
 {figure}
+### At {tokens:,} tokens a step
+
+The same fits with batch {settings.large_batch} x {BLOCK_SIZE} ({tokens:,} tokens a step, closer to real training),
+no callbacks against all four, {settings.warmup_steps} untimed and {settings.large_timed_steps} timed steps, once
+each (the window holds one logging step, one spectral check and one softmax sample, not the rollback's snapshot every 100 steps). Sizes: {", ".join(s.name for s in settings.large_sizes)};
+`d256-L6` takes about 3 s a step there on this machine, too long for this run.
+
+{large_table}
+
+{large}
+
 How a share moves with size depends on the work: the guard's norms and per-element check and the
 power iteration's products grow with the parameter count, and a step with parameters x tokens (a
 fixed batch here), so their shares stay roughly level as the model grows; fixed costs per hook call

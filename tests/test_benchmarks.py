@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from benchmarks import instabilities, scaling
+from benchmarks import floor, instabilities, scaling
 from benchmarks.__main__ import _QUICK_PREFIX, record_quick_time, render_run_time
 from benchmarks.overhead import Summary
 from benchmarks.spectral import EfficacyRun
@@ -37,6 +37,29 @@ def test_scaling_goal_lines_judge_all_four_by_their_share_of_a_baseline_step():
     sizes = (scaling.ModelSize("small", 8, 1), scaling.ModelSize("large", 16, 2))
     growth = scaling.growth_line(summaries, sizes)
     assert "a baseline step grows 10.0x" in growth and "hooks 2.7x (1.50 to 4.00 ms" in growth
+
+
+def test_the_three_monitors_and_the_many_tokens_goals_read_their_own_rows():
+    summaries = [
+        _summary("d128-L4", "no callbacks", 50.0, 0.0, 50.0),
+        _summary("d128-L4", "three monitors", 56.0, 6.0, 50.0),
+        _summary("d128-L4", "all four", 57.0, 7.0, 50.0),
+    ]
+    every, three = scaling.goal_lines(summaries)
+    assert "three monitors" not in every  # a combined row is not listed as a monitor alone
+    assert three.startswith("d128-L4: the three monitors (no rollback) take 1.120x") and three.endswith("NOT met.")
+    (line,) = scaling.large_lines([_summary("d64-L2", "no callbacks", 800.0, 0.0, 800.0),
+                                   _summary("d64-L2", "all four", 808.0, 8.0, 800.0)], 16384)
+    assert line.startswith("d64-L2 at 16,384 tokens a step: all four take 1.010x") and line.endswith(": met.")
+
+
+def test_floor_goal_lines_compare_a_quiet_step_with_its_floor():
+    rows = [floor.Row("d256-L6", "GradientSpikeGuard", 3.0, 3.1, 1.6, 1.875, 108, 77),
+            floor.Row("d256-L6", "SpectralMonitor", 8.5, 9.4, 1.5, 5.67, 100, 27)]
+    guard, spectral = floor.goal_lines(rows)
+    assert guard == ("d256-L6, GradientSpikeGuard: a quiet step's hooks take 1.88x the floor (3.000 ms against "
+                     "1.600 ms); goal <= 2x: met.")
+    assert spectral.endswith("goal <= 2x: NOT met.") and "5.67x" in spectral
 
 
 def test_a_section_run_draws_its_figure_beside_the_page_it_rewrites(tmp_path, monkeypatch):
