@@ -74,6 +74,17 @@ def test_auto_picks_torchao_where_te_is_missing_and_says_so(fake_torchao):
         FP8Precision(backend="torchao")
 
 
+def test_under_fsdp_the_torchao_backend_is_refused_and_names_torchaos_own_fsdp2_path(fake_torchao):
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    for strategy in (FSDPStrategy, ModelParallelStrategy):
+        with pytest.raises(RuntimeError, match=rf"cannot serve {strategy.__name__}: .*Use DDP.*"
+                           r"convert_to_float8_training\(model, config=Float8LinearConfig\(enable_fsdp_float8_all_gather=True\)\)"):
+            FP8Precision(backend="torchao")._start(SimpleNamespace(strategy=strategy.__new__(strategy)))
+    with pytest.raises(RuntimeError, match=r"bf16-mixed' under FSDP\.$"):  # the emulator's refusal has no torchao hint
+        FP8Precision(backend="emulated")._start(SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy)))
+
+
 def test_the_layers_our_filter_picks_are_converted_by_torchao_and_train(tmp_path, fake_torchao):
     model, loader = tiny_gpt(6)
     reference = FP8Precision(backend="emulated")
