@@ -53,3 +53,35 @@ class Clock(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         self.reads.step = None
+
+
+class Monitors:
+    """Every stability callback at its defaults (the rollback's snapshot every 25 steps), and which
+    steps of a run are quiet: no spectral check or full spectrum, softmax sample, snapshot or detection,
+    nor a neighbour of one (a hook at a step's end reads for the next)."""
+
+    def __init__(self) -> None:
+        from lightning_stability import (
+            GradientSpikeGuard,
+            InMemoryRollback,
+            SoftmaxSaturationMonitor,
+            SpectralMonitor,
+        )
+
+        self.guard, self.spectral = GradientSpikeGuard(), SpectralMonitor()
+        self.softmax, self.rollback = SoftmaxSaturationMonitor(), InMemoryRollback(every_n_steps=25)
+        self.full_at: list[int] = []  # a layer's full spectrum, spread over its period: recorded where it runs
+        full = self.spectral._full.run
+        self.spectral._full.run = lambda trainer, tracker, step: (self.full_at.append(step), full(trainer, tracker, step))[1]
+
+    def callbacks(self) -> list[pl.Callback]:
+        return [self.guard, self.spectral, self.softmax, self.rollback]
+
+    def quiet_steps(self, trainer: pl.Trainer, steps: int) -> list[int]:
+        from lightning_stability import get_event_log
+
+        sampled = {s for s in range(steps) if self.spectral._check_at.due(s) or s % self.softmax.every_n_steps == 0
+                   or s % self.rollback.every_n_steps == 0 or s in self.full_at}
+        sampled |= {e.step for e in get_event_log(trainer) if e.severity != "info"}  # a detection reads what it names
+        sampled |= {s + d for s in sampled for d in (-1, 1)}
+        return [s for s in range(steps) if s not in sampled]

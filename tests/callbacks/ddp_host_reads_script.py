@@ -11,14 +11,7 @@ import warnings
 
 import lightning.pytorch as pl
 
-from lightning_stability import (
-    GradientSpikeGuard,
-    InMemoryRollback,
-    SoftmaxSaturationMonitor,
-    SpectralMonitor,
-    get_event_log,
-)
-from tests.callbacks._host_reads import Clock, CountReads
+from tests.callbacks._host_reads import Clock, CountReads, Monitors
 from tests.clients.models import Client, loader
 
 STEPS = 40
@@ -27,21 +20,13 @@ STEPS = 40
 def main(out: str) -> None:
     warnings.filterwarnings("ignore")
     pl.seed_everything(0, verbose=False)
-    guard, spectral, softmax = GradientSpikeGuard(), SpectralMonitor(), SoftmaxSaturationMonitor()
-    rollback = InMemoryRollback(every_n_steps=25)
-    full_at: list[int] = []
-    full = spectral._full.run
-    spectral._full.run = lambda trainer, tracker, step: (full_at.append(step), full(trainer, tracker, step))[1]
+    monitors = Monitors()
     with CountReads() as reads:
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS, logger=False,
-                             callbacks=[Clock(reads), guard, spectral, softmax, rollback], default_root_dir=out,
+                             callbacks=[Clock(reads), *monitors.callbacks()], default_root_dir=out,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(Client("gpt2", max_steps=STEPS), loader("gpt2", "dict", n=16 * STEPS))
-    sampled = {s for s in range(STEPS) if spectral._check_at.due(s) or s % softmax.every_n_steps == 0
-               or s % rollback.every_n_steps == 0 or s in full_at}
-    sampled |= {e.step for e in get_event_log(trainer) if e.severity != "info"}
-    sampled |= {s + d for s in sampled for d in (-1, 1)}
-    quiet = [s for s in range(STEPS) if s not in sampled]
+    quiet = monitors.quiet_steps(trainer, STEPS)
     with open(f"{out}/rank{trainer.global_rank}.json", "w") as fh:
         json.dump({"reads": {str(s): reads.by_step[s] for s in quiet},
                    "callers": sorted({c for s in quiet for c in reads.callers.get(s, [])}),

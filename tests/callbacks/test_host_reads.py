@@ -7,14 +7,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 
-from lightning_stability import (
-    GradientSpikeGuard,
-    InMemoryRollback,
-    SoftmaxSaturationMonitor,
-    SpectralMonitor,
-    get_event_log,
-)
-from tests.callbacks._host_reads import Clock, CountReads
+from tests.callbacks._host_reads import Clock, CountReads, Monitors
 from tests.clients.models import Client, loader
 
 pytest.importorskip("transformers")
@@ -23,23 +16,13 @@ STEPS = 60
 
 def test_one_host_read_a_step_for_all_the_callbacks_together_on_quiet_steps(tmp_path):
     pl.seed_everything(0, verbose=False)
-    guard, spectral, softmax = GradientSpikeGuard(), SpectralMonitor(), SoftmaxSaturationMonitor()
-    rollback = InMemoryRollback(every_n_steps=25)
-    full_at: list[int] = []  # a layer's full spectrum, spread over its period: recorded where it runs
-    full = spectral._full.run
-    spectral._full.run = lambda trainer, tracker, step: (full_at.append(step), full(trainer, tracker, step))[1]
+    monitors = Monitors()
     with CountReads() as reads:
         trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
-                             callbacks=[Clock(reads), guard, spectral, softmax, rollback], enable_checkpointing=False,
+                             callbacks=[Clock(reads), *monitors.callbacks()], enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False)
         trainer.fit(Client("gpt2", max_steps=STEPS), loader("gpt2", "dict", n=8 * STEPS))
-    # the steps where a callback samples at its defaults, with their neighbours (a hook at a step's end
-    # reads for the next): the spectral checks and full spectra, the softmax samples, the snapshots
-    sampled = {s for s in range(STEPS) if spectral._check_at.due(s) or s % softmax.every_n_steps == 0
-               or s % rollback.every_n_steps == 0 or s in full_at}
-    sampled |= {e.step for e in get_event_log(trainer) if e.severity != "info"}  # a detection reads what it names
-    sampled |= {s + d for s in sampled for d in (-1, 1)}
-    quiet = [s for s in range(STEPS) if s not in sampled]
+    quiet = monitors.quiet_steps(trainer, STEPS)
     assert len(quiet) >= 45
     assert {s: reads.by_step[s] for s in quiet} == {s: 1 for s in quiet}, reads.where.most_common(5)
     # that one read is the guard's: its statistics and the rollback's flags in one transfer
@@ -84,13 +67,9 @@ def test_on_a_gpu_quiet_steps_synchronise_once_under_sync_debug_mode(tmp_path):
             syncs.by_step.setdefault(syncs.step, []).append(ours[-1].filename.rsplit("/", 1)[-1])
 
     pl.seed_everything(0, verbose=False)
-    guard, spectral, softmax = GradientSpikeGuard(), SpectralMonitor(), SoftmaxSaturationMonitor()
-    rollback = InMemoryRollback(every_n_steps=25)
-    full_at: list[int] = []
-    full = spectral._full.run
-    spectral._full.run = lambda trainer, tracker, step: (full_at.append(step), full(trainer, tracker, step))[1]
+    monitors = Monitors()
     trainer = pl.Trainer(default_root_dir=tmp_path, max_steps=STEPS, accelerator="gpu", devices=1, logger=False,
-                         callbacks=[Clock(syncs), guard, spectral, softmax, rollback], enable_checkpointing=False,
+                         callbacks=[Clock(syncs), *monitors.callbacks()], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -101,10 +80,6 @@ def test_on_a_gpu_quiet_steps_synchronise_once_under_sync_debug_mode(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning = shown
-    sampled = {s for s in range(STEPS) if spectral._check_at.due(s) or s % softmax.every_n_steps == 0
-               or s % rollback.every_n_steps == 0 or s in full_at}
-    sampled |= {e.step for e in get_event_log(trainer) if e.severity != "info"}
-    sampled |= {s + d for s in sampled for d in (-1, 1)} | set(range(2))  # and the first steps' set-up
-    quiet = [s for s in range(STEPS) if s not in sampled and s % 50 != 49]
+    quiet = [s for s in monitors.quiet_steps(trainer, STEPS) if s >= 2 and s % 50 != 49]  # no set-up, no logging step
     assert len(quiet) >= 40
     assert {s: syncs.by_step.get(s, []) for s in quiet} == {s: ["_spike_measure.py"] for s in quiet}
