@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_stability.callbacks._spectral_policy import agreed_inputs
 from lightning_stability.core.lightning import rank_gather
-from lightning_stability.core.modules import clean_name
+from lightning_stability.core.modules import parameter_names
 from lightning_stability.events import StabilityEvent
 from lightning_stability.ops.spectral_tracker import SpectralTracker
 from lightning_stability.ops.spectral_weights import WeightMatrix
@@ -37,7 +37,7 @@ class LayerForensics:
         self.last_measured = -1  # the latest step the tracker measured
 
     def build(self, module: nn.Module, weights: Sequence[WeightMatrix]) -> None:
-        names = {id(p): clean_name(n) for n, p in module.named_parameters()}
+        names = parameter_names(module)
         self.parameters = {w.name: names.get(id(w.param), w.name) for w in weights}
 
     def named(self, layer: str | None) -> dict[str, str] | None:
@@ -50,8 +50,8 @@ class LayerForensics:
 
     def update_ratios(
         self, trainer: pl.Trainer, tracker: SpectralTracker
-    ) -> tuple[dict[str, float], None, None, dict[str, Any]] | None:
-        """The ``update_ratio`` event's ``(metrics, action, target, details)``: the largest few layers,
+    ) -> tuple[dict[str, float], dict[str, Any]] | None:
+        """The ``update_ratio`` event's ``(metrics, details)``: the largest few layers,
         by parameter name, with the step they were measured at (``None``: none is finite). The ranks'
         worst figures (one collective, on the incident's step, which every rank shares): every rank's
         event is the same."""
@@ -63,4 +63,4 @@ class LayerForensics:
         if not ranked:
             return None
         layers = [{"name": self.parameters.get(name, name), "ratio": ratio} for ratio, name in ranked]
-        return {"update_ratio_max": ranked[0][0]}, None, None, {"layers": layers, "measured_at": self.last_measured}
+        return {"update_ratio_max": ranked[0][0]}, {"layers": layers, "measured_at": self.last_measured}

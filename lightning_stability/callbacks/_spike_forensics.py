@@ -30,7 +30,7 @@ from lightning_stability.callbacks._rollback_quarantine import (
     to_list,
 )
 from lightning_stability.callbacks._spike_measure import Measured, StepMeasure
-from lightning_stability.core.modules import clean_name
+from lightning_stability.core.modules import parameter_names
 from lightning_stability.ops.blame import describe, rank_layers
 
 TOP_LAYERS = 3  # layers named in a detection's event
@@ -110,7 +110,7 @@ class Forensics:
                 now, before = measure.whole_norms(torch.stack([now, before.to(now.device)])).unbind(0)
             else:
                 now = measure.whole_norms(now)
-            names = {id(p): clean_name(n) for n, p in module.named_parameters()}
+            names = parameter_names(module)
             out["layers"] = describe(rank_layers(now, before, [names.get(id(p), f"param{i}") for i, p in
                                                                enumerate(params)], TOP_LAYERS))
         ids_per_batch = [to_list(sample_ids_of(b, self.sample_ids)) for _, _, b in self.batches]

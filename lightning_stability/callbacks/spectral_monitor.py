@@ -394,7 +394,8 @@ class SpectralMonitor(StabilityCallback):
             return  # accumulating gradients: no optimizer step yet
         self._seen_step = step
         if self._forensics.incident_step == step and (found := self._forensics.update_ratios(trainer, self._tracker)):
-            self.emit(trainer, "update_ratio", "info", *found, step=step)  # the step before's, as measured then
+            metrics, details = found  # the step before's ratios, as measured then
+            self.emit(trainer, "update_ratio", "info", metrics, None, None, details, step=step)
         if self._measure_at.due(step):  # measure
             moved, self._weights_moved = self._weights_moved, False
             self._tracker.measure(moved)

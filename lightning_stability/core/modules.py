@@ -24,6 +24,12 @@ def clean_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
+def parameter_names(module: nn.Module) -> dict[int, str]:
+    """Each parameter's name, by ``id``: its first name in ``named_parameters()`` without the wrappers'
+    segments. The one naming of layers in events (the guard's and the spectral monitor's)."""
+    return {id(p): clean_name(n) for n, p in module.named_parameters()}
+
+
 def leaf(name: str) -> str:
     return clean_name(name).rsplit(".", 1)[-1]
 
