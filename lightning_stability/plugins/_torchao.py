@@ -16,6 +16,7 @@ from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor, nn
 
 from lightning_stability.ops.fp8 import E4M3, E5M2, FP8Format, current_scale, fp8_health
+from lightning_stability.ops.sharded import is_dtensor
 from lightning_stability.plugins._te import device_capability
 
 TORCHAO_AVAILABLE = RequirementCache("torchao>=0.9")
@@ -23,6 +24,8 @@ RECIPES = ("tensorwise", "rowwise")
 MIN_SM = (8, 9)  # FP8 tensor cores: Ada, Hopper and later
 _INSTALL = 'pip install "lightning-stability[fp8-torchao]" (torchao; CUDA machines with SM 8.9+)'
 _MARK = "_lightning_stability_torchao_layer"
+FSDP2_WAY = (" For FP8 under FSDP2: FP8Precision(backend='torchao') with ModelParallelStrategy, the model converted "
+             "in configure_model before fully_shard (self.trainer.precision_plugin.convert_module(self)).")
 
 
 def torchao_usable() -> tuple[bool, str]:
@@ -52,6 +55,14 @@ def convert(module: nn.Module, names: set[str], recipe: str) -> None:
     """Convert the ``nn.Linear`` layers named ``names`` (and no other) with torchao's float8 training."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
+    # torchao converts whole weights: under FSDP2 before fully_shard, which shards the converted layers
+    sharded = sorted(n for n in names if is_dtensor(module.get_submodule(n).get_parameter("weight")))
+    if sharded:
+        raise RuntimeError(
+            f"FP8Precision(backend='torchao'): the layers {sharded[:3]}{' ...' if len(sharded) > 3 else ''} are "
+            "sharded already; torchao converts whole weights. In configure_model, call "
+            "self.trainer.precision_plugin.convert_module(self) after building the layers and before fully_shard."
+        )
     config = Float8LinearConfig.from_recipe_name(recipe)
     convert_to_float8_training(module, config=config, module_filter_fn=lambda mod, fqn: fqn in names)
 
@@ -100,6 +111,8 @@ class TorchaoLayer:
     def _input_hook(self, module: nn.Module, args: Any) -> None:
         if not (self.health_due and module.training and not self.fallback and args):
             return
+        # under FSDP2 the weight is whole here: fully_shard's pre-forward gathers it first, also where the
+        # layer itself is sharded (tests/callbacks/test_fsdp.py, the "layers" mode)
         x, weight, fmt = args[0], module.get_parameter("weight"), self.formats[0]
         self.health["input"] = fp8_health(x, current_scale(x, fmt), fmt)
         self.health["weight"] = fp8_health(weight, current_scale(weight, fmt), fmt)

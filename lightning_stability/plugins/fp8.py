@@ -268,20 +268,14 @@ class FP8Precision(Precision):
 
     def _start(self, trainer: pl.Trainer) -> None:
         strategy = next((c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__ in _SHARDED), None)
-        if strategy is not None:
+        if strategy is not None and not (self.backend == "torchao" and strategy == "ModelParallelStrategy"):
             # FSDP swaps whole and sharded parameters around every forward and shards the delayed-scaling
-            # history with them; per-layer amax, health and fallback are not defined for that yet.
-            # torchao's own float8 conversion runs under FSDP2 (float8 all-gather), without health or fallback
-            direct = (
-                " For FP8 under FSDP2 without these statistics, convert the model with torchao's "
-                "convert_to_float8_training(model, config=Float8LinearConfig(enable_fsdp_float8_all_gather=True)) "
-                "in configure_model, before the sharding, and train with precision='bf16-mixed'."
-                if self.backend == "torchao" else ""
-            )
+            # history with them; per-layer amax, health and fallback are not defined for that. torchao's
+            # dynamic scaling keeps no history: under FSDP2 its layers are converted before the sharding.
             raise RuntimeError(
-                f"FP8Precision cannot serve {strategy}: its FP8 layers keep per-layer scales and health "
-                "statistics of whole weights, which FSDP shards. Use DDP or a single device for FP8, or "
-                f"precision='bf16-mixed' under FSDP.{direct}"
+                f"FP8Precision(backend={self.backend!r}) cannot serve {strategy}: its FP8 layers keep per-layer "
+                "scales and health statistics of whole weights, which FSDP shards. Use DDP or a single device "
+                f"for FP8, or precision='bf16-mixed' under FSDP.{_torchao.FSDP2_WAY}"
             )
         if self._unsubscribe is None:
             self._synchronised = synchronised_sources(trainer) if trainer.world_size > 1 else None

@@ -24,12 +24,12 @@ class ShardedGPT(TinyGPT):
             fully_shard(module, mesh=mesh)
 
 
-def sharded_gpt(steps: int, seed: int = 0, **kw: Any) -> tuple[ShardedGPT, Any]:
+def sharded_gpt(steps: int, seed: int = 0, d_model: int = 33, **kw: Any) -> tuple[ShardedGPT, Any]:
     warnings.filterwarnings("ignore")
     pl.seed_everything(seed, verbose=False)
     loader, ds = make_dataloader(block_size=16, batch_size=8, n_samples=8 * 2 * steps, seed=seed)
     kw.setdefault("warmup_steps", 10)
-    model = ShardedGPT(len(ds.vocab), block_size=16, d_model=33, n_layer=1, n_head=3, max_steps=steps, **kw)
+    model = ShardedGPT(len(ds.vocab), block_size=16, d_model=d_model, n_layer=1, n_head=3, max_steps=steps, **kw)
     return model, loader
 
 

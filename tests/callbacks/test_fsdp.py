@@ -205,13 +205,13 @@ def test_fp8_precision_refuses_sharded_strategies(tmp_path):
     from lightning_stability import FP8Precision
 
     trainer = _model_parallel_trainer(tmp_path)
-    with pytest.raises(RuntimeError, match=r"FP8Precision cannot serve ModelParallelStrategy.*bf16-mixed"):
+    with pytest.raises(RuntimeError, match=r"FP8Precision\(backend='emulated'\) cannot serve ModelParallelStrategy.*bf16-mixed"):
         FP8Precision(backend="emulated")._start(trainer)
 
     class MyFSDP(FSDPStrategy):
         pass
 
-    with pytest.raises(RuntimeError, match=r"FP8Precision cannot serve FSDPStrategy"):
+    with pytest.raises(RuntimeError, match=r"FP8Precision\(backend='emulated'\) cannot serve FSDPStrategy"):
         FP8Precision(backend="emulated")._start(types.SimpleNamespace(strategy=MyFSDP()))  # type: ignore[arg-type]
 
 
@@ -226,3 +226,31 @@ def test_spectral_monitor_refuses_fsdp1_and_blocks_on_shards(tmp_path):
     trainer = _model_parallel_trainer(tmp_path)
     with pytest.raises(ValueError, match=r"SpectralMonitor\(block=2\): under ModelParallelStrategy .* expected block=1"):
         SpectralMonitor(block=2).setup(trainer, None, "fit")  # type: ignore[arg-type]
+
+
+def test_fp8_torchao_under_fsdp2_health_of_whole_weights_fallback_agreed_and_resumed(tmp_path):
+    """torchao's conversion faked: the model converted in configure_model before fully_shard (on the
+    blocks, or on the converted layers too), a layer named on rank 1 alone, a sharded checkpoint."""
+    runs = two_ranks.run_two_ranks_each("fsdp_fp8_torchao_script.py", tmp_path, ("blocks", "layers"), timeout=420)
+    target = "blocks.0.mlp.0"
+    for mode, ranks in runs.items():
+        r0, r1 = ranks
+        for r in ranks:
+            assert r["converted"] == ["blocks.0.attn.proj", target, "blocks.0.mlp.2"], mode  # first/last kept
+            assert sorted(r["filtered"]) == r["converted"] and r["sharded"] and r["finite"]
+            sampled = [s for s in r["steps"] if s["health"]]
+            assert [s["step"] for s in sampled] == [0, 2, 4, 6]  # health_every_n_steps=2
+            for s in sampled:
+                # the weight's statistics are the whole weight's (a shard's SNR and scale differ), on every rank
+                for key in ("amax", "scale", "snr_db", "underflow_frac"):
+                    assert s["health"][key] == pytest.approx(s["whole"][key], rel=1e-5), (mode, s["step"], key)
+            # named at step 4 on rank 1 alone: both ranks fall back at the next health check, and stay
+            assert [s["fallback"] for s in r["steps"]] == [[]] * 6 + [[target]] * 3, mode
+            calls = [s["fp8_calls"] for s in r["steps"]]
+            assert calls[:7] == list(range(1, 8)) and calls[7:] == [7, 7]  # bf16 from step 7 on
+            assert r["events"] == [[6, "fp8_fallback", target]]
+            # resumed from the sharded checkpoint in fallback (cooldown 100): still in bf16, never in FP8
+            assert r["resumed_fallback_at_start"] == [target]
+            assert [s["step"] for s in r["resumed"]] == [8, 9, 10, 11]
+            assert all(s["fallback"] == [target] and s["fp8_calls"] == 0 for s in r["resumed"])
+        assert r0["steps"] == r1["steps"], mode

@@ -1,66 +1,29 @@
 """The torchao backend on CPU, with torchao's float8 conversion mocked the way the TE tests mock TE;
-the real thing trains in the GPU-marked tests (tests/plugins/test_fp8_gpu.py) on a device run."""
+the real thing trains in the GPU-marked tests (tests/plugins/test_fp8_gpu.py) on a device run, under
+FSDP2 too; the FSDP2 run with the fake on 2 CPU ranks is in tests/callbacks/test_fsdp.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_stability import get_event_log, resolve_precision
-from lightning_stability.plugins import _te, _torchao
+from lightning_stability.plugins import _torchao
 from lightning_stability.plugins.fp8 import EmulatedFP8Linear, FP8Precision
 from tests.conftest import make_trainer, tiny_gpt
+from tests.plugins._fake_torchao import FakeFloat8Linear, install
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is not None,
                                 reason="torchao is installed: the GPU tests cover it")
 
 
-class FakeFloat8Linear(nn.Linear):
-    """torchao's Float8Linear as far as the plugin sees it: an nn.Linear subclass whose forward runs
-    the FP8 GEMM (here the plain one, counted)."""
-
-    calls: dict[int, int] = {}
-
-    def forward(self, x):
-        FakeFloat8Linear.calls[id(self)] = FakeFloat8Linear.calls.get(id(self), 0) + 1
-        return F.linear(x, self.weight, self.bias)
-
-
 @pytest.fixture
 def fake_torchao(monkeypatch):
-    seen = SimpleNamespace(recipes=[], filtered=[])
-
-    class Float8LinearConfig:
-        @staticmethod
-        def from_recipe_name(name):
-            seen.recipes.append(name)
-            return SimpleNamespace(recipe=name)
-
-    def convert_to_float8_training(module, config, module_filter_fn):
-        for fqn, mod in list(module.named_modules()):
-            if type(mod) is nn.Linear and module_filter_fn(mod, fqn):
-                seen.filtered.append(fqn)
-                mod.__class__ = FakeFloat8Linear  # torchao swaps in its own subclass, the weights kept
-        return module
-
-    torchao, float8 = ModuleType("torchao"), ModuleType("torchao.float8")
-    float8.Float8LinearConfig, float8.convert_to_float8_training = Float8LinearConfig, convert_to_float8_training
-    torchao.float8 = float8
-    monkeypatch.setitem(sys.modules, "torchao", torchao)
-    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
-    monkeypatch.setattr(_torchao, "TORCHAO_AVAILABLE", True)
-    sm = {"value": (9, 0)}
-    monkeypatch.setattr(_torchao, "device_capability", lambda: sm["value"])
-    monkeypatch.setattr(_te, "TE_AVAILABLE", False)  # auto's second choice: torchao
-    FakeFloat8Linear.calls = {}
-    seen.sm = sm
-    return seen
+    return install(monkeypatch.setattr, monkeypatch.setitem)
 
 
 def test_auto_picks_torchao_where_te_is_missing_and_says_so(fake_torchao):
@@ -74,15 +37,31 @@ def test_auto_picks_torchao_where_te_is_missing_and_says_so(fake_torchao):
         FP8Precision(backend="torchao")
 
 
-def test_under_fsdp_the_torchao_backend_is_refused_and_names_torchaos_own_fsdp2_path(fake_torchao):
+def test_under_fsdp1_the_torchao_backend_is_refused_and_names_the_fsdp2_way(fake_torchao):
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-    for strategy in (FSDPStrategy, ModelParallelStrategy):
-        with pytest.raises(RuntimeError, match=rf"cannot serve {strategy.__name__}: .*Use DDP.*"
-                           r"convert_to_float8_training\(model, config=Float8LinearConfig\(enable_fsdp_float8_all_gather=True\)\)"):
-            FP8Precision(backend="torchao")._start(SimpleNamespace(strategy=strategy.__new__(strategy)))
-    with pytest.raises(RuntimeError, match=r"bf16-mixed' under FSDP\.$"):  # the emulator's refusal has no torchao hint
-        FP8Precision(backend="emulated")._start(SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy)))
+    fsdp2_way = r"ModelParallelStrategy, the model converted in configure_model before fully_shard"
+    with pytest.raises(RuntimeError, match=rf"backend='torchao'\) cannot serve FSDPStrategy: .*Use DDP.*{fsdp2_way}"):
+        FP8Precision(backend="torchao")._start(SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy)))
+    for backend in ("emulated", "torchao"):  # the emulator keeps an amax history: refused under FSDP2 too
+        plugin = FP8Precision(backend=backend)
+        strategy = SimpleNamespace(strategy=ModelParallelStrategy.__new__(ModelParallelStrategy), world_size=1)
+        if backend == "emulated":
+            with pytest.raises(RuntimeError, match=rf"backend='emulated'\) cannot serve ModelParallelStrategy.*{fsdp2_way}"):
+                plugin._start(strategy)
+        else:
+            plugin._unsubscribe = lambda: None  # served: it goes on to the event log (a real fit: the FSDP2 test)
+            plugin._start(strategy)
+
+
+def test_torchao_refuses_layers_sharded_before_the_conversion_naming_the_call_that_comes_first(fake_torchao, monkeypatch):
+    model, _ = tiny_gpt(2)
+    sharded = model.blocks[0].mlp[0].weight
+    monkeypatch.setattr(_torchao, "is_dtensor", lambda t: t is sharded)  # as fully_shard leaves it: a DTensor
+    with pytest.raises(RuntimeError, match=r"\['blocks.0.mlp.0'\] are sharded already; torchao converts whole weights\. "
+                       r"In configure_model, call self\.trainer\.precision_plugin\.convert_module\(self\)"):
+        FP8Precision(backend="torchao").convert_module(model)
+    assert fake_torchao.filtered == []  # nothing converted
 
 
 def test_the_layers_our_filter_picks_are_converted_by_torchao_and_train(tmp_path, fake_torchao):
