@@ -48,7 +48,7 @@ class QKClip(SoftmaxRemedy):
                            "qk_projections=lambda name, module: QKProjection(...).")
                 continue
             try:
-                apply_qk_clip(proj, torch.tensor(heads, device=local(proj.q.get_parameter("weight")).device), tau, m.qk_clip_alpha)
+                apply_qk_clip(proj, torch.tensor(heads, device=local(proj.q.get_parameter(proj.weight)).device), tau, m.qk_clip_alpha)
             except NotImplementedError as err:  # a sharded layout without whole rows: the same on every rank
                 self._warn(layer, f"QK-clip skips {layer}: {err}.")
                 continue

@@ -40,7 +40,9 @@ def output_axis(module: nn.Module) -> tuple[int, int] | None:
 class QKProjection:
     """Where an attention module's queries and keys come from: the outputs of one or two linear-like
     modules (``nn.Linear``, or a ``Conv1D`` as in GPT-2: :func:`output_axis`), laid out head after head
-    (``n_head * head_dim`` query outputs, ``n_kv_head * head_dim`` key outputs)."""
+    (``n_head * head_dim`` query outputs, ``n_kv_head * head_dim`` key outputs). ``weight`` and
+    ``bias`` name the modules' parameters: ``nn.MultiheadAttention`` keeps its packed ``[q | k | v]``
+    projection as ``in_proj_weight`` and ``in_proj_bias``."""
 
     q: nn.Module
     k: nn.Module
@@ -49,6 +51,8 @@ class QKProjection:
     n_head: int
     n_kv_head: int
     head_dim: int
+    weight: str = "weight"
+    bias: str = "bias"
 
     def __post_init__(self) -> None:
         nq = self.q_rows.stop - self.q_rows.start
@@ -62,7 +66,9 @@ class QKProjection:
             raise ValueError(f"QKProjection: {self.n_head} query heads are not a multiple of {self.n_kv_head} key heads")
 
 
-def _output_axis(module: nn.Module) -> tuple[int, int]:
+def _output_axis(module: nn.Module, weight: str = "weight") -> tuple[int, int]:
+    if weight != "weight":  # a named 2-D parameter with its outputs along axis 0 (in_proj_weight)
+        return module.get_parameter(weight).shape[0], 0
     shape = output_axis(module)
     if shape is None:
         raise TypeError(f"QKProjection: {type(module).__name__} is not an nn.Linear or a Conv1D")
@@ -85,8 +91,15 @@ def find_qk_projection(module: nn.Module) -> QKProjection | None:
     ``attention_head_size``), or one fused ``qkv``/``c_attn``/``Wqkv`` linear whose output is ``[q | k | v]``
     (nanoGPT-style, the demo's ``TinyGPT``; litgpt, whose key/value part has ``n_query_groups`` heads of
     ``head_size``; heads from the module or its ``config``).
-    The fused linear may be a ``Conv1D`` (Hugging Face GPT-2's ``c_attn``).
+    The fused linear may be a ``Conv1D`` (Hugging Face GPT-2's ``c_attn``). ``nn.MultiheadAttention``
+    with q, k and v of one width (packed in ``in_proj_weight``: Lightning's ``demos.Transformer``).
     ``None`` otherwise (pass your own :class:`QKProjection`)."""
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim or module.in_proj_weight is None:
+            return None  # separate q/k/v weights of other widths: pass a QKProjection
+        e, n_head = module.embed_dim, module.num_heads
+        return QKProjection(module, module, slice(0, e), slice(e, 2 * e), n_head, n_head, module.head_dim,
+                            weight="in_proj_weight", bias="in_proj_bias")
     for q_name, k_name in (("q_proj", "k_proj"), ("query", "key")):
         q, k = getattr(module, q_name, None), getattr(module, k_name, None)
         if not (isinstance(q, nn.Linear) and isinstance(k, nn.Linear)):
@@ -137,12 +150,12 @@ def apply_qk_clip(proj: QKProjection, head_max_logit: Tensor, tau: float = 100.0
     # one factor per output of each linear (q and k may be outputs of one fused linear)
     rows: dict[int, tuple[nn.Module, int, Tensor]] = {}
     for linear, span, factor in ((proj.q, proj.q_rows, fq), (proj.k, proj.k_rows, fk)):
-        outputs, axis = _output_axis(linear)
+        outputs, axis = _output_axis(linear, proj.weight)
         _, _, f = rows.setdefault(id(linear), (linear, axis, torch.ones(outputs, device=eta.device)))
         f[span] *= factor.to(f.device).repeat_interleave(proj.head_dim)
     with torch.no_grad():
         for linear, axis, f in rows.values():
-            for t in (linear.get_parameter("weight"), getattr(linear, "bias", None)):
+            for t in (linear.get_parameter(proj.weight), getattr(linear, proj.bias, None)):
                 if not isinstance(t, Tensor):
                     continue
                 shard = local(t.data)

@@ -358,26 +358,35 @@ def test_pin_litgpt_attention_calls_torch_sdpa_by_module_attribute(monkeypatch):
 
 @pytest.mark.parametrize(("family", "found"), [
     ("hf-llama-gqa", (4, 2, 8)), ("hf-bert-padded", (4, 4, 8)), ("hf-vit", (4, 4, 8)), ("litgpt", (4, 2, 8)),
-    ("hf-gpt2", (2, 2, 16)), ("lightning-demo-transformer", None),
+    ("hf-gpt2", (2, 2, 16)), ("lightning-demo-transformer", (2, 2, 16)),
 ])
 def test_qk_clip_finds_the_projections_where_they_are_linears_and_says_where_not(tmp_path, family, found):
     """QK-clip on every family at its default: the q/k rows are found for Llama, BERT and ViT (query/key
-    linears), litgpt, and GPT-2's fused Conv1D (its weight stored (in, out)); nn.MultiheadAttention's
-    in_proj_weight is not a linear: a warning per layer, no crash, and the weights left as they were."""
+    linears), litgpt, GPT-2's fused Conv1D (its weight stored (in, out)) and nn.MultiheadAttention's
+    packed in_proj_weight (Lightning's demo Transformer); an nn.MultiheadAttention with keys of another
+    width keeps separate q/k/v weights: a warning per layer, no crash, and the weights left as they were."""
     make, step, batch, _, layers = CASES[family]
     model = _Wrapped(make, step)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     monitor, trainer, warned = _fit(tmp_path, model, batch, max_logit_limit=1e-3)  # every head above tau
     clipped = sorted(e.target for e in get_event_log(trainer) if e.kind == "qk_clip")
-    if found is None:
-        assert clipped == []
-        assert sorted(w.split(" of ")[1].split(";")[0] for w in warned if "QK-clip cannot find" in w) == sorted(layers)
-        assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
-    else:
-        assert clipped == sorted(layers)
-        proj = find_qk_projection(dict(model.named_modules())[layers[0]])
-        assert (proj.n_head, proj.n_kv_head, proj.head_dim) == found
-        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert clipped == sorted(layers) and not [w for w in warned if "QK-clip cannot find" in w]
+    proj = find_qk_projection(dict(model.named_modules())[layers[0]])
+    assert (proj.n_head, proj.n_kv_head, proj.head_dim) == found
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_qk_clip_on_a_multihead_attention_with_keys_of_another_width_warns_and_leaves_the_weights(tmp_path):
+    """kdim != embed_dim: q, k and v are separate weights, not found: a warning naming the way out."""
+    torch.manual_seed(0)
+    model = _PaddedMHA(separate=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, trainer, warned = _fit(tmp_path, model, (_IDS, _MASK), max_logit_limit=1e-3)
+    assert [e for e in get_event_log(trainer) if e.kind == "qk_clip"] == []
+    assert [w for w in warned if "QK-clip cannot find" in w] == [
+        "SoftmaxSaturationMonitor: QK-clip cannot find the q/k projections of attn; pass "
+        "qk_projections=lambda name, module: QKProjection(...)."]
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("flag", ["bf16-mixed", "fp8-emulated"])

@@ -335,6 +335,42 @@ def test_qk_clip_on_hugging_face_gpt2s_conv1d_attention():
     assert torch.equal(attn.c_attn.weight[:, 32:], values[0]) and torch.equal(attn.c_attn.bias[32:], values[1])
 
 
+def test_qk_clip_on_multihead_attentions_packed_in_proj_weight():
+    # nn.MultiheadAttention keeps q, k and v as rows of one in_proj_weight (and in_proj_bias); the logits
+    # are read back through its own forward (need_weights: softmax of the scaled logits, head by head)
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    torch.nn.init.normal_(mha.in_proj_bias, std=0.5)
+    proj = find_qk_projection(mha)
+    assert proj is not None and (proj.n_head, proj.n_kv_head, proj.head_dim) == (4, 4, 4)
+
+    def logits(x):
+        q, k, _ = torch.nn.functional.linear(x, mha.in_proj_weight, mha.in_proj_bias).split(16, dim=2)
+        b, t, _ = x.shape
+        q, k = (z.view(b, t, 4, 4).transpose(1, 2) for z in (q, k))
+        return attention_stats(q, k, scale=1.0)["max_logit"]
+
+    x = torch.randn(2, 6, 16) * 3
+    before = logits(x).detach()
+    tau = float(before.median())
+    probs_before = mha(x, x, x, need_weights=True, average_attn_weights=False)[1].detach()
+    values = mha.in_proj_weight[32:].detach().clone(), mha.in_proj_bias[32:].detach().clone()
+    apply_qk_clip(proj, before, tau=tau, alpha=0.5)
+    after = logits(x).detach()
+    above = before > tau
+    assert above.any() and (~above).any()
+    torch.testing.assert_close(after[above], torch.full_like(after[above], tau), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[~above], before[~above], rtol=1e-5, atol=1e-5)
+    assert torch.equal(mha.in_proj_weight[32:], values[0]) and torch.equal(mha.in_proj_bias[32:], values[1])
+    # the module's own attention: unchanged where no head was clipped, flatter where one was
+    probs_after = mha(x, x, x, need_weights=True, average_attn_weights=False)[1].detach()
+    heads = above.reshape(-1)
+    torch.testing.assert_close(probs_after[:, ~heads], probs_before[:, ~heads], rtol=1e-5, atol=1e-6)
+    assert (probs_after[:, heads].amax(-1) < probs_before[:, heads].amax(-1) + 1e-6).all()
+    # q/k/v of other widths (kdim, vdim) are separate weights: not found, the user passes a QKProjection
+    assert find_qk_projection(torch.nn.MultiheadAttention(16, 4, kdim=12, vdim=12)) is None
+
+
 def test_find_qk_projection_returns_none_for_unknown_layouts():
     assert find_qk_projection(torch.nn.Linear(4, 4)) is None
     with pytest.raises(ValueError, match="query rows"):
