@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# litgpt, for the attention-capture tests on its models: without its dependencies, whose
 	# huggingface-hub<1.4 pin conflicts with transformers 5 (its model needs only what [dev] brings)
 	$(PY) -m pip install --quiet --no-deps litgpt==0.5.13
+	# torchao, pinned: its float8 training runs on a CPU through torch's CPU _scaled_mm, so the torchao
+	# backend is tested against the real library here (its speed needs a GPU)
+	$(PY) -m pip install --quiet --no-deps torchao==0.18.0
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -153,6 +153,14 @@ def axiswise_scale(x: Tensor, dim: int, fmt: FP8Format) -> Tensor:
     return torch.where(ok, new, torch.ones_like(amax))
 
 
+def row_scales(x: Tensor, fmt: FP8Format) -> tuple[Tensor, Tensor]:
+    """``x`` as rows along its last dimension, and each row's :func:`axiswise_scale`: how torchao's
+    ``rowwise`` recipe scales a GEMM operand that contracts its last dimension (an input per token, a
+    weight per output feature, an output gradient per token for the input's gradient)."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    return rows, axiswise_scale(rows, -1, fmt)
+
+
 def roll_history(history: Tensor, amax: Tensor) -> Tensor:
     """The amax history with ``amax`` as its newest entry, ``history[0]``, the oldest dropped. In place."""
     history.copy_(torch.roll(history, 1, dims=0))
@@ -197,7 +205,9 @@ def fp8_health(x: Tensor, scale: Tensor | float, fmt: FP8Format) -> dict[str, Te
 class _FP8Linear(torch.autograd.Function):
     """``y = q_e4m3(x) q_e4m3(W)^T + b`` with per-tensor scales, computed in float32; in the backward
     the output gradient is quantised to E5M2 and both products use the quantised forward operands, as
-    an FP8 GEMM does. Gradients come back in their inputs' dtypes."""
+    an FP8 GEMM does. The bias gradient is the sum of the unquantised output gradient, as Transformer
+    Engine and torchao compute it (the bias is added outside the FP8 GEMM). Gradients come back in their
+    inputs' dtypes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, x_scale, w_scale, g_scale, fwd_fmt, bwd_fmt):  # type: ignore[no-untyped-def]
@@ -217,7 +227,7 @@ class _FP8Linear(torch.autograd.Function):
         g2 = gq.reshape(-1, gq.shape[-1])  # (tokens, out)
         grad_x = (gq @ wq).to(x_dtype)  # (..., in)
         grad_w = (g2.t() @ xq.reshape(-1, xq.shape[-1])).to(w_dtype)  # (out, in)
-        grad_b = None if b_dtype is None else g2.sum(0).to(b_dtype)
+        grad_b = None if b_dtype is None else grad_out.float().reshape(-1, gq.shape[-1]).sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -242,7 +252,9 @@ class _FP8LinearRowwise(torch.autograd.Function):
     Forward: ``x`` per token, ``W`` per output feature. Backward: for ``dx = g W``, ``g`` per token and
     ``W`` per input feature; for ``dW = g^T x``, ``g`` per output feature and ``x`` per input feature
     (both over the tokens). So the backward quantises the high-precision ``x`` and ``W`` again, each
-    along its other axis, as an FP8 GEMM of row-scaled operands must."""
+    along its other axis, as an FP8 GEMM of row-scaled operands must. Each GEMM writes bfloat16, as
+    torchao's does (``torch._scaled_mm`` has no float32 output with row-wise scales; torchao casts to the
+    caller's dtype after), and the bias is added after it, its gradient the unquantised sum."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, fmt):  # type: ignore[no-untyped-def]
@@ -251,7 +263,7 @@ class _FP8LinearRowwise(torch.autograd.Function):
         ctx.save_for_backward(x2, w)
         ctx.fmt, ctx.x_shape = fmt, x.shape
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        y = quantize(x2, axiswise_scale(x2, -1, fmt), fmt) @ quantize(w, axiswise_scale(w, -1, fmt), fmt).t()
+        y = _bf16(quantize(x2, axiswise_scale(x2, -1, fmt), fmt) @ quantize(w, axiswise_scale(w, -1, fmt), fmt).t())
         if bias is not None:
             y = y + bias.float()
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -262,10 +274,16 @@ class _FP8LinearRowwise(torch.autograd.Function):
         fmt = ctx.fmt
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         g2 = grad_out.reshape(-1, grad_out.shape[-1]).float()  # (tokens, out)
-        grad_x = quantize(g2, axiswise_scale(g2, -1, fmt), fmt) @ quantize(w, axiswise_scale(w, 0, fmt), fmt)
-        grad_w = quantize(g2, axiswise_scale(g2, 0, fmt), fmt).t() @ quantize(x2, axiswise_scale(x2, 0, fmt), fmt)
+        grad_x = _bf16(quantize(g2, axiswise_scale(g2, -1, fmt), fmt) @ quantize(w, axiswise_scale(w, 0, fmt), fmt))
+        grad_w = _bf16(quantize(g2, axiswise_scale(g2, 0, fmt), fmt).t() @ quantize(x2, axiswise_scale(x2, 0, fmt), fmt))
         grad_b = None if b_dtype is None else g2.sum(0).to(b_dtype)
         return grad_x.reshape(ctx.x_shape).to(x_dtype), grad_w.to(w_dtype), grad_b, None
+
+
+def _bf16(gemm: Tensor) -> Tensor:
+    """A row-scaled FP8 GEMM's output: its float32 accumulation rounded to bfloat16, and back to float32
+    as torchao casts it for the caller."""
+    return gemm.to(torch.bfloat16).float()
 
 
 def fp8_linear_rowwise(x: Tensor, weight: Tensor, bias: Tensor | None, fmt: FP8Format = E4M3) -> Tensor:

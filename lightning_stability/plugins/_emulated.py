@@ -16,13 +16,13 @@ from lightning_stability.ops.fp8 import (
     E5M2,
     FP8Format,
     amax_from_history,
-    axiswise_scale,
     current_scale,
     delayed_scale,
     fp8_health,
     fp8_linear,
     fp8_linear_rowwise,
     roll_history,
+    row_scales,
 )
 
 ROLES = ("input", "weight", "grad")
@@ -102,8 +102,7 @@ class EmulatedFP8Linear(nn.Linear):
         fmt = self.formats[1] if role == 2 else self.formats[0]
         if self.recipe == "rowwise":
             fmt = self.formats[0]  # torchao's rowwise recipe: E4M3 for the output gradient too
-            rows = x.detach().reshape(-1, x.shape[-1])
-            s = axiswise_scale(rows, -1, fmt)
+            rows, s = row_scales(x, fmt)
             self.scale[role] = s.amin()
             if self.health_due and self.training:
                 self.health[ROLES[role]] = fp8_health(rows, s, fmt)

@@ -15,7 +15,7 @@ from typing import Any
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor, nn
 
-from lightning_stability.ops.fp8 import E4M3, E5M2, FP8Format, current_scale, fp8_health
+from lightning_stability.ops.fp8 import E4M3, E5M2, FP8Format, current_scale, fp8_health, row_scales
 from lightning_stability.ops.sharded import is_dtensor
 from lightning_stability.plugins._te import device_capability
 
@@ -75,9 +75,10 @@ def converted(module: nn.Module) -> TorchaoLayer | None:
 class TorchaoLayer:
     """What ``FP8Precision`` needs of a layer torchao converted: a fallback switch (the layer runs as
     the ``nn.Linear`` it subclasses, under the plugin's bf16 autocast) and health captured by hooks
-    on sampled steps, with the scales torchao computes the same way (each tensor's amax: for
-    ``rowwise``, the per-tensor scale, which bounds the per-row ones from below, so the underflow
-    fraction is an upper bound). Dynamic scaling keeps no history: nothing to reset or save."""
+    on sampled steps, in the formats and with the scales torchao's cast uses: ``tensorwise``, each
+    tensor's amax, E4M3 forward and E5M2 for the output gradient; ``rowwise``, one power-of-two scale
+    per row (:func:`~lightning_stability.ops.fp8.row_scales`: per token, per output feature) and E4M3
+    for every role. Dynamic scaling keeps no history: nothing to reset or save."""
 
     def __init__(self, module: nn.Module, recipe: str, formats: tuple[FP8Format, FP8Format] = (E4M3, E5M2)) -> None:
         if not isinstance(module, nn.Linear):
@@ -113,12 +114,16 @@ class TorchaoLayer:
             return
         # under FSDP2 the weight is whole here: fully_shard's pre-forward gathers it first, also where the
         # layer itself is sharded (tests/callbacks/test_fsdp.py, the "layers" mode)
-        x, weight, fmt = args[0], module.get_parameter("weight"), self.formats[0]
-        self.health["input"] = fp8_health(x, current_scale(x, fmt), fmt)
-        self.health["weight"] = fp8_health(weight, current_scale(weight, fmt), fmt)
+        self.health["input"] = self._health(args[0], self.formats[0])
+        self.health["weight"] = self._health(module.get_parameter("weight"), self.formats[0])
 
     def _grad_hook(self, module: nn.Module, grad_input: Any, grad_output: Any) -> None:
         if not (self.health_due and not self.fallback and grad_output and grad_output[0] is not None):
             return
-        g, fmt = grad_output[0], self.formats[1]
-        self.health["grad"] = fp8_health(g, current_scale(g, fmt), fmt)
+        # torchao's rowwise recipe casts the output gradient to E4M3 too
+        self.health["grad"] = self._health(grad_output[0], self.formats[0 if self.recipe == "rowwise" else 1])
+
+    def _health(self, x: Tensor, fmt: FP8Format) -> dict[str, Tensor]:
+        if self.recipe == "rowwise":
+            return fp8_health(*row_scales(x, fmt), fmt)
+        return fp8_health(x, current_scale(x, fmt), fmt)

@@ -1,6 +1,7 @@
-"""Run by test_fsdp.py as its own program (FSDP2 on 2 gloo ranks): ``FP8Precision(backend='torchao')``
-with torchao's conversion faked (tests/plugins/_fake_torchao.py), the model converted in
-``configure_model`` before ``fully_shard``.
+"""Run by test_fsdp.py as its own program (FSDP2 on 2 gloo ranks): ``FP8Precision(backend='torchao')``,
+the model converted in ``configure_model`` before ``fully_shard``; torchao's conversion faked
+(tests/plugins/_fake_torchao.py), or with the modes ``real-...`` the real torchao, its float8 training on
+these CPUs through torch's CPU ``_scaled_mm`` (only the hardware check told it has an SM 9.0 GPU).
 
 ``blocks``: fully_shard on every block (FSDP2 gathers a block's weights before its layers run);
 ``layers``: on every converted layer too, so the plugin's hook runs before FSDP2's gather. Each mode
@@ -16,17 +17,41 @@ import sys
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from lightning_stability import get_event_log
 from lightning_stability.ops.fp8 import E4M3, current_scale, fp8_health
+from lightning_stability.plugins import _te, _torchao
 from lightning_stability.plugins.fp8 import FP8Precision
 from tests.callbacks import _two_ranks as two_ranks
 from tests.callbacks._fsdp_model import ShardedGPT, fsdp_trainer, sharded_gpt
 from tests.plugins._fake_torchao import FakeFloat8Linear, install
 
-SEEN = install(setattr, lambda mapping, key, value: mapping.__setitem__(key, value))
+REAL = len(sys.argv) > 2 and sys.argv[2].startswith("real")  # one launch runs the fake's modes or the real ones
+if REAL:
+    from torchao.float8.float8_linear import Float8Linear as FP8_LAYER
+
+    _torchao.device_capability = lambda: (9, 0)
+    _te.TE_AVAILABLE = False
+else:
+    SEEN = install(setattr, lambda mapping, key, value: mapping.__setitem__(key, value))
+    FP8_LAYER = FakeFloat8Linear
 TARGET, NAMED_AT, SAVE_AT, STEPS = "blocks.0.mlp.0", 4, 8, 12
+FP8_CALLS: dict[int, int] = {}  # the real layers' forwards that ran the FP8 GEMM
+
+
+def count_fp8(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+    """A real Float8Linear's forward ran in FP8 where its output is not the plain linear's."""
+    if module.training:
+        with torch.no_grad():
+            if not torch.equal(out, F.linear(args[0], module.weight, module.bias)):
+                FP8_CALLS[id(module)] = FP8_CALLS.get(id(module), 0) + 1
+
+
+def fp8_calls(module: nn.Module) -> int:
+    return (FP8_CALLS if REAL else FakeFloat8Linear.calls).get(id(module), 0)
 
 
 class ConvertThenShard(ShardedGPT):
@@ -34,11 +59,12 @@ class ConvertThenShard(ShardedGPT):
 
     def configure_model(self) -> None:
         self.trainer.precision_plugin.convert_module(self)  # whole weights: before the sharding
-        if self.shard_layers:
-            mesh = self.device_mesh["data_parallel"]
-            for module in self.modules():
-                if isinstance(module, FakeFloat8Linear):
-                    fully_shard(module, mesh=mesh)
+        for module in self.modules():
+            if isinstance(module, FP8_LAYER):
+                if REAL:
+                    module.register_forward_hook(count_fp8)  # runs after FSDP2's gather: whole weights
+                if self.shard_layers:
+                    fully_shard(module, mesh=self.device_mesh["data_parallel"])
         super().configure_model()
 
 
@@ -59,13 +85,13 @@ class Record(pl.Callback):
             get_event_log(trainer).emit(step, "my_check", "MyMonitor", "warning", {}, None, TARGET)
         health = {k.rsplit("/", 1)[-1]: v for k, v in self.plugin.last_health.items() if k.startswith(f"{TARGET}/weight/")}
         self.steps.append({"step": step, "fallback": self.plugin.fallback_layers, "health": health, "whole": self.whole,
-                           "fp8_calls": FakeFloat8Linear.calls.get(id(pl_module.get_submodule(TARGET)), 0)})
+                           "fp8_calls": fp8_calls(pl_module.get_submodule(TARGET))})
 
 
 def fit(out: str, mode: str, steps: int, ckpt: str | None, save: str | None) -> tuple[pl.Trainer, FP8Precision, Record]:
     model, loader = sharded_gpt(STEPS, d_model=48)  # FP8 GEMMs take multiples of 16
     model.__class__ = ConvertThenShard
-    model.shard_layers = mode == "layers"
+    model.shard_layers = mode.endswith("layers")
     plugin = FP8Precision(backend="torchao", health_every_n_steps=2, cooldown=100)
     record = Record(plugin)
     callbacks: list[pl.Callback] = [record]
@@ -82,10 +108,12 @@ def fit(out: str, mode: str, steps: int, ckpt: str | None, save: str | None) -> 
 
 def main(out: str, mode: str) -> None:
     path = os.path.join(out, "sharded.ckpt")
-    SEEN.filtered.clear()
+    if not REAL:
+        SEEN.filtered.clear()
     trainer, plugin, record = fit(out, mode, SAVE_AT + 1, None, path)
-    filtered = list(SEEN.filtered)  # what torchao was asked to convert in this fit
     model = trainer.lightning_module
+    # what torchao was asked to convert in this fit; the real one: the layers it made its own
+    filtered = [n for n, m in model.named_modules() if isinstance(m, FP8_LAYER)] if REAL else list(SEEN.filtered)
     _, resumed, after = fit(out, mode, STEPS, path, None)
     report = {
         "converted": plugin.converted_layers,

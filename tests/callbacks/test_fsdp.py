@@ -228,10 +228,15 @@ def test_spectral_monitor_refuses_fsdp1_and_blocks_on_shards(tmp_path):
         SpectralMonitor(block=2).setup(trainer, None, "fit")  # type: ignore[arg-type]
 
 
-def test_fp8_torchao_under_fsdp2_health_of_whole_weights_fallback_agreed_and_resumed(tmp_path):
-    """torchao's conversion faked: the model converted in configure_model before fully_shard (on the
-    blocks, or on the converted layers too), a layer named on rank 1 alone, a sharded checkpoint."""
-    runs = two_ranks.run_two_ranks_each("fsdp_fp8_torchao_script.py", tmp_path, ("blocks", "layers"), timeout=420)
+@pytest.mark.parametrize("torchao", ["faked", "real"])
+def test_fp8_torchao_under_fsdp2_health_of_whole_weights_fallback_agreed_and_resumed(tmp_path, torchao):
+    """torchao's conversion faked, or the real torchao (its float8 training on these CPUs): the model
+    converted in configure_model before fully_shard (on the blocks, or on the converted layers too), a
+    layer named on rank 1 alone, a sharded checkpoint."""
+    if torchao == "real":
+        pytest.importorskip("torchao.float8", reason="torchao is not installed")
+    modes = ("blocks", "layers") if torchao == "faked" else ("real-blocks", "real-layers")
+    runs = two_ranks.run_two_ranks_each("fsdp_fp8_torchao_script.py", tmp_path, modes, timeout=420)
     target = "blocks.0.mlp.0"
     for mode, ranks in runs.items():
         r0, r1 = ranks

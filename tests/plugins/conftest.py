@@ -1,4 +1,5 @@
-"""The Transformer Engine fake shared by the plugin tests: TE mocked the way Lightning's own tests mock it."""
+"""The Transformer Engine fake shared by the plugin tests (TE mocked the way Lightning's own tests mock it),
+and the real torchao on this CPU."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_stability.plugins import _te
+from lightning_stability.plugins import _te, _torchao
 
 
 class FakeTELinear(nn.Linear):
@@ -88,3 +89,28 @@ def fake_te(monkeypatch):
     sm = {"value": (9, 0)}
     monkeypatch.setattr(_te, "device_capability", lambda: sm["value"])
     return SimpleNamespace(te=te, recipe=recipe, sm=sm)
+
+
+@pytest.fixture
+def real_torchao(monkeypatch):
+    """The real torchao, on this CPU: its float8 training runs through torch's CPU ``torch._scaled_mm``,
+    so its conversion, casts and GEMMs are the library's own. Only the hardware check is told it has an
+    SM 9.0 GPU (the speed is a GPU's question: tests/plugins/test_fp8_gpu.py)."""
+    pytest.importorskip("torchao.float8", reason="torchao is not installed")
+    monkeypatch.setattr(_torchao, "device_capability", lambda: (9, 0))
+    monkeypatch.setattr(_te, "TE_AVAILABLE", False)
+
+
+def fit_llama(tmp_path, name: str, plugins: list, steps: int = 12):
+    """Hugging Face's Llama (tests/clients: GQA, narrower k and v projections) fitted ``steps`` steps with
+    ``plugins``, the same seed and batches every call; the module and its last training loss."""
+    import lightning.pytorch as pl
+
+    from tests.clients.models import Client, loader
+    from tests.conftest import make_trainer
+
+    pl.seed_everything(0, verbose=False)
+    model = Client("llama", max_steps=steps)
+    trainer = make_trainer(tmp_path / name, steps, [], plugins=plugins)
+    trainer.fit(model, loader("llama", n=8 * steps))
+    return model, float(trainer.callback_metrics["train_loss"])

@@ -1,6 +1,7 @@
 """Resuming from a checkpoint with every precision flag: the FP8 scaling state (the emulator's amax
 histories and scales, Transformer Engine's ``_extra_state``) and the 8-bit optimizer state come back
-bit for bit, and a resumed run continues exactly as the uninterrupted one."""
+bit for bit, and a resumed run continues exactly as the uninterrupted one. torchao's float8 training
+(the real library, on this CPU) scales dynamically: only its weights and the optimizer come back."""
 
 from __future__ import annotations
 
@@ -26,7 +27,14 @@ def _setup(flag):
         pytest.skip("bitsandbytes is not installed")
     if flag == "te-mocked":
         return {"plugins": [FP8Precision(backend="te")], "callbacks": []}
+    if flag == "torchao":
+        return {"plugins": [FP8Precision(backend="torchao")], "callbacks": []}
     return resolve_precision(flag)
+
+
+def _fixture(flag, request):
+    if flag in ("te-mocked", "torchao"):
+        request.getfixturevalue("fake_te" if flag == "te-mocked" else "real_torchao")
 
 
 def _scaling(model):
@@ -78,10 +86,10 @@ class _AtSave(pl.Callback):
             self.scaling, self.optimizer = _scaling(pl_module), _optimizer_state(trainer)
 
 
-@pytest.mark.parametrize("flag", [*FLAGS, "te-mocked"])
+@pytest.mark.parametrize("flag", [*FLAGS, "te-mocked", "torchao"])
 def test_resume_restores_the_precision_state_exactly_and_continues_as_the_uninterrupted_run(tmp_path, flag, request):
-    if flag == "te-mocked":
-        request.getfixturevalue("fake_te")
+    _fixture(flag, request)
+    scaled = flag not in ("adamw8bit", "torchao")  # a scaling state to carry
     # the uninterrupted run, writing a checkpoint at the end of its first epoch
     model, loader = tiny_gpt(2 * BATCHES, batches=BATCHES)
     setup = _setup(flag)
@@ -91,7 +99,7 @@ def test_resume_restores_the_precision_state_exactly_and_continues_as_the_uninte
                          plugins=setup["plugins"], enable_checkpointing=True)
     whole.fit(model, loader)
     path = tmp_path / "ckpt" / f"epoch=0-step={BATCHES}.ckpt"
-    if flag != "adamw8bit":
+    if scaled:
         assert at_save.scaling  # FP8 ran and left a scaling state to restore
         # nothing but the weights in the module's state_dict: it loads into a model without the plugin
         assert not [k for k in torch.load(path, weights_only=False)["state_dict"]
@@ -104,7 +112,9 @@ def test_resume_restores_the_precision_state_exactly_and_continues_as_the_uninte
     resumed = make_trainer(tmp_path / "resumed", 2 * BATCHES, [*setup["callbacks"], probe], plugins=setup["plugins"])
     resumed.fit(resumed_model, loader, ckpt_path=str(path))
     assert probe.step == BATCHES and resumed.global_step == 2 * BATCHES
-    if flag != "adamw8bit":
+    if flag == "torchao":
+        assert type(resumed_model.blocks[0].mlp[0]).__name__ == "Float8Linear"  # torchao's own layer, resumed
+    if scaled:
         _assert_equal(probe.scaling, at_save.scaling)  # bit for bit, at the first resumed step
         _assert_equal(_scaling(resumed_model), _scaling(model))  # and where the uninterrupted run ended
     _assert_same_optimizer_state(probe.optimizer, at_save.optimizer)
@@ -112,10 +122,9 @@ def test_resume_restores_the_precision_state_exactly_and_continues_as_the_uninte
         assert torch.equal(p, q), name  # the resumed run is the uninterrupted one
 
 
-@pytest.mark.parametrize("flag", ["fp8-emulated", "fp8-emulated+adamw8bit", "te-mocked"])
+@pytest.mark.parametrize("flag", ["fp8-emulated", "fp8-emulated+adamw8bit", "te-mocked", "torchao"])
 def test_a_checkpoint_written_with_fp8_resumes_in_a_plain_run(tmp_path, flag, request):
-    if flag == "te-mocked":
-        request.getfixturevalue("fake_te")
+    _fixture(flag, request)
     model, loader = tiny_gpt(2 * BATCHES, batches=BATCHES)
     setup = _setup(flag)
     trainer = make_trainer(tmp_path / "fp8", BATCHES, setup["callbacks"], plugins=setup["plugins"])

@@ -1,10 +1,10 @@
-"""The torchao backend on CPU, with torchao's float8 conversion mocked the way the TE tests mock TE;
-the real thing trains in the GPU-marked tests (tests/plugins/test_fp8_gpu.py) on a device run, under
+"""The torchao backend with torchao's float8 conversion mocked the way the TE tests mock TE: the choice of
+backend, the refusals and what the plugin asks of torchao. The real torchao trains on this CPU in
+test_fp8_torchao_cpu.py and on a GPU in the GPU-marked tests (tests/plugins/test_fp8_gpu.py), under
 FSDP2 too; the FSDP2 run with the fake on 2 CPU ranks is in tests/callbacks/test_fsdp.py."""
 
 from __future__ import annotations
 
-import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -16,9 +16,6 @@ from lightning_stability.plugins import _torchao
 from lightning_stability.plugins.fp8 import EmulatedFP8Linear, FP8Precision
 from tests.conftest import make_trainer, tiny_gpt
 from tests.plugins._fake_torchao import FakeFloat8Linear, install
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("torchao") is not None,
-                                reason="torchao is installed: the GPU tests cover it")
 
 
 @pytest.fixture
@@ -121,6 +118,7 @@ def test_a_recipe_torchao_does_not_run_is_refused_naming_those_it_does(fake_torc
 
 
 def test_on_this_machine_torchao_is_refused_naming_what_it_needs(monkeypatch):
+    monkeypatch.setattr(_torchao, "TORCHAO_AVAILABLE", False)  # not installed
     with pytest.raises(ModuleNotFoundError, match=r"needs torchao: pip install \"lightning-stability\[fp8-torchao\]\".*"
                                                   r"backend='emulated'"):
         FP8Precision(backend="torchao")

@@ -14,7 +14,7 @@ from torch import nn
 from lightning_stability.demos import TinyGPT, make_dataloader
 from lightning_stability.plugins.fp8 import EmulatedFP8Linear, FP8Precision
 from tests.conftest import make_trainer
-from tests.plugins.conftest import FakeTELinear
+from tests.plugins.conftest import FakeTELinear, fit_llama
 
 
 class _Validated(TinyGPT):
@@ -129,26 +129,17 @@ def test_multihead_attention_out_proj_is_not_reported_as_fp8():
 def test_torchaos_rowwise_recipe_emulated_trains_llama_close_to_float32_with_per_row_health(tmp_path):
     """The emulator runs torchao's rowwise recipe, so it can be studied without a GPU: Llama's projections
     (GQA's narrower k and v among them) train as in float32, and the health is the tightest row's."""
-    from tests.clients.models import Client, loader
-
-    losses = {}
-    for recipe in ("float32", "rowwise"):
-        pl.seed_everything(0, verbose=False)
-        model = Client("llama", max_steps=12)
-        plugins = [] if recipe == "float32" else [FP8Precision(backend="emulated", recipe=recipe, health_every_n_steps=1)]
-        trainer = make_trainer(tmp_path / recipe, 12, [], plugins=plugins)
-        trainer.fit(model, loader("llama", n=96))
-        losses[recipe] = float(trainer.callback_metrics["train_loss"])
-        if plugins:
-            plugin = plugins[0]
-            assert (plugin.backend, plugin.recipe) == ("emulated", "rowwise")
-            k_proj = "model.model.layers.0.self_attn.k_proj"
-            assert k_proj in plugin.converted_layers
-            layer = model.model.model.layers[0].self_attn.k_proj
-            assert isinstance(layer, EmulatedFP8Linear) and layer.recipe == "rowwise"
-            health = plugin.last_health
-            for role in ("input", "weight", "grad"):
-                scale = health[f"{k_proj}/{role}/scale"]
-                assert scale > 0 and math.log2(scale) == int(math.log2(scale))  # a power of two
-                assert 0.0 <= health[f"{k_proj}/{role}/headroom"] < 1.0  # each row scaled to within one bit of the top
+    plugin = FP8Precision(backend="emulated", recipe="rowwise", health_every_n_steps=1)
+    losses = {"float32": fit_llama(tmp_path, "float32", [])[1]}
+    model, losses["rowwise"] = fit_llama(tmp_path, "rowwise", [plugin])
+    assert (plugin.backend, plugin.recipe) == ("emulated", "rowwise")
+    k_proj = "model.model.layers.0.self_attn.k_proj"
+    assert k_proj in plugin.converted_layers
+    layer = model.model.model.layers[0].self_attn.k_proj
+    assert isinstance(layer, EmulatedFP8Linear) and layer.recipe == "rowwise"
+    health = plugin.last_health
+    for role in ("input", "weight", "grad"):
+        scale = health[f"{k_proj}/{role}/scale"]
+        assert scale > 0 and math.log2(scale) == int(math.log2(scale))  # a power of two
+        assert 0.0 <= health[f"{k_proj}/{role}/headroom"] < 1.0  # each row scaled to within one bit of the top
     assert losses["rowwise"] == pytest.approx(losses["float32"], rel=0.02)
