@@ -1,7 +1,10 @@
 """Which FP8 backend ``FP8Precision`` runs, and with which recipe: Transformer Engine, torchao's
-float8 training, or the emulator, from what is installed and what the GPU can do."""
+float8 training, or the emulator, from what is installed and what the GPU can do; and which layer
+shapes an FP8 GEMM takes."""
 
 from __future__ import annotations
+
+from torch import nn
 
 from lightning_stability.plugins import _te, _torchao
 
@@ -48,3 +51,24 @@ def choose_backend(owner: str, backend: str, recipe: str | None) -> tuple[str, s
         raise ValueError(f"{owner}(recipe={recipe!r}): the {backend} backend runs {list(allowed)}"
                          + (f" ({why})" if backend == "emulated" else ""))
     return backend, why, recipe
+
+
+# block-scaled recipes quantise in blocks along both dimensions: their GEMMs need whole blocks; torchao's
+# (torch._scaled_mm) need both dimensions divisible by 16
+_BLOCK_MULTIPLE = {"block": 128, "mxfp8": 32, "nvfp4": 32, "tensorwise": 16, "rowwise": 16}
+
+
+def fp8_shape_reason(linear: nn.Linear, recipe: str = "delayed") -> str | None:
+    """Why an FP8 GEMM cannot run this layer, or ``None``: Transformer Engine needs ``in_features``
+    divisible by 16 and ``out_features`` by 8, and block-scaled recipes whole blocks (128 for
+    ``"block"``, 32 for MXFP8 and NVFP4) along both."""
+    multiple = _BLOCK_MULTIPLE.get(recipe)
+    if multiple is not None:
+        for name in ("in_features", "out_features"):
+            if getattr(linear, name) % multiple:
+                return f"{name}={getattr(linear, name)} is not divisible by {multiple} (recipe {recipe!r})"
+    if linear.in_features % 16:
+        return f"in_features={linear.in_features} is not divisible by 16"
+    if linear.out_features % 8:
+        return f"out_features={linear.out_features} is not divisible by 8"
+    return None

@@ -10,8 +10,11 @@ weights.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+import torch.nn.functional as F
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor, nn
 
@@ -51,8 +54,20 @@ def check_torchao() -> None:
     raise RuntimeError(f"FP8Precision(backend='torchao') needs a CUDA GPU with SM>=8.9; {why}. {study}")
 
 
-def convert(module: nn.Module, names: set[str], recipe: str) -> None:
-    """Convert the ``nn.Linear`` layers named ``names`` (and no other) with torchao's float8 training."""
+def check_all_gather(owner: str, backend: str, recipe: str, float8_all_gather: bool) -> None:
+    """``float8_all_gather=True`` asks torchao to all-gather FSDP2's weights in float8: its tensorwise
+    recipe only (one scale per weight, agreed across the ranks before the cast)."""
+    if not isinstance(float8_all_gather, bool):
+        raise TypeError(f"{owner}(float8_all_gather={float8_all_gather!r}): expected True or False")
+    if float8_all_gather and (backend, recipe) != ("torchao", "tensorwise"):
+        raise ValueError(f"{owner}(float8_all_gather=True): torchao's float8 all-gather under FSDP2 serves "
+                         f"backend='torchao' with recipe='tensorwise'; this plugin runs backend={backend!r}, "
+                         f"recipe={recipe!r}.")
+
+
+def convert(module: nn.Module, names: set[str], recipe: str, float8_all_gather: bool = False) -> None:
+    """Convert the ``nn.Linear`` layers named ``names`` (and no other) with torchao's float8 training;
+    ``float8_all_gather``: its weights all-gathered by FSDP2 in float8 (torchao wraps them)."""
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     # torchao converts whole weights: under FSDP2 before fully_shard, which shards the converted layers
@@ -64,7 +79,36 @@ def convert(module: nn.Module, names: set[str], recipe: str) -> None:
             "self.trainer.precision_plugin.convert_module(self) after building the layers and before fully_shard."
         )
     config = Float8LinearConfig.from_recipe_name(recipe)
+    if float8_all_gather:
+        config = dataclasses.replace(config, enable_fsdp_float8_all_gather=True)
     convert_to_float8_training(module, config=config, module_filter_fn=lambda mod, fqn: fqn in names)
+
+
+def precompute_scales(module: nn.Module) -> None:
+    """With the float8 all-gather: every sharded weight's scale from its whole amax, in one all-reduce
+    for all of them (torchao's ``precompute_float8_dynamic_scale_for_fsdp``; without it, one per weight
+    in each all-gather). Called as a forward starts, so the scales are those of the weights this
+    forward uses, after any rollback or edit since the optimizer step."""
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(module)
+
+
+def with_weight_health(closure: Callable[[], Any], layers: list[TorchaoLayer]) -> Callable[[], Any]:
+    """``closure`` (forward and backward), then the health of the weights the forward saw only in
+    float8 (:meth:`TorchaoLayer.weight_health`), before the optimizer changes them."""
+    def run() -> Any:
+        out = closure()
+        for layer in layers:
+            layer.weight_health()
+        return out
+    return run
+
+
+def _unsharded_high_precision(weight: Tensor) -> Tensor | None:
+    """The weight as a layer's forward sees it, in high precision; ``None`` where FSDP2 gathered it in
+    float8 (torchao's float8 all-gather: a ``Float8TrainingTensor``)."""
+    return None if hasattr(weight, "to_original_precision") else weight
 
 
 def converted(module: nn.Module) -> TorchaoLayer | None:
@@ -78,7 +122,12 @@ class TorchaoLayer:
     on sampled steps, in the formats and with the scales torchao's cast uses: ``tensorwise``, each
     tensor's amax, E4M3 forward and E5M2 for the output gradient; ``rowwise``, one power-of-two scale
     per row (:func:`~lightning_stability.ops.fp8.row_scales`: per token, per output feature) and E4M3
-    for every role. Dynamic scaling keeps no history: nothing to reset or save."""
+    for every role. Dynamic scaling keeps no history: nothing to reset or save.
+
+    With torchao's float8 all-gather (FSDP2) the forward sees the weight only in float8: its health is
+    taken after the backward from the whole weight (one all-gather per layer, on health steps only),
+    and a fallen-back layer runs its bf16 GEMM on the float8 weight dequantised (the all-gather ships
+    nothing else), so the input and gradient casts leave FP8 and the weight keeps its E4M3 rounding."""
 
     def __init__(self, module: nn.Module, recipe: str, formats: tuple[FP8Format, FP8Format] = (E4M3, E5M2)) -> None:
         if not isinstance(module, nn.Linear):
@@ -92,7 +141,10 @@ class TorchaoLayer:
 
         def guarded_forward(x: Tensor, *args: Any, **kwargs: Any) -> Any:
             if self.fallback:
-                return nn.Linear.forward(module, x)
+                weight = module.get_parameter("weight")
+                if _unsharded_high_precision(weight) is None:
+                    weight = weight.to_original_precision()  # type: ignore[attr-defined]
+                return F.linear(x, weight, module.bias)
             return fp8_forward(x, *args, **kwargs)
 
         module.forward = guarded_forward  # type: ignore[method-assign,assignment]
@@ -115,7 +167,19 @@ class TorchaoLayer:
         # under FSDP2 the weight is whole here: fully_shard's pre-forward gathers it first, also where the
         # layer itself is sharded (tests/callbacks/test_fsdp.py, the "layers" mode)
         self.health["input"] = self._health(args[0], self.formats[0])
-        self.health["weight"] = self._health(module.get_parameter("weight"), self.formats[0])
+        weight = _unsharded_high_precision(module.get_parameter("weight"))
+        if weight is not None:
+            self.health["weight"] = self._health(weight, self.formats[0])
+
+    def weight_health(self) -> None:
+        """After the backward, the weight's health where the forward could not take it (gathered in
+        float8): from the whole high-precision weight, assembled from the shards."""
+        weight = self.module.get_parameter("weight")
+        if not (self.health_due and not self.fallback and "input" in self.health and "weight" not in self.health):
+            return
+        whole = weight.full_tensor() if is_dtensor(weight) else weight  # type: ignore[attr-defined]
+        if _unsharded_high_precision(whole) is not None:
+            self.health["weight"] = self._health(whole.detach(), self.formats[0])
 
     def _grad_hook(self, module: nn.Module, grad_input: Any, grad_output: Any) -> None:
         if not (self.health_due and not self.fallback and grad_output and grad_output[0] is not None):

@@ -26,34 +26,19 @@ from lightning_stability.ops.fp8 import (
     FP8Format,
 )
 from lightning_stability.plugins import _te, _torchao
-from lightning_stability.plugins._backend import BACKENDS, EMULATED_RECIPES, RECIPES, choose_backend
+from lightning_stability.plugins._backend import (
+    BACKENDS,
+    EMULATED_RECIPES,
+    RECIPES,
+    choose_backend,
+    fp8_shape_reason,
+)
 from lightning_stability.plugins._emulated import ROLES, EmulatedFP8Linear, legacy_scaling
 
 __all__ = ["BACKENDS", "EMULATED_RECIPES", "RECIPES", "FP8Precision", "fp8_shape_reason"]
 FORMATS = {"hybrid": (E4M3, E5M2), "e4m3": (E4M3, E4M3)}
 _HEALTH_KEYS = ("amax", "scale", "headroom", "overflow_frac", "underflow_frac", "snr_db")
 _FLAG = "event_flag"  # gathered with the health: a layer named by an event on some rank
-
-
-# block-scaled recipes quantise in blocks along both dimensions: their GEMMs need whole blocks; torchao's
-# (torch._scaled_mm) need both dimensions divisible by 16
-_BLOCK_MULTIPLE = {"block": 128, "mxfp8": 32, "nvfp4": 32, "tensorwise": 16, "rowwise": 16}
-
-
-def fp8_shape_reason(linear: nn.Linear, recipe: str = "delayed") -> str | None:
-    """Why an FP8 GEMM cannot run this layer, or ``None``: Transformer Engine needs ``in_features``
-    divisible by 16 and ``out_features`` by 8, and block-scaled recipes whole blocks (128 for
-    ``"block"``, 32 for MXFP8 and NVFP4) along both."""
-    multiple = _BLOCK_MULTIPLE.get(recipe)
-    if multiple is not None:
-        for name in ("in_features", "out_features"):
-            if getattr(linear, name) % multiple:
-                return f"{name}={getattr(linear, name)} is not divisible by {multiple} (recipe {recipe!r})"
-    if linear.in_features % 16:
-        return f"in_features={linear.in_features} is not divisible by 16"
-    if linear.out_features % 8:
-        return f"out_features={linear.out_features} is not divisible by 8"
-    return None
 
 
 _SHARDED = ("FSDPStrategy", "ModelParallelStrategy")
@@ -97,6 +82,11 @@ class FP8Precision(Precision):
     own ``state_dict`` holds only the weights, so it loads before conversion and into a plain run. With
     ``fallback=False`` it only watches: an ``fp8_unhealthy`` warning per layer and incident, no switch.
 
+    **FSDP2** (``ModelParallelStrategy``, torchao only): the model converts itself in ``configure_model``
+    before ``fully_shard``. ``float8_all_gather=True`` (``recipe="tensorwise"``) has FSDP2 all-gather the
+    converted weights in float8, half the bytes of bf16, their scales computed in one all-reduce as each
+    forward starts; the weights' health is then taken after the backward from the whole weights.
+
     **DDP.** The health is gathered from every rank (one all-gather on health steps, none on the
     others) and each rank decides from the same numbers. Events of the stability callbacks are the
     same on every rank and act at once; an event of another source naming a layer may have happened on
@@ -124,6 +114,7 @@ class FP8Precision(Precision):
         cooldown: int = 200,
         autocast_dtype: torch.dtype = torch.bfloat16,
         fallback: bool = True,
+        float8_all_gather: bool = False,
     ) -> None:
         owner = type(self).__name__
         if fp8_format not in FORMATS:
@@ -140,6 +131,8 @@ class FP8Precision(Precision):
         if isinstance(keep, str):
             raise TypeError(f"{owner}(keep={keep!r}): expected a sequence of fnmatch patterns, not a str")
         self.backend, self.backend_reason, recipe = choose_backend(owner, backend, recipe)
+        _torchao.check_all_gather(owner, self.backend, recipe, float8_all_gather)
+        self.float8_all_gather = float8_all_gather
         self.requested_backend = backend
         self.fp8_format = fp8_format
         self._te_recipe: Any = (
@@ -172,6 +165,7 @@ class FP8Precision(Precision):
         self._legacy_scaling: dict[str, dict[str, Tensor]] = {}  # from an older checkpoint's module state
         self._mha_out: set[str] = set()
         self._heads: list[str] = []
+        self._module: nn.Module | None = None  # the converted model (the float8 all-gather's scales)
 
     # -- conversion --------------------------------------------------------------------------------
     @override
@@ -185,7 +179,7 @@ class FP8Precision(Precision):
         self._mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in module.named_modules()
                          if isinstance(m, nn.MultiheadAttention)}
         self._heads = output_heads(module.named_modules())  # the one head rule (core.modules)
-        self.converted_layers, self.skipped_layers, self._layers = [], {}, {}
+        self.converted_layers, self.skipped_layers, self._layers, self._module = [], {}, {}, module
         for_torchao: list[str] = []
         for name, linear in linears:
             reason = self._skip_reason(name, linear, ends)
@@ -214,7 +208,7 @@ class FP8Precision(Precision):
             self.converted_layers.append(name)
         fresh = {n for n in for_torchao if _torchao.converted(module.get_submodule(n)) is None}
         if fresh:
-            _torchao.convert(module, fresh, self.recipe)
+            _torchao.convert(module, fresh, self.recipe, self.float8_all_gather)
         for name in for_torchao:
             sub = module.get_submodule(name)
             self._layers[name] = _torchao.converted(sub) or _torchao.TorchaoLayer(sub, self.recipe, self.formats)
@@ -244,6 +238,8 @@ class FP8Precision(Precision):
         stack.enter_context(torch.autocast(device, dtype=self.autocast_dtype))
         if self.backend == "te":
             stack.enter_context(_te.fp8_autocast(enabled=True, recipe=self._te_recipe))
+        if self.float8_all_gather and self._module is not None:
+            _torchao.precompute_scales(self._module)
         return stack
 
     # -- the step: health, decisions ---------------------------------------------------------------
@@ -260,6 +256,9 @@ class FP8Precision(Precision):
         due = self._due(step)
         for layer in self._layers.values():
             layer.health_due, layer.health = due, {}
+        if self.float8_all_gather:  # the weights' health after the backward: the forward saw them in float8
+            closure = _torchao.with_weight_health(closure, [layer for layer in self._layers.values()
+                                                            if isinstance(layer, _torchao.TorchaoLayer)])
         out = super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         for layer in self._layers.values():
             layer.health_due = False

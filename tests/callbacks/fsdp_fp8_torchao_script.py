@@ -4,9 +4,10 @@ the model converted in ``configure_model`` before ``fully_shard``; torchao's con
 these CPUs through torch's CPU ``_scaled_mm`` (only the hardware check told it has an SM 9.0 GPU).
 
 ``blocks``: fully_shard on every block (FSDP2 gathers a block's weights before its layers run);
-``layers``: on every converted layer too, so the plugin's hook runs before FSDP2's gather. Each mode
-trains, names one layer by an event on rank 1 only (it falls back to bf16 on both ranks at the next
-health check), saves a distributed checkpoint with the layer in fallback, and resumes from it.
+``layers``: on every converted layer too, so the plugin's hook runs before FSDP2's gather; ``real-gather-``
+modes: with torchao's float8 all-gather (``float8_all_gather=True``). Each mode trains, names one layer by
+an event on rank 1 only (it falls back to bf16 on both ranks at the next health check), saves a
+distributed checkpoint with the layer in fallback, and resumes from it.
 """
 
 from __future__ import annotations
@@ -40,13 +41,18 @@ else:
     FP8_LAYER = FakeFloat8Linear
 TARGET, NAMED_AT, SAVE_AT, STEPS = "blocks.0.mlp.0", 4, 8, 12
 FP8_CALLS: dict[int, int] = {}  # the real layers' forwards that ran the FP8 GEMM
+GATHERED_AS: set[str] = set()  # the weights' types in the forward: float8 where FSDP2 gathered them so
 
 
 def count_fp8(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-    """A real Float8Linear's forward ran in FP8 where its output is not the plain linear's."""
+    """A real Float8Linear's forward ran in FP8 where its output is not the plain linear's (on the
+    weight as gathered: dequantised where it came in float8)."""
     if module.training:
+        weight = module.weight
+        GATHERED_AS.add(type(weight).__name__)
         with torch.no_grad():
-            if not torch.equal(out, F.linear(args[0], module.weight, module.bias)):
+            plain = weight.to_original_precision() if hasattr(weight, "to_original_precision") else weight
+            if not torch.equal(out, F.linear(args[0], plain, module.bias)):
                 FP8_CALLS[id(module)] = FP8_CALLS.get(id(module), 0) + 1
 
 
@@ -92,7 +98,7 @@ def fit(out: str, mode: str, steps: int, ckpt: str | None, save: str | None) -> 
     model, loader = sharded_gpt(STEPS, d_model=48)  # FP8 GEMMs take multiples of 16
     model.__class__ = ConvertThenShard
     model.shard_layers = mode.endswith("layers")
-    plugin = FP8Precision(backend="torchao", health_every_n_steps=2, cooldown=100)
+    plugin = FP8Precision(backend="torchao", health_every_n_steps=2, cooldown=100, float8_all_gather="gather" in mode)
     record = Record(plugin)
     callbacks: list[pl.Callback] = [record]
     if save is not None:
@@ -107,6 +113,7 @@ def fit(out: str, mode: str, steps: int, ckpt: str | None, save: str | None) -> 
 
 
 def main(out: str, mode: str) -> None:
+    GATHERED_AS.clear()
     path = os.path.join(out, "sharded.ckpt")
     if not REAL:
         SEEN.filtered.clear()
@@ -118,12 +125,18 @@ def main(out: str, mode: str) -> None:
     report = {
         "converted": plugin.converted_layers,
         "filtered": filtered,
+        "gathered_as": sorted(GATHERED_AS),
         "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters()),
         "steps": record.steps,
         "resumed_fallback_at_start": after.steps[0]["fallback"] if after.steps else None,
         "resumed": after.steps,
         "events": [(e.step, e.kind, e.target) for e in get_event_log(trainer) if e.source == "FP8Precision"],
         "finite": all(bool(torch.isfinite(p.full_tensor()).all()) for p in trainer.lightning_module.parameters()),
+        # where the weights ended: the same with or without the float8 all-gather (the same casts)
+        "weights": [float(p.full_tensor().double().abs().sum()) for p in trainer.lightning_module.parameters()],
+        # the float8 all-gather's scales, set as the forward started (precompute_float8_dynamic_scale_for_fsdp)
+        "precomputed": [getattr(m.weight._local_tensor, "_precomputed_scale", None) is not None
+                        for m in model.modules() if isinstance(m, FP8_LAYER)],
     }
     with open(os.path.join(out, f"rank{trainer.global_rank}.json"), "w") as fh:
         json.dump(report, fh)

@@ -235,7 +235,8 @@ def test_fp8_torchao_under_fsdp2_health_of_whole_weights_fallback_agreed_and_res
     layer named on rank 1 alone, a sharded checkpoint."""
     if torchao == "real":
         pytest.importorskip("torchao.float8", reason="torchao is not installed")
-    modes = ("blocks", "layers") if torchao == "faked" else ("real-blocks", "real-layers")
+    modes = ("blocks", "layers") if torchao == "faked" else (
+        "real-blocks", "real-layers", "real-gather-blocks", "real-gather-layers")  # gather: float8_all_gather=True
     runs = two_ranks.run_two_ranks_each("fsdp_fp8_torchao_script.py", tmp_path, modes, timeout=420)
     target = "blocks.0.mlp.0"
     for mode, ranks in runs.items():
@@ -259,3 +260,14 @@ def test_fp8_torchao_under_fsdp2_health_of_whole_weights_fallback_agreed_and_res
             assert [s["step"] for s in r["resumed"]] == [8, 9, 10, 11]
             assert all(s["fallback"] == [target] and s["fp8_calls"] == 0 for s in r["resumed"])
         assert r0["steps"] == r1["steps"], mode
+    if torchao == "real":
+        for shard in ("blocks", "layers"):
+            plain, gathered = runs[f"real-{shard}"], runs[f"real-gather-{shard}"]
+            # FSDP2 gathered the converted weights in float8, their scales computed as the forward began
+            assert gathered[0]["gathered_as"] == ["Float8TrainingTensor"] != plain[0]["gathered_as"]
+            assert all(gathered[0]["precomputed"]) and not any(plain[0]["precomputed"])
+            # the same casts as a float8 cast after a high-precision gather: the same run, bit for bit, up to
+            # the fallback (from step 7 the fallen-back layer's bf16 GEMM takes the dequantised float8 weight,
+            # the high-precision one without the float8 all-gather): close after it
+            assert gathered[0]["steps"][:8] == plain[0]["steps"][:8]
+            assert gathered[0]["weights"] == pytest.approx(plain[0]["weights"], rel=1e-3)

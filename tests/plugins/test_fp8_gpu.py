@@ -121,7 +121,8 @@ def test_torchao_backend_resumes_a_fallback_from_a_checkpoint(torchao, tmp_path)
     assert all(torch.isfinite(p).all() for p in model2.parameters())
 
 
-def test_torchao_backend_under_fsdp2_on_one_gpu_converted_before_the_sharding(torchao, tmp_path):
+@pytest.mark.parametrize("float8_all_gather", [False, True])
+def test_torchao_backend_under_fsdp2_on_one_gpu_converted_before_the_sharding(torchao, tmp_path, float8_all_gather):
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.fsdp import fully_shard
 
@@ -136,7 +137,7 @@ def test_torchao_backend_under_fsdp2_on_one_gpu_converted_before_the_sharding(to
 
     model, loader = tiny_gpt(10)
     model.__class__ = Sharded
-    plugin = FP8Precision(backend="torchao", health_every_n_steps=2)
+    plugin = FP8Precision(backend="torchao", health_every_n_steps=2, float8_all_gather=float8_all_gather)
     trainer = make_trainer(tmp_path, 10, [], plugins=[plugin], accelerator="gpu",
                            strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
     trainer.fit(model, loader)

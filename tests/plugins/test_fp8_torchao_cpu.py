@@ -139,3 +139,16 @@ def test_a_layer_named_by_an_event_runs_as_the_plain_linear_until_fp8_is_retried
     back = next(step for kind, t, step in kinds if kind == "fp8_retry" and t == target)
     assert in_fp8[:fell] == [True] * fell  # FP8 up to the fallback
     assert not any(in_fp8[fell + 1:back]) and in_fp8[-1]  # the plain linear in between; FP8 again at the end
+
+
+def test_with_the_float8_all_gather_on_one_device_training_is_the_same(tmp_path):
+    """``float8_all_gather=True`` wraps the converted weights for FSDP2; on one device nothing is
+    gathered, and the run is the one without it, bit for bit."""
+    weights = []
+    for gather in (False, True):
+        model, loader = tiny_gpt(6)
+        plugin = FP8Precision(backend="torchao", float8_all_gather=gather, health_every_n_steps=1)
+        make_trainer(tmp_path / str(gather), 6, [], plugins=[plugin]).fit(model, loader)
+        assert plugin.last_health["blocks.0.mlp.0/weight/amax"] > 0
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

@@ -139,3 +139,14 @@ def test_on_this_machine_auto_studies_torchaos_recipes_in_the_emulator(tmp_path)
     layer.recipe = "rowwise"
     rowwise = layer(x)
     assert torch.all(tensorwise[0] == 0) and torch.all(rowwise[0] != 0)  # the tiny token flushed, or kept row-wise
+
+
+def test_the_float8_all_gather_is_refused_where_torchao_does_not_serve_it(fake_torchao):
+    with pytest.raises(ValueError, match=r"float8_all_gather=True\): .* backend='torchao' with recipe='tensorwise'; "
+                                         r"this plugin runs backend='torchao', recipe='rowwise'"):
+        FP8Precision(backend="torchao", recipe="rowwise", float8_all_gather=True)
+    with pytest.raises(ValueError, match=r"runs backend='emulated', recipe='delayed'"):
+        FP8Precision(backend="emulated", float8_all_gather=True)
+    with pytest.raises(TypeError, match=r"float8_all_gather='yes'\): expected True or False"):
+        FP8Precision(backend="torchao", float8_all_gather="yes")  # type: ignore[arg-type]
+    assert FP8Precision(float8_all_gather=True).backend == "torchao"  # auto: torchao here, its default recipe
