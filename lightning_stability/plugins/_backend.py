@@ -4,6 +4,8 @@ shapes an FP8 GEMM takes."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 from torch import nn
 
 from lightning_stability.plugins import _te, _torchao
@@ -72,3 +74,21 @@ def fp8_shape_reason(linear: nn.Linear, recipe: str = "delayed") -> str | None:
     if linear.out_features % 8:
         return f"out_features={linear.out_features} is not divisible by 8"
     return None
+
+
+CONV1D = ("transformers' Conv1D (GPT-2's projections: a linear layer whose weight is stored transposed); "
+          "FP8 GEMMs convert nn.Linear layers only")
+
+
+def linear_like(module: nn.Module) -> dict[str, str]:
+    """The layers that compute a linear map but are no ``nn.Linear``, by name, with the reason none is
+    converted: transformers' ``Conv1D`` (GPT-2's: ``x @ W + b`` with ``W`` stored as (in, out))."""
+    return {name: CONV1D for name, sub in module.named_modules() if type(sub).__name__ == "Conv1D" and hasattr(sub, "nf")}
+
+
+def why_nothing_converted(skipped: dict[str, str]) -> str:
+    """What kept every layer out of FP8, the commonest reasons first, for the warning at fit start."""
+    if not skipped:
+        return "the model has no nn.Linear layer"
+    counts = Counter(skipped.values()).most_common(3)
+    return "; ".join(f"{n} x {reason}" for reason, n in counts) + ("; ..." if len(set(skipped.values())) > 3 else "")

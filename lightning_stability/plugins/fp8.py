@@ -32,6 +32,8 @@ from lightning_stability.plugins._backend import (
     RECIPES,
     choose_backend,
     fp8_shape_reason,
+    linear_like,
+    why_nothing_converted,
 )
 from lightning_stability.plugins._emulated import ROLES, EmulatedFP8Linear, legacy_scaling
 
@@ -179,7 +181,8 @@ class FP8Precision(Precision):
         self._mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in module.named_modules()
                          if isinstance(m, nn.MultiheadAttention)}
         self._heads = output_heads(module.named_modules())  # the one head rule (core.modules)
-        self.converted_layers, self.skipped_layers, self._layers, self._module = [], {}, {}, module
+        self.converted_layers, self._layers, self._module = [], {}, module
+        self.skipped_layers = linear_like(module)  # GPT-2's Conv1D: listed, with why it stays as it is
         for_torchao: list[str] = []
         for name, linear in linears:
             reason = self._skip_reason(name, linear, ends)
@@ -281,10 +284,12 @@ class FP8Precision(Precision):
             self._unsubscribe = get_event_log(trainer).subscribe(self._on_event)
         if not self._announced:
             self._announced = True
-            rank_zero_info(
-                f"FP8Precision: backend {self.backend!r} (requested {self.requested_backend!r}: {self.backend_reason}); "
-                f"{len(self.converted_layers)} layers in FP8, {len(self.skipped_layers)} kept in high precision."
-            )
+            message = (f"FP8Precision: backend {self.backend!r} (requested {self.requested_backend!r}: {self.backend_reason}); "
+                       f"{len(self.converted_layers)} layers in FP8, {len(self.skipped_layers)} kept in high precision.")
+            if self.converted_layers:
+                rank_zero_info(message)
+            else:  # FP8 asked for and nothing in it: say so, and why
+                rank_zero_warn(f"{message} No layer runs in FP8: {why_nothing_converted(self.skipped_layers)}.")
 
     def _on_event(self, event: Any) -> None:
         if event.target in self._layers and event.source != "FP8Precision" and event.severity != "info":

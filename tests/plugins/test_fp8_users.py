@@ -143,3 +143,20 @@ def test_torchaos_rowwise_recipe_emulated_trains_llama_close_to_float32_with_per
         assert scale > 0 and math.log2(scale) == int(math.log2(scale))  # a power of two
         assert 0.0 <= health[f"{k_proj}/{role}/headroom"] < 1.0  # each row scaled to within one bit of the top
     assert losses["rowwise"] == pytest.approx(losses["float32"], rel=0.02)
+
+
+def test_on_gpt2_nothing_runs_in_fp8_and_the_warning_says_why(tmp_path):
+    """Hugging Face's GPT-2 computes its projections with transformers' Conv1D (the weight stored
+    transposed), no nn.Linear: FP8Precision converts none of them, lists each with the reason, and warns
+    at fit start that no layer runs in FP8 rather than reporting it in passing."""
+    from tests.clients.models import Client, loader
+
+    model = Client("gpt2", max_steps=2)
+    plugin = FP8Precision(backend="emulated")
+    with pytest.warns(UserWarning, match=r"0 layers in FP8, 9 kept in high precision\. No layer runs in FP8: "
+                                         r"8 x transformers' Conv1D .*; 1 x output head"):
+        make_trainer(tmp_path, 2, [], plugins=[plugin]).fit(model, loader("gpt2", n=16))
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert plugin.converted_layers == [] and len(conv1d) == 8
+    assert all("Conv1D" in plugin.skipped_layers[n] for n in conv1d)
+    assert all(type(m).__name__ != "EmulatedFP8Linear" for m in model.modules())
