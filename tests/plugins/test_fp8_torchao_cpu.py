@@ -152,3 +152,19 @@ def test_with_the_float8_all_gather_on_one_device_training_is_the_same(tmp_path)
         assert plugin.last_health["blocks.0.mlp.0/weight/amax"] > 0
         weights.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+@pytest.mark.parametrize("client", ["bert", "vit", "lightning_transformer", "litgpt"])
+def test_users_models_train_with_torchaos_float8_linear(tmp_path, client):
+    """An encoder with a padding mask (BERT), ViT (token counts no multiple of 16), Lightning's demo
+    Transformer (nn.MultiheadAttention: its out_proj kept) and litgpt: their linear layers become
+    torchao's Float8Linear, the health is sampled, and a few steps stay finite."""
+    from tests.clients.models import Client, loader
+
+    model = Client(client, max_steps=3)
+    plugin = FP8Precision(backend="torchao", health_every_n_steps=1)
+    make_trainer(tmp_path, 3, [], plugins=[plugin]).fit(model, loader(client, n=24))
+    assert plugin.converted_layers and all(type(model.get_submodule(n)) is _float8_linear()
+                                           for n in plugin.converted_layers)
+    assert all(plugin.last_health[f"{n}/grad/amax"] > 0 for n in plugin.converted_layers)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
