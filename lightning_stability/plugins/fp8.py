@@ -64,8 +64,9 @@ class FP8Precision(Precision):
     ``out_features % 8 == 0``), except the first and the last linear layer (``keep_first_last``), the
     output head (``lm_head``, ``output``, ``head``, ``classifier``), ``nn.MultiheadAttention``'s
     ``out_proj`` (MHA reads its weight itself) and names matching ``keep`` (fnmatch patterns). Any
-    token count runs (on TE, a count that is no multiple of 8 is padded and sliced back). ``converted_layers`` lists the converted names, ``skipped_layers`` maps the others to the
-    reason.
+    token count runs (on TE, a count that is no multiple of 8 is padded and sliced back). ``converted_layers``
+    lists the converted names, ``skipped_layers`` maps the others (and transformers' ``Conv1D``, GPT-2's
+    projections, which no backend takes) to the reason; a fit with no layer in FP8 starts with a warning.
 
     **Health** (every ``health_every_n_steps`` steps, every step while a layer is unhealthy), per
     converted layer and role (``input``, ``weight``, ``grad``): ``stability/fp8/<layer>/<role>/amax``,
@@ -237,12 +238,12 @@ class FP8Precision(Precision):
     def forward_context(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for what does not run in FP8; with Transformer Engine, its FP8 autocast inside."""
         device = next((_weight(layer).device.type for layer in self._layers.values()), "cpu")
+        if self.float8_all_gather and self._module is not None:
+            _torchao.precompute_scales(self._module)  # before this forward's all-gathers
         stack = contextlib.ExitStack()
         stack.enter_context(torch.autocast(device, dtype=self.autocast_dtype))
         if self.backend == "te":
             stack.enter_context(_te.fp8_autocast(enabled=True, recipe=self._te_recipe))
-        if self.float8_all_gather and self._module is not None:
-            _torchao.precompute_scales(self._module)
         return stack
 
     # -- the step: health, decisions ---------------------------------------------------------------
