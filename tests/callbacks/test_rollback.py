@@ -299,7 +299,22 @@ def test_lr_backoff_after_a_rollback(tmp_path):
         assert lr.applied[step] == pytest.approx(lr.scheduled[step])
 
 
-def test_tor_counts_discarded_and_skipped_steps(tmp_path):
+class _TickClock:
+    """The rollback's clock, one second per reading: each optimizer step lasts exactly one second from
+    the reading that ends the previous step to the one that ends it (a machine's load cannot move it)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_tor_counts_discarded_and_skipped_steps(tmp_path, monkeypatch):
+    from lightning_stability.callbacks import rollback as rollback_module
+
+    monkeypatch.setattr(rollback_module, "time", _TickClock())
     rollback = InMemoryRollback(nonfinite_patience=1, every_n_steps=10, commit_after=3)
     guard = GradientSpikeGuard(warmup=8, theta=None)
     faults = {15: ("grad_nan", None), 25: ("weight_nan", None)}
@@ -308,10 +323,11 @@ def test_tor_counts_discarded_and_skipped_steps(tmp_path):
     # step 15 skipped by the guard; steps 20..25 discarded by the rollback to 20 (25 itself skipped)
     assert rollback.lost_steps == 1 + 6
     summary = rollback.summary
-    assert 0 < summary["lost_seconds"] < summary["observed_seconds"]
-    # about 7 of 40 steps of similar length were lost
-    assert 0.08 < summary["lost_seconds"] / summary["observed_seconds"] < 0.3
-    assert 0.6 < summary["tor"] < 0.92
+    # 40 steps of one second each, 7 of them lost; the restore read the clock twice (one second)
+    assert summary["lost_seconds"] == 7.0 and summary["restore_seconds"] == 1.0
+    steps_s = summary["observed_seconds"] - summary["snapshot_seconds"] - summary["restore_seconds"]
+    assert steps_s == pytest.approx(40.0)
+    assert summary["tor"] == pytest.approx(33.0 / summary["observed_seconds"])
     assert trainer.callback_metrics["stability/rollback/tor"] == pytest.approx(rollback.tor, rel=0.05)
     assert trainer.callback_metrics["stability/rollback/count"] == 1
     [tor_event] = events(trainer, "tor")
