@@ -174,9 +174,9 @@ class TorchaoLayer:
     def weight_health(self) -> None:
         """After the backward, the weight's health where the forward could not take it (gathered in
         float8): from the whole high-precision weight, assembled from the shards."""
-        weight = self.module.get_parameter("weight")
         if not (self.health_due and not self.fallback and "input" in self.health and "weight" not in self.health):
             return
+        weight = self.module.get_parameter("weight")
         whole = weight.full_tensor() if is_dtensor(weight) else weight  # type: ignore[attr-defined]
         if _unsharded_high_precision(whole) is not None:
             self.health["weight"] = self._health(whole.detach(), self.formats[0])
